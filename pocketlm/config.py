@@ -1,0 +1,474 @@
+"""Model configs: plain dataclasses read from and written to Hugging Face `config.json` dicts.
+
+No torch here: configs are data, so the registry, the CLI and the GGUF writer can read them without
+paying for a torch import. Derived values (head_dim, n_kv_heads, per-layer attention types, biases)
+are filled in `__post_init__`, so a config built by hand and one read from `config.json` agree.
+
+    cfg = config_from_hf(json.load(open("config.json")))   # LlamaConfig | Gemma3Config | BertConfig
+    json.dump(cfg.to_hf(), open("config.json", "w"))        # loads back in transformers
+
+`from_hf` reads both RoPE spellings found on the Hub: the classic `rope_theta` + `rope_scaling` keys
+(transformers 4) and transformers 5's `rope_parameters`, which Gemma 3 nests per layer type. `to_hf`
+writes both, so transformers 4 and 5 (and tools that read either) load the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from pocketlm.errors import PocketLMError
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+# RoPE variants the models implement (pocketlm.models.llama.rope_inv_freq); others are refused up front.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_scaling(d: dict | None, max_position_embeddings: int) -> dict | None:
+    """Normalize one RoPE dict ({"rope_type"|"type": ..., factor, ...}) to `None` (plain RoPE) or a scaling dict.
+
+    Mirrors transformers' `standardize_rope_params`: the old key "type" means "rope_type", and llama3
+    scaling falls back to max_position_embeddings when original_max_position_embeddings is absent.
+    """
+    if not d:
+        return None
+    rope_type = d.get("rope_type", d.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise PocketLMError(
+            f"RoPE scaling type {rope_type!r} is not supported; pocketlm supports {', '.join(ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return None
+    out = {k: v for k, v in d.items() if k not in ("type", "rope_type", "rope_theta")}
+    out = {"rope_type": rope_type, **out}
+    if rope_type == "llama3":
+        out.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return out
+
+
+def _rope_parameters(theta: float, scaling: dict | None) -> dict:
+    """The transformers-5 `rope_parameters` dict for one RoPE (the inverse of `_rope_scaling`)."""
+    return {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+
+
+def _require(d: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise PocketLMError(f"config.json ({d.get('model_type')}) lacks required keys: {', '.join(missing)}")
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# transformers' defaults where config.json leaves a key out; they differ per model_type
+# (configuration_llama.py / configuration_mistral.py / configuration_qwen2.py).
+_LLAMA_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, sliding_window=None),
+    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                    sliding_window=4096, num_key_value_heads=8),
+    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+                  sliding_window=4096, num_key_value_heads=32, max_window_layers=28),
+}
+_LLAMA_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class LlamaConfig:
+    """Llama-family decoder: Llama 2/3/3.2, TinyLlama, SmolLM2 (model_type llama), Mistral, Qwen2.
+
+    The three differ only in biases and sliding-window attention, so one dataclass covers them;
+    `model_type` says which HF class the weights came from and which config.json `to_hf` writes.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096  # HF hidden_size
+    n_layers: int = 32  # HF num_hidden_layers
+    n_heads: int = 32  # HF num_attention_heads
+    n_kv_heads: int | None = None  # HF num_key_value_heads; None -> n_heads (no GQA)
+    head_dim: int | None = None  # None -> dim // n_heads
+    intermediate_size: int = 11008
+    hidden_act: str = "silu"
+    norm_eps: float = 1e-6  # HF rms_norm_eps
+    rope_theta: float = 10000.0
+    # None = plain RoPE; else {"rope_type": "linear", "factor": f} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama: bias on q/k/v/o together (Qwen2 sets its own, see __post_init__)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: every layer; Qwen2: layers >= max_window_layers
+    max_window_layers: int | None = None  # Qwen2 only
+    layer_types: list[str] | None = None  # per layer FULL or SLIDING; None -> derived
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    dtype: str | None = None  # the dtype the checkpoint was saved in ("bfloat16"), informational
+
+    # derived in __post_init__
+    qkv_bias: bool = field(init=False)
+    o_bias: bool = field(init=False)
+
+    def __post_init__(self):
+        if self.model_type not in _LLAMA_ARCH:
+            raise PocketLMError(f"LlamaConfig does not cover model_type {self.model_type!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise PocketLMError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.hidden_act != "silu":
+            raise PocketLMError(f"hidden_act {self.hidden_act!r} is not supported for {self.model_type} (only silu)")
+        self.rope_scaling = _rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        # Qwen2Attention hard-codes bias=True on q/k/v and bias=False on o_proj (modeling_qwen2.py);
+        # LlamaAttention puts config.attention_bias on all four; Mistral has no biases.
+        self.qkv_bias = self.model_type == "qwen2" or self.attention_bias
+        self.o_bias = self.model_type == "llama" and self.attention_bias
+        if self.layer_types is None:
+            if self.sliding_window is None:
+                self.layer_types = [FULL] * self.n_layers
+            elif self.model_type == "qwen2":  # Qwen2Config.__post_init__
+                first = self.max_window_layers if self.max_window_layers is not None else 0
+                self.layer_types = [SLIDING if i >= first else FULL for i in range(self.n_layers)]
+            else:
+                self.layer_types = [SLIDING] * self.n_layers
+        if len(self.layer_types) != self.n_layers:
+            raise PocketLMError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of one layer, or None for full causal attention."""
+        return self.sliding_window if self.layer_types[layer_idx] == SLIDING else None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in _LLAMA_ARCH:
+            raise PocketLMError(f"LlamaConfig does not cover model_type {model_type!r}")
+        _require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        dflt = _LLAMA_DEFAULTS[model_type]
+
+        def get(key):
+            return d.get(key, dflt.get(key))
+
+        max_pos = get("max_position_embeddings")
+        # transformers 5 writes rope_parameters (theta inside); transformers 4 writes rope_theta + rope_scaling.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+
+        sliding_window = get("sliding_window")
+        layer_types = None
+        if model_type == "qwen2":
+            # Qwen2Config drops the window unless use_sliding_window; then only layers >= max_window_layers slide.
+            if not d.get("use_sliding_window", False):
+                sliding_window = None
+            layer_types = d.get("layer_types")
+        dtype = d.get("dtype", d.get("torch_dtype"))
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads", dflt.get("num_key_value_heads")),
+            head_dim=d.get("head_dim"),
+            intermediate_size=d["intermediate_size"],
+            hidden_act=d.get("hidden_act", "silu"),
+            norm_eps=get("rms_norm_eps"),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False) if model_type == "llama" else False,
+            mlp_bias=d.get("mlp_bias", False) if model_type == "llama" else False,
+            sliding_window=sliding_window,
+            max_window_layers=get("max_window_layers") if model_type == "qwen2" else None,
+            layer_types=layer_types,
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            dtype=dtype if isinstance(dtype, str) else None,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": [_LLAMA_ARCH[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": _rope_parameters(self.rope_theta, self.rope_scaling),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype,
+        }
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window  # written even when None: HF's default is 4096
+        elif self.model_type == "qwen2":
+            d.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                max_window_layers=self.max_window_layers if self.max_window_layers is not None else self.n_layers,
+                layer_types=list(self.layer_types),
+            )
+        keep_none = {"sliding_window", "bos_token_id", "eos_token_id"}
+        # deep copy: transformers edits the rope dicts it is given in place
+        return copy.deepcopy({k: v for k, v in d.items() if v is not None or k in keep_none})
+
+
+@dataclass
+class Gemma3Config:
+    """Gemma 3 text decoder (transformers' Gemma3TextConfig / Gemma3ForCausalLM), e.g. Gemma 3 270M / 1B.
+
+    Local (sliding-window) and global layers interleave per `layer_types`; each kind has its own RoPE:
+    local layers use `rope_local_base_freq`, global layers `rope_theta` with `rope_scaling`.
+    """
+
+    model_type: str = "gemma3_text"
+    vocab_size: int = 262_208
+    dim: int = 2304
+    n_layers: int = 26
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 256
+    intermediate_size: int = 9216
+    hidden_act: str = "gelu_pytorch_tanh"
+    norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global (full_attention) layers
+    rope_scaling: dict | None = None  # global layers only, as in HF (Gemma 3 4B+: linear, factor 8)
+    rope_local_base_freq: float = 10_000.0  # sliding_attention layers
+    rope_local_scaling: dict | None = None  # transformers 5 allows it; released checkpoints leave it None
+    max_position_embeddings: int = 131_072
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    query_pre_attn_scalar: float = 256
+    sliding_window: int = 4096
+    sliding_window_pattern: int = 6  # every 6th layer global; only used when layer_types is None
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = 0
+    dtype: str | None = None
+
+    def __post_init__(self):
+        self.model_type = "gemma3_text"  # a multimodal "gemma3" config is read down to its text part
+        if self.n_heads % self.n_kv_heads:
+            raise PocketLMError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise PocketLMError(f"hidden_act {self.hidden_act!r} is not supported for Gemma 3 (gelu_pytorch_tanh)")
+        self.rope_scaling = _rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.rope_local_scaling = _rope_scaling(self.rope_local_scaling, self.max_position_embeddings)
+        if self.layer_types is None:  # Gemma3TextConfig.__post_init__: layer i is global when (i + 1) % pattern == 0
+            p = self.sliding_window_pattern
+            self.layer_types = [SLIDING if (i + 1) % p else FULL for i in range(self.n_layers)]
+        if len(self.layer_types) != self.n_layers:
+            raise PocketLMError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    def window(self, layer_idx: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer_idx] == SLIDING else None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Gemma3Config":
+        if d.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: the language model's config
+            text = dict(d.get("text_config") or {})
+            text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
+            text.setdefault("dtype", d.get("dtype", d.get("torch_dtype")))
+            d = text
+        _require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        if d.get("use_bidirectional_attention"):
+            raise PocketLMError("Gemma 3 with use_bidirectional_attention (an embedding model) is not supported")
+        # transformers 5: {"full_attention": {...}, "sliding_attention": {...}}; a flat dict applies to
+        # global layers. transformers 4: rope_theta, rope_local_base_freq, rope_scaling (global layers only).
+        rope = d.get("rope_parameters") or {}
+        if FULL in rope or SLIDING in rope:
+            full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+        else:
+            full, local = rope or d.get("rope_scaling") or {}, {}
+        max_pos = d.get("max_position_embeddings", 131_072)
+        dtype = d.get("dtype", d.get("torch_dtype"))
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads", 4),
+            head_dim=d.get("head_dim", 256),
+            intermediate_size=d.get("intermediate_size", 9216),
+            hidden_act=d.get("hidden_activation", "gelu_pytorch_tanh"),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=full.get("rope_theta", d.get("rope_theta", 1_000_000.0)),
+            rope_scaling=full,
+            rope_local_base_freq=local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0)),
+            rope_local_scaling=local,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=d.get("tie_word_embeddings", True),
+            attention_bias=d.get("attention_bias", False),
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+            sliding_window=d.get("sliding_window", 4096),
+            sliding_window_pattern=d.get("sliding_window_pattern", 6),
+            layer_types=d.get("layer_types"),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            bos_token_id=d.get("bos_token_id", 2),
+            eos_token_id=d.get("eos_token_id", 1),
+            pad_token_id=d.get("pad_token_id", 0),
+            dtype=dtype if isinstance(dtype, str) else None,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_activation": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_local_base_freq": self.rope_local_base_freq,
+            "rope_scaling": self.rope_scaling,
+            "rope_parameters": {
+                FULL: _rope_parameters(self.rope_theta, self.rope_scaling),
+                SLIDING: _rope_parameters(self.rope_local_base_freq, self.rope_local_scaling),
+            },
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype,
+        }
+        keep_none = {"final_logit_softcapping", "attn_logit_softcapping"}
+        return copy.deepcopy({k: v for k, v in d.items() if v is not None or k in keep_none})
+
+
+@dataclass
+class BertConfig:
+    """BERT encoder (transformers' BertModel), e.g. sentence-transformers all-MiniLM-L6-v2."""
+
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12  # HF layer_norm_eps
+    pad_token_id: int | None = 0
+    dtype: str | None = None
+
+    # derived in __post_init__
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise PocketLMError(f"hidden size {self.dim} is not a multiple of the {self.n_heads} heads")
+        if self.hidden_act not in ("gelu", "relu"):
+            raise PocketLMError(f"hidden_act {self.hidden_act!r} is not supported for BERT (gelu, relu)")
+        self.head_dim = self.dim // self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "BertConfig":
+        _require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise PocketLMError(f"BERT position_embedding_type {d['position_embedding_type']!r} is not supported")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise PocketLMError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
+        dtype = d.get("dtype", d.get("torch_dtype"))
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            hidden_act=d.get("hidden_act", "gelu"),
+            max_position_embeddings=d.get("max_position_embeddings", 512),
+            type_vocab_size=d.get("type_vocab_size", 2),
+            norm_eps=d.get("layer_norm_eps", 1e-12),
+            pad_token_id=d.get("pad_token_id", 0),
+            dtype=dtype if isinstance(dtype, str) else None,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return _drop_none({
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.norm_eps,
+            "position_embedding_type": "absolute",
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype,
+        })
+
+
+CONFIG_CLASSES = {
+    "llama": LlamaConfig,
+    "mistral": LlamaConfig,
+    "qwen2": LlamaConfig,
+    "gemma3_text": Gemma3Config,
+    "gemma3": Gemma3Config,
+    "bert": BertConfig,
+}
+
+ModelConfig = LlamaConfig | Gemma3Config | BertConfig
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """The config for a Hugging Face `config.json` dict, picked by its model_type."""
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise PocketLMError(
+            f"unsupported model_type {model_type!r}: pocketlm supports {', '.join(sorted(CONFIG_CLASSES))}"
+        )
+    return CONFIG_CLASSES[model_type].from_hf(d)

@@ -1,0 +1,561 @@
+"""GGUF files: read the header and tensors, dequantize them, and convert to a Hugging Face checkpoint.
+
+    f = read_gguf("model.gguf")            # metadata + tensor table; tensor bytes stay in the file mapping
+    config, state_dict = gguf_to_hf(f)     # config.json-style dict + fp32 state dict with HF names
+
+Layout (ggml docs/gguf.md): magic "GGUF" | version u32 | n_tensors u64 | n_kv u64 | n_kv key/value pairs |
+n_tensors tensor infos | padding to `general.alignment` | tensor data. All little-endian.
+
+Why not gguf-py's GGUFReader: it builds two numpy views per array element, so Gemma 3's 262,144-entry
+token list takes ~21 s to open (SmolLM2: ~4 s), and it slices past the end of a cut-off file without
+noticing. This reader walks the same layout with `struct` on an mmap (the big string arrays in one
+tight loop, numeric arrays with one `np.frombuffer`), bound-checks every read, and reports a bad file
+as one `PocketLMError` line. The tests check it against GGUFReader on the same files.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
+
+from pocketlm.errors import PocketLMError
+from pocketlm.formats.gguf_quants import DEQUANTIZERS, dequantize
+
+# ---- file-format constants -------------------------------------------------------------------------
+
+SUPPORTED_VERSIONS = (2, 3)  # the same versions gguf-py's reader accepts; v1 used 32-bit counts
+GGML_MAX_DIMS = 4
+_MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+_FIXED_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata count
+
+# Scalar metadata value types: struct format (little-endian) and numpy dtype for arrays of them.
+_SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+_SCALARS = {t: struct.Struct(f) for t, f in _SCALAR_FORMATS.items()}
+_SCALAR_DTYPES = {t: np.dtype(f) for t, f in _SCALAR_FORMATS.items()}
+_MAX_ARRAY_NESTING = 8  # GGUF allows arrays of arrays; real files use none, a crafted one could recurse forever
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: ggml's ne[] reversed, so shape[-1] is the contiguous row
+    ggml_type: GGMLQuantizationType
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+    data: np.ndarray = field(repr=False)  # (n_bytes,) uint8, a copy-on-write view of the file mapping
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict[str, Any]  # plain Python values: int, float, bool, str, and lists of them
+    tensors: dict[str, TensorInfo]  # in file order
+    alignment: int
+    data_offset: int  # where the tensor data section starts
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise PocketLMError(f"{self.path}: metadata has no 'general.architecture'")
+        return arch
+
+
+class _Header:
+    """A bound-checked cursor over the header bytes; every failure names the file and what was being read."""
+
+    def __init__(self, buf: mmap.mmap, path: Path, pos: int) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, pos, len(buf)
+
+    def error(self, problem: str) -> PocketLMError:
+        return PocketLMError(f"{self.path}: {problem}")
+
+    def need(self, n: int, what: str) -> None:
+        if self.pos + n > self.size:
+            raise self.error(
+                f"truncated or corrupt header: {what} needs bytes up to {self.pos + n:,} but the file has {self.size:,}"
+            )
+
+    def unpack(self, s: struct.Struct, what: str) -> Any:
+        self.need(s.size, what)
+        (value,) = s.unpack_from(self.buf, self.pos)
+        self.pos += s.size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.unpack(_U64, what)
+        self.need(n, what)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"{what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string(what)
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(what)
+        s = _SCALARS.get(vtype)  # type: ignore[call-overload]
+        if s is None:
+            raise self.error(f"{what} has unknown value type {vtype}")
+        return self.unpack(s, what)
+
+    def array(self, what: str, depth: int = 0) -> list:
+        if depth > _MAX_ARRAY_NESTING:
+            raise self.error(f"{what} nests arrays more than {_MAX_ARRAY_NESTING} deep")
+        etype = self.unpack(_U32, what)
+        count = self.unpack(_U64, what)
+        dtype = _SCALAR_DTYPES.get(etype)  # type: ignore[call-overload]
+        if dtype is not None:  # numeric: one frombuffer for the whole array
+            self.need(count * dtype.itemsize, what)
+            values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+            self.pos += count * dtype.itemsize
+            return values.tolist()
+        if etype == GGUFValueType.STRING:
+            return self.string_array(count, what)
+        if etype == GGUFValueType.ARRAY:
+            self.need(count * 12, what)  # each nested array is at least its type and count
+            return [self.array(f"{what}[{i}]", depth + 1) for i in range(count)]
+        raise self.error(f"{what} is an array of unknown value type {etype}")
+
+    def string_array(self, count: int, what: str) -> list[str]:
+        # The hot loop for tokenizer vocabularies (262k strings for Gemma): locals only, plain int checks.
+        self.need(count * 8, what)  # every string has at least its 8-byte length
+        buf, pos, size, unpack_u64 = self.buf, self.pos, self.size, _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"{what}[{i}]")  # raises
+            (n,) = unpack_u64(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self.need(n, f"{what}[{i}]")  # raises
+            try:
+                append(buf[pos : pos + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise self.error(f"{what}[{i}] is not valid UTF-8") from None
+            pos += n
+        self.pos = pos
+        return out
+
+
+def _open_mapping(path: Path) -> mmap.mmap:
+    if not path.is_file():
+        raise PocketLMError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise PocketLMError(f"{path}: empty file (0 bytes), not a GGUF model")
+    with open(path, "rb") as f:
+        head = f.read(_FIXED_HEADER.size)
+        if head[:4] != _MAGIC:
+            raise PocketLMError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {_MAGIC!r})")
+        if size < _FIXED_HEADER.size:
+            raise PocketLMError(f"{path}: truncated: {size:,} bytes, less than a {_FIXED_HEADER.size}-byte GGUF header")
+        # ACCESS_COPY (numpy's memmap mode "c"): tensors made from it are writable without a copy,
+        # and a write changes private memory, never the file.
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse a GGUF file's header and map its tensor data. Raises PocketLMError (one line) on a bad file."""
+    path = Path(path)
+    buf = _open_mapping(path)
+    _, version, n_tensors, n_kv = _FIXED_HEADER.unpack_from(buf, 0)
+    if version not in SUPPORTED_VERSIONS:
+        swapped = struct.unpack("<I", struct.pack(">I", version))[0]
+        if swapped in SUPPORTED_VERSIONS:
+            raise PocketLMError(f"{path}: big-endian GGUF files are not supported")
+        raise PocketLMError(f"{path}: GGUF version {version} is not supported (supported: {SUPPORTED_VERSIONS})")
+    h = _Header(buf, path, _FIXED_HEADER.size)
+
+    # State 1: metadata key/value pairs. The count check stops a corrupt count before a long loop.
+    h.need(n_kv * 13, f"{n_kv:,} metadata entries")  # key length (8) + type (4) + at least 1 byte
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = h.string(f"metadata key #{i}")
+        vtype = h.unpack(_U32, f"metadata '{key}'")
+        if key in metadata:
+            raise h.error(f"metadata key '{key}' appears twice")
+        metadata[key] = h.value(vtype, f"metadata '{key}'")
+
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise h.error(f"general.alignment must be a power of two, got {alignment!r}")
+
+    # State 2: tensor infos (name, dims, type, offset relative to the data section).
+    h.need(n_tensors * 24, f"{n_tensors:,} tensor infos")  # name length, n_dims, type, offset
+    infos = []
+    for i in range(n_tensors):
+        name = h.string(f"tensor info #{i}")
+        what = f"tensor '{name}'"
+        n_dims = h.unpack(_U32, what)
+        if n_dims > GGML_MAX_DIMS:
+            raise h.error(f"{what} has {n_dims} dimensions (at most {GGML_MAX_DIMS})")
+        h.need(8 * n_dims, what)
+        ne = struct.unpack_from(f"<{n_dims}Q", buf, h.pos)
+        h.pos += 8 * n_dims
+        raw_type = h.unpack(_U32, what)
+        rel_offset = h.unpack(_U64, what)
+        infos.append((name, ne, raw_type, rel_offset))
+
+    # State 3: the data section starts at the next multiple of the alignment.
+    data_offset = -(-h.pos // alignment) * alignment
+    tensors: dict[str, TensorInfo] = {}
+    for name, ne, raw_type, rel_offset in infos:
+        tensors[name] = _tensor_info(h, name, ne, raw_type, data_offset + rel_offset, alignment, tensors)
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
+
+
+def _tensor_info(
+    h: _Header, name: str, ne: tuple[int, ...], raw_type: int, offset: int, alignment: int, seen: dict
+) -> TensorInfo:
+    what = f"tensor '{name}'"
+    if name in seen:
+        raise h.error(f"{what} appears twice")
+    try:
+        ggml_type = GGMLQuantizationType(raw_type)
+    except ValueError:
+        raise h.error(f"{what} has unknown GGML type {raw_type}") from None
+    if ggml_type not in GGML_QUANT_SIZES:
+        raise h.error(f"{what} has GGML type {ggml_type.name}, which has no known block size")
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    if ne and ne[0] % block_size:
+        raise h.error(
+            f"{what} has rows of {ne[0]} values, not a multiple of the {ggml_type.name} block size {block_size}"
+        )
+    n_bytes = math.prod(ne) // block_size * type_size
+    if offset % alignment:  # llama.cpp's gguf.cpp refuses unaligned tensor data too
+        raise h.error(f"{what} starts at byte {offset:,}, not a multiple of the alignment {alignment}")
+    if offset + n_bytes > h.size:
+        raise h.error(f"truncated: {what} needs bytes up to {offset + n_bytes:,} but the file has {h.size:,}")
+    data = np.frombuffer(h.buf, dtype=np.uint8, count=n_bytes, offset=offset)
+    return TensorInfo(name, tuple(reversed(ne)), ggml_type, offset, n_bytes, data)
+
+
+def dequantize_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor's values as fp32, shaped `info.shape` (a new tensor, never a view of the file)."""
+    return dequantize(torch.from_numpy(info.data), info.ggml_type, info.shape)
+
+
+# ---- GGUF names -> Hugging Face names --------------------------------------------------------------
+# Read in reverse from gguf-py's tensor_mapping.py (MODEL_TENSOR <-> HF module names). A GGUF tensor is
+# "<name>.weight" / "<name>.bias"; block tensors are "blk.<i>.<name>" -> "model.layers.<i>.<hf name>".
+
+TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+LLAMA_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+GEMMA3_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",  # Gemma's "ffn_norm" is the pre-FFN norm, not Llama's post-attention one
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str | None:
+    if m := _BLOCK_RE.fullmatch(gguf_name):
+        layer, name, suffix = m.groups()
+        hf = block_names.get(name)
+        return f"model.layers.{layer}.{hf}.{suffix}" if hf else None
+    if m := _TOP_RE.fullmatch(gguf_name):
+        hf = TOP_LEVEL_NAMES.get(m.group(1))
+        return f"{hf}.{m.group(2)}" if hf else None
+    return None
+
+
+# ---- config.json from metadata ---------------------------------------------------------------------
+
+
+class _Meta:
+    """`<arch>.<key>` lookups that name the file and the key when a required one is missing."""
+
+    def __init__(self, f: GGUFFile) -> None:
+        self.f, self.md, self.arch = f, f.metadata, f.architecture
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.md.get(f"{self.arch}.{key}", default)
+
+    def required(self, key: str, default: Any = None) -> Any:
+        """The key's value (the single value of a per-layer list), or `default`; an error if neither exists."""
+        value = self.get(key, default)
+        if value is None:
+            raise PocketLMError(f"{self.f.path}: metadata '{self.arch}.{key}' is missing")
+        if isinstance(value, list):  # a per-layer list; the architectures here need one value for all layers
+            if len(set(value)) != 1:
+                raise PocketLMError(f"{self.f.path}: per-layer '{self.arch}.{key}' = {value} is not supported")
+            value = value[0]
+        return value
+
+
+def _common_config(f: GGUFFile) -> dict[str, Any]:
+    """The fields every decoder here shares; names and values as in transformers' GGUF_CONFIG_MAPPING."""
+    m = _Meta(f)
+    n_heads = m.required("attention.head_count")
+    hidden = m.required("embedding_length")
+    if "token_embd.weight" not in f.tensors:
+        raise PocketLMError(f"{f.path}: no 'token_embd.weight' tensor")
+    config = {
+        # From the embedding itself: the metadata's vocab_size is optional and the tokenizer list can be padded.
+        "vocab_size": f.tensors["token_embd.weight"].shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": m.required("feed_forward_length"),
+        "num_hidden_layers": m.required("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": m.required("attention.head_count_kv", n_heads),
+        # llama.cpp's n_embd_head_k is key_length, else n_embd / n_head; transformers' llama mapping reads
+        # rope.dimension_count (n_rot), which equals it for every full-rotary model these names cover.
+        "head_dim": m.required("attention.key_length", m.get("rope.dimension_count", hidden // n_heads)),
+        "max_position_embeddings": m.required("context_length"),
+        "rms_norm_eps": m.get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": m.get("rope.freq_base", 10000.0),  # llama.cpp's default when the key is absent
+        "rope_scaling": _rope_scaling(m),
+        # convert_hf_to_gguf writes no output.weight when the head is tied to the embedding.
+        "tie_word_embeddings": "output.weight" not in f.tensors,
+    }
+    for hf_key, gguf_key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        if (token := f.metadata.get(f"tokenizer.ggml.{gguf_key}_token_id")) is not None:
+            config[hf_key] = token
+    return config
+
+
+def _rope_scaling(m: _Meta) -> dict | None:
+    kind = m.get("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": m.get("rope.scaling.factor")}
+    raise PocketLMError(f"{m.f.path}: RoPE scaling type '{kind}' is not supported (only linear)")
+
+
+def _rope_parameters(theta: float, scaling: dict | None) -> dict:
+    """transformers 5 writes RoPE settings as `rope_parameters`; the flat keys stay for version 4 readers."""
+    return {"rope_type": "default", "rope_theta": theta} | (scaling or {})
+
+
+def _llama_config(f: GGUFFile) -> dict[str, Any]:
+    c = _common_config(f)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **c,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]),
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in f.tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in f.tensors,
+        "dtype": "float32",
+    }
+
+
+def _qwen2_config(f: GGUFFile) -> dict[str, Any]:
+    c = _common_config(f)
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **c,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]),
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "dtype": "float32",
+    }
+
+
+def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
+    # Gemma 3 hyper-parameters llama.cpp does not store but hard-codes (llama-model.cpp, LLM_ARCH_GEMMA3):
+    # every 6th layer is global (set_swa_pattern(6)), local layers use RoPE base 10,000, and the query scale
+    # is 1/sqrt(head_dim) except for the 62-layer 27B, which uses 1/sqrt(hidden / heads).
+    m = _Meta(f)
+    c = _common_config(f)
+    pattern = m.get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # newer converters: one bool per layer, True = sliding
+        layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
+        pattern = layer_types.index("full_attention") + 1 if "full_attention" in layer_types else 0
+    else:
+        layer_types = [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(c["num_hidden_layers"])
+        ]
+    local_theta = m.get("rope.freq_base_swa", 10000.0)
+    if c["num_hidden_layers"] == 62:
+        query_pre_attn_scalar = c["hidden_size"] // c["num_attention_heads"]
+    else:
+        query_pre_attn_scalar = c["head_dim"]
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",  # the GGUF holds only the text decoder
+        **c,
+        "rope_local_base_freq": local_theta,
+        "rope_parameters": {
+            "full_attention": _rope_parameters(c["rope_theta"], c["rope_scaling"]),
+            "sliding_attention": _rope_parameters(local_theta, None),
+        },
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": m.required("attention.sliding_window"),
+        "sliding_window_pattern": pattern,
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "final_logit_softcapping": m.get("final_logit_softcapping"),
+        "attn_logit_softcapping": m.get("attn_logit_softcapping"),
+        "attention_bias": False,
+        "dtype": "float32",
+    }
+
+
+# ---- tensor fixes: undo what convert_hf_to_gguf.py did ---------------------------------------------
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of convert_hf_to_gguf.py LlamaModel.permute, which interleaves each head's rotary halves for
+    llama.cpp's RoPE. Same as transformers' LlamaTensorProcessor._reverse_permute_weights."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def _llama_fix(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    if ".attn_q." in name:
+        return _unpermute(w, config["num_attention_heads"])
+    if ".attn_k." in name:
+        return _unpermute(w, config["num_key_value_heads"])
+    return w
+
+
+def _gemma3_fix(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    # convert_hf_to_gguf.py Gemma3Model adds 1 to every "*norm.weight" (q/k norms too), since llama.cpp's
+    # RMSNorm multiplies by w and Gemma's by (1 + w). transformers' Gemma2TensorProcessor subtracts it again.
+    return w - 1 if name.endswith("norm.weight") else w
+
+
+def _no_fix(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    return w  # convert_hf_to_gguf.py Qwen2Model does not permute Q/K
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    block_names: dict[str, str]  # every block must have each of these as "<name>.weight"; biases are optional...
+    config: Callable[[GGUFFile], dict[str, Any]]
+    fix: Callable[[str, torch.Tensor, dict], torch.Tensor]
+    required_biases: tuple[str, ...] = ()  # ...except these
+
+    def required_block_tensors(self) -> list[str]:
+        return [f"{n}.weight" for n in self.block_names] + [f"{n}.bias" for n in self.required_biases]
+
+
+ARCHITECTURES: dict[str, _Architecture] = {
+    "llama": _Architecture(LLAMA_BLOCK_NAMES, _llama_config, _llama_fix),
+    "qwen2": _Architecture(LLAMA_BLOCK_NAMES, _qwen2_config, _no_fix, required_biases=("attn_q", "attn_k", "attn_v")),
+    "gemma3": _Architecture(GEMMA3_BLOCK_NAMES, _gemma3_config, _gemma3_fix),
+}
+
+
+def gguf_to_hf(gguf_file: GGUFFile | str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A GGUF model as (config.json-style dict, fp32 state dict with Hugging Face names).
+
+    The state dict has exactly the keys transformers' `*ForCausalLM` has, `lm_head.weight` only when the
+    head is not tied, and values equal to what `from_pretrained(..., gguf_file=...)` loads.
+    """
+    f = gguf_file if isinstance(gguf_file, GGUFFile) else read_gguf(gguf_file)
+    arch = ARCHITECTURES.get(f.architecture)
+    if arch is None:
+        raise PocketLMError(
+            f"{f.path}: architecture '{f.architecture}' is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    config = arch.config(f)
+
+    required = ["token_embd.weight", "output_norm.weight"]
+    required += [f"blk.{i}.{n}" for i in range(config["num_hidden_layers"]) for n in arch.required_block_tensors()]
+    missing = [n for n in required if n not in f.tensors]
+    unnamed = [n for n in f.tensors if _hf_name(n, arch.block_names) is None]
+    if missing:
+        raise PocketLMError(f"{f.path}: {len(missing)} tensors missing for a {f.architecture} model: {_few(missing)}")
+    if unnamed:  # e.g. Llama 3's rope_freqs.weight: refuse rather than silently build a different model
+        raise PocketLMError(f"{f.path}: {len(unnamed)} tensors have no Hugging Face name: {_few(unnamed)}")
+    unsupported = [f"{n} ({t.ggml_type.name})" for n, t in f.tensors.items() if t.ggml_type not in DEQUANTIZERS]
+    if unsupported:  # check all before dequantizing any
+        supported = ", ".join(t.name for t in DEQUANTIZERS)
+        raise PocketLMError(f"{f.path}: unsupported GGML types in {_few(unsupported)} (supported: {supported})")
+
+    state_dict = {}
+    with _torch_threads(1):
+        for name, info in f.tensors.items():
+            state_dict[_hf_name(name, arch.block_names)] = arch.fix(name, dequantize_tensor(info), config)
+    return config, state_dict
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    # Dequantizing is a long chain of small memory-bound ops. With 2 OpenMP threads on a 2-core machine
+    # that other processes share, the barrier after each op stalls whenever a core is taken: SmolLM2 took
+    # 0.45 s when the machine was quiet but 4-24 s in 3 of 6 fresh runs; with 1 thread, 0.7-0.8 s every time.
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

@@ -1,0 +1,148 @@
+"""A registry name or a local path -> a ready model: config, native torch module, tokenizer.
+
+Two sources, one path: a Hugging Face folder (config.json, *.safetensors, tokenizer.json) loads
+directly; a .gguf file is converted once into such a folder in the cache (dequantizing takes seconds)
+and every later start memory-maps that folder. Weights load gpt-fast style: the model is built on
+the meta device and `load_state_dict(assign=True)` hands it the mmap'd tensors, with no copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pocketlm import cache, registry
+from pocketlm.config import config_from_hf
+from pocketlm.errors import PocketLMError
+from pocketlm.models import model_class_for
+from pocketlm.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path  # the folder the weights were loaded from (the converted cache folder for a .gguf)
+    source: Path  # what the user named: a .gguf file or a folder
+    config: object
+    model: torch.nn.Module
+    tokenizer: Tokenizer | None
+    meta: dict = field(default_factory=dict)  # quant, source file, lineage (the "pocketlm" key of config.json)
+    load_s: float = 0.0
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.config.model_type == "bert"
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    start = time.perf_counter()
+    name, source = registry.resolve(name_or_path)
+    if source.is_file() and source.suffix != ".gguf":
+        raise PocketLMError(f"{source}: not a .gguf file or a model folder (give the folder that holds config.json)")
+    folder = convert_gguf(source) if source.is_file() else source
+    hf_config = read_config(folder)
+    config = config_from_hf(hf_config)
+    with torch.device("meta"):
+        model = model_class_for(config)(config)
+    state_dict = read_safetensors(folder)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PocketLMError(f"{folder}: weights do not fit a {config.model_type} model: {problem} tensors")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.init_buffers("cpu")
+    model = model.to(dtype).eval()
+    tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
+    if tokenizer is None and not config.model_type == "bert":
+        raise PocketLMError(f"{folder}: no tokenizer.json beside the weights")
+    return LoadedModel(
+        name=name,
+        path=folder,
+        source=source,
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        meta=hf_config.get("pocketlm", {}),
+        load_s=time.perf_counter() - start,
+    )
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise PocketLMError(f"{folder}: no config.json (a model folder needs config.json, *.safetensors, tokenizer.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise PocketLMError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" ({', '.join(pickles)} are pickle files, which pocketlm never loads: convert them to safetensors)" if pickles else ""
+        raise PocketLMError(f"{folder}: no *.safetensors weights{hint}")
+    state_dict = {}
+    for path in files:
+        try:
+            state_dict.update(load_file(path))  # memory-mapped
+        except (SafetensorError, OSError) as e:
+            raise PocketLMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return state_dict
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a .gguf once into a Hugging Face folder in the cache; return that folder."""
+    from pocketlm.formats.gguf import gguf_to_hf, read_gguf
+
+    folder = cache.converted_dir(path)
+    if (folder / "config.json").exists():
+        return folder
+    gguf_file = read_gguf(path)
+    hf_config, state_dict = gguf_to_hf(gguf_file)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    hf_config["pocketlm"] = {
+        "source": str(path.resolve()),
+        "source_format": "gguf",
+        "quant": gguf_quant_name(gguf_file.metadata),
+        "license": gguf_file.metadata.get("general.license"),
+        "name": gguf_file.metadata.get("general.name"),
+    }
+    # Write into a temporary folder and rename, so a killed conversion never leaves half a model.
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hf_config.get("tie_word_embeddings"):
+        state_dict.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+    tokenizer.save(tmp)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def gguf_quant_name(metadata: dict) -> str | None:
+    """general.file_type as llama.cpp names it: 3 -> "Q4_1", 15 -> "Q4_K_M"."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(metadata.get("general.file_type")).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return None

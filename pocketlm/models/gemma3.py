@@ -1,0 +1,216 @@
+"""Gemma 3 text decoder in plain PyTorch (Gemma 3 270M, 1B, and the language model of the larger ones).
+
+Numerically this is transformers' modeling_gemma3.py (Gemma3TextModel + Gemma3ForCausalLM). What sets it
+apart from Llama, each matched to HF below:
+  - embeddings scaled by sqrt(D), the scale rounded to the weights' dtype first (Gemma3TextScaledWordEmbedding)
+  - RMSNorm scales by (1 + weight), all in fp32, cast back at the end (Gemma3RMSNorm)
+  - RMSNorm on q and k over head_dim (q_norm, k_norm), before RoPE
+  - norms after attention and after the MLP too (post_attention_layernorm, post_feedforward_layernorm)
+  - GELU-tanh gated MLP
+  - attention scale query_pre_attn_scalar**-0.5 instead of hd**-0.5
+  - local layers: sliding-window mask and RoPE base rope_local_base_freq; global layers: full causal mask
+    and RoPE base rope_theta with rope_scaling
+  - optional tanh softcapping of the final logits
+The KV cache and RoPE helpers are Llama's (same layout, same HF conventions).
+
+Shapes: B batch, T new tokens, S cache length, D model dim, nh query heads, n_kv key/value heads,
+hd head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.config import Gemma3Config
+from pocketlm.errors import PocketLMError
+from pocketlm.models.llama import ROPE_TABLE_LEN, KVCache, apply_rope, rope_inv_freq, rope_tables
+
+
+class RMSNorm(nn.Module):
+    """Gemma3RMSNorm: unlike Llama's, the (1 + weight) scale is applied in fp32 before casting back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # zeros: (1 + weight) starts as the identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # attn_logit_softcapping is deliberately unused: HF's Gemma3Attention keeps it but never passes it to
+        # the attention function (Gemma 2 did; Gemma 3 replaced it with q_norm/k_norm), and every release sets None.
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        # x (B, T, D); cos, sin (T, hd); mask None (causal, no cache) or bool (T, S); input_pos None or (T,)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """Gemma3MLP: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer_idx: int):
+        super().__init__()
+        self.sliding = cfg.window(layer_idx) is not None
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3TextModel(nn.Module):
+    """The decoder stack; HF's Gemma3TextModel (state_dict prefix "model.")."""
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("kv_pos", None, persistent=False)  # arange(S) while a cache is set up
+        self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
+
+    def build_buffers(self, n: int, device=None):
+        """(Re)build the non-persistent buffers: fp32 RoPE tables for positions 0..n-1, one pair per layer
+        kind (HF's Gemma3RotaryEmbedding keeps sliding_attention_inv_freq / full_attention_inv_freq),
+        and the embedding scale."""
+        cfg = self.cfg
+        for name, theta, scaling in (
+            ("global", cfg.rope_theta, cfg.rope_scaling),
+            ("local", cfg.rope_local_base_freq, cfg.rope_local_scaling),
+        ):
+            cos, sin = rope_tables(rope_inv_freq(cfg.head_dim, theta, scaling), n, device)
+            self.register_buffer(f"{name}_cos", cos, persistent=False)  # (n, hd)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)  # (n, hd)
+        # Gemma3TextScaledWordEmbedding keeps sqrt(D) as an fp32 tensor and casts it to the weights' dtype
+        # before multiplying: in bf16, sqrt(640) = 25.298 becomes 25.25. Kept as a tensor to match that.
+        self.register_buffer("embed_scale", torch.tensor(cfg.dim**0.5, device=device), persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        T = idx.shape[1]
+        x = self.embed_tokens(idx)  # (B, T, D)
+        x = x * self.embed_scale.to(x.dtype)
+        if input_pos is None:
+            if T > self.global_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
+                self.build_buffers(T, self.global_cos.device)
+            pos = kv_pos = torch.arange(T, device=idx.device)
+            full_mask = None  # SDPA's is_causal
+        else:
+            if self.kv_pos is None:
+                raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
+            pos, kv_pos = input_pos, self.kv_pos
+            full_mask = pos[:, None] >= kv_pos[None, :]  # (T, S): attend to cached positions <= own
+        # HF's sliding_window_overlay on top of causal: kv_idx > q_idx - window
+        dist = pos[:, None] - kv_pos[None, :]  # (T, S)
+        sliding_mask = (dist >= 0) & (dist < self.cfg.sliding_window)
+        rope = {  # (T, hd) each, cast to the activations' dtype as HF does
+            True: (self.local_cos[pos].to(x.dtype), self.local_sin[pos].to(x.dtype)),
+            False: (self.global_cos[pos].to(x.dtype), self.global_sin[pos].to(x.dtype)),
+        }
+        for layer in self.layers:
+            cos, sin = rope[layer.sliding]
+            x = layer(x, cos, sin, sliding_mask if layer.sliding else full_mask, input_pos)
+        return self.norm(x)  # (B, T, D)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """HF's Gemma3ForCausalLM: parameters under "model." plus "lm_head" (tied to the embedding in every release)."""
+
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Gemma3TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_buffers(self, device="cpu"):
+        """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""
+        self.model.build_buffers(self.model.global_cos.shape[0], device)
+        if self.model.kv_pos is not None:
+            self.model.kv_pos = torch.arange(self.model.kv_pos.shape[0], device=device)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None):
+        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
+        activations' dtype: SDPA takes q, k, v of one dtype.
+
+        Sliding layers get a full-length cache too and mask the old positions out: simpler than HF's ring
+        buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
+        cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
+        dtype = dtype or ref.dtype
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device)
+        self.model.kv_pos = torch.arange(max_seq_len, device=ref.device)
+        if self.model.global_cos.shape[0] < max_seq_len:
+            self.model.build_buffers(max_seq_len, ref.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.model.kv_pos = None
+
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, D)."""
+        return self.model(idx, input_pos)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)  # (B, T, V)
+        if self.cfg.final_logit_softcapping is not None:  # as Gemma3ForCausalLM.forward
+            cap = self.cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(idx, input_pos))

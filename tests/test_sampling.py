@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from pocketlm.engine.generate import StopStrings
+from pocketlm.engine.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from pocketlm.errors import PocketLMError
+
+NEG = float("-inf")
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert top_k_filter(logits, 2).tolist() == [[NEG, 4.0, 3.0, NEG]]
+    assert top_k_filter(logits, 0).tolist() == logits.tolist()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = top_p_filter(logits, 0.8).isfinite().tolist()  # 0.5 + 0.3 reaches 0.8: two tokens
+    assert kept == [[True, True, False, False]]
+    assert top_p_filter(logits, 0.81).isfinite().tolist() == [[True, True, True, False]]
+    assert top_p_filter(logits, 0.1).isfinite().tolist() == [[True, False, False, False]]  # never empty
+
+
+def test_min_p_is_relative_to_the_top_token():
+    probs = torch.tensor([[0.6, 0.3, 0.06, 0.04]])
+    kept = min_p_filter(probs.log(), 0.09).isfinite().tolist()  # threshold 0.054
+    assert kept == [[True, True, True, False]]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_greedy_is_argmax_and_seed_reproduces():
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    assert sample(logits, greedy, torch.empty(1, 0, dtype=torch.long), None).item() == logits.argmax().item()
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    draws = [
+        [sample(logits, params, torch.empty(1, 0, dtype=torch.long), g).item() for _ in range(20)]
+        for g in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
+    ]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(
+        torch.stack([sample(probs.log(), params, torch.empty(1, 0, dtype=torch.long), g) for _ in range(4000)]).flatten(),
+        minlength=3,
+    )
+    assert torch.allclose(counts / 4000, probs[0], atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1), dict(max_new_tokens=0)])
+def test_invalid_params_are_clear_errors(bad):
+    with pytest.raises(PocketLMError):
+        SamplingParams(**bad)
+
+
+def test_stop_strings_hold_back_a_forming_stop():
+    stops = StopStrings(["###", "\nUser:"])
+    assert stops.push("Hello #") == ("Hello ", False)  # "#" might start "###": held back
+    assert stops.push("# x") == ("## x", False)  # it did not: released
+    assert stops.push(" done\nUs") == (" done", False)
+    assert stops.push("er: hi") == ("", True)  # stop hit: nothing after it is shown
+    stops = StopStrings(["END"])
+    assert stops.push("abcEN") == ("abc", False)
+    assert stops.flush() == "EN"  # at the end of generation, held text that never became a stop is shown
