@@ -10,6 +10,7 @@ transformers' tokenizers from the GGUF files (10 to 35 s each) are marked slow.
 from __future__ import annotations
 
 import importlib.util
+import json
 import mmap
 import random
 import struct
@@ -163,11 +164,35 @@ def test_smollm2_decode_round_trips(smollm2):
 
 
 def test_smollm2_chat_template_pinned(smollm2):
-    default_system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     text = smollm2.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert text == default_system + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    text = smollm2.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    turns = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == f"<|im_start|>system\n{default_system}<|im_end|>\n" + turns
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert smollm2.apply_chat_template(chat) == "<|im_start|>system\nBe brief.<|im_end|>\n" + turns
+
+
+def test_chat_template_environment_matches_transformers(smollm2):
+    """Whitespace control, namespace, loop controls, tojson, strftime_now, {% generation %}, tools."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = """{%- set ns = namespace(n=0) -%}
+{%- for m in messages %}
+    {%- if m.role == 'skip' %}{% continue %}{% endif %}
+    {%- set ns.n = ns.n + 1 %}
+    {% generation %}{{ bos_token }}{{ m.role }}: {{ m.content | tojson }}{% endgeneration %}
+    {% if tools %}{{ tools | tojson(indent=2) }}{% endif %}
+{% endfor %}
+{{ ns.n }} {{ strftime_now('%Y') }}{% if add_generation_prompt %}<assistant>{% endif %}"""
+    tok = Tokenizer(smollm2.backend, bos_id=1, eos_id=2, chat_template=template)
+    chat = [{"role": "user", "content": "Ünïcode \"quoted\" 😀"}, {"role": "skip", "content": "x"}]
+    tools = [{"name": "add", "parameters": {"a": "int"}}]
+    for kwargs in ({}, {"tools": tools}):
+        expected, _ = render_jinja_template(
+            [chat], chat_template=template, add_generation_prompt=True, bos_token="<|im_start|>", eos_token="<|im_end|>",
+            **kwargs,
+        )
+        assert tok.apply_chat_template(chat, **kwargs) == expected[0]
 
 
 def test_smollm2_streaming_equals_decode(smollm2):
@@ -228,7 +253,8 @@ def test_minilm_folder_matches_transformers():
 
 def test_hf_folder_reads_config_files(tmp_path, smollm2):
     smollm2.backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "special_tokens_map.json").write_text('{"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}')
+    special_tokens = {"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_tokens))
     (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": true}')
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ bos_token + m['content'] }}{% endfor %}")
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
@@ -285,8 +311,8 @@ def test_sentencepiece_matches_transformers_builder(architecture):
     reference, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     ours = Tokenizer.from_gguf_metadata(metadata)
     assert ours.add_bos  # the default for a SentencePiece GGUF, as llama.cpp
-    texts = ["hello world", " hello", "hello  world   x", "héllo wörld ñ", "\n\nhello\n", "<start_of_turn>hello<end_of_turn>"]
-    for text in texts:
+    texts = ["hello world", " hello", "hello  world   x", "héllo wörld ñ", "\n\nhello\n"]
+    for text in texts + ["<start_of_turn>hello<end_of_turn>"]:
         ids = reference.encode(text, add_special_tokens=False).ids
         assert ours.encode(text, add_special_tokens=False) == ids, text
         assert ours.encode(text) == [ours.bos_id] + ids
@@ -316,7 +342,8 @@ def test_unsupported_gguf_tokenizers_are_refused():
         Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": "bert"})
     with pytest.raises(PocketLMError, match="no tokenizer"):
         Tokenizer.from_gguf_metadata({"general.architecture": "llama"})
-    gpt2 = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+    gpt2 = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"]}
+    gpt2["tokenizer.ggml.merges"] = ["a b"]
     assert Tokenizer.from_gguf_metadata(gpt2).encode("abba") == [2, 1, 0]
     with pytest.raises(PocketLMError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf_metadata({**gpt2, "tokenizer.ggml.pre": "mystery"})
@@ -335,7 +362,8 @@ def test_metadata_reader_matches_gguf_reader():
     from gguf import GGUFReader
 
     path = smollm2_path()
-    reference = {name: field.contents() for name, field in GGUFReader(path).fields.items() if not name.startswith("GGUF.")}
+    fields = GGUFReader(path).fields.items()
+    reference = {name: field.contents() for name, field in fields if not name.startswith("GGUF.")}  # GGUF.*: header
     assert read_gguf_metadata(path) == reference
 
 
@@ -344,7 +372,8 @@ def test_smollm2_matches_transformers(smollm2):
     reference = transformers_from_gguf(smollm2_path())
     for text in TEXTS:
         assert smollm2.encode(text) == reference.encode(text), text
-        assert smollm2.decode(smollm2.encode(text)) == reference.decode(reference.encode(text), skip_special_tokens=True)
+        ids = reference.encode(text)
+        assert smollm2.decode(ids) == reference.decode(ids, skip_special_tokens=True)
     chats = [
         [{"role": "user", "content": "Hi there"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -352,8 +381,8 @@ def test_smollm2_matches_transformers(smollm2):
     ]  # fmt: skip
     for chat in chats:
         for add_generation_prompt in (True, False):
-            text = smollm2.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
-            assert text == reference.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
+            expected = reference.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
+            assert smollm2.apply_chat_template(chat, add_generation_prompt=add_generation_prompt) == expected
 
 
 @pytest.mark.slow
@@ -361,7 +390,8 @@ def test_gemma3_matches_transformers(gemma):
     reference = transformers_from_gguf(gemma3_path())
     for text in TEXTS:
         assert gemma.encode(text) == reference.encode(text), text
-        assert gemma.decode(gemma.encode(text)) == reference.decode(reference.encode(text), skip_special_tokens=True)
+        ids = reference.encode(text)
+        assert gemma.decode(ids) == reference.decode(ids, skip_special_tokens=True)
         assert gemma.decode(gemma.encode(text, add_special_tokens=False), skip_special_tokens=False) == text
 
 
@@ -395,4 +425,5 @@ def test_gemma3_save_round_trip(gemma, tmp_path):
     again = Tokenizer.from_hf_dir(tmp_path)
     for text in TEXTS:
         assert again.encode(text) == gemma.encode(text), text
-    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.stop_ids) == (2, 1, 0, True, gemma.stop_ids)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos) == (2, 1, 0, True)
+    assert again.stop_ids == gemma.stop_ids
