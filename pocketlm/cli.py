@@ -285,7 +285,7 @@ def cmd_list(args) -> int:
         table.add_column(column)
     for r in rows:
         table.add_row(r["name"], "yes" if r["installed"] else "no (pocketlm pull)", r["kind"], r["params"], r["quant"], r["size"], r["license"])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     return 0
 
 

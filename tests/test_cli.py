@@ -50,16 +50,23 @@ def test_run_reads_the_prompt_from_stdin_and_system_prompt_changes_the_answer():
 
 
 def test_chat_through_stdin_keeps_history_and_commands():
-    lines = "Hi, my name is Ada.\n/help\n/reset\n/system You are terse.\nWhat is 2+2?\n/bye\n"
-    result = pocketlm("chat", "-n", "24", *GREEDY, stdin=lines)
-    assert result.returncode == 0, result.stderr
-    assert "/reset" in result.stdout and "(conversation cleared)" in result.stdout and "(system prompt set" in result.stdout
-    assert "4" in result.stdout
+    def chat(*lines):
+        result = pocketlm("chat", "-n", "24", *GREEDY, stdin="".join(line + "\n" for line in lines))
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    fresh = chat("What is my name?")
+    with_history = chat("Hi, my name is Ada.", "What is my name?")
+    after_reset = chat("Hi, my name is Ada.", "/reset", "What is my name?")
+    assert fresh.strip() and not with_history.endswith(fresh)  # the first turn changed the second answer
+    assert after_reset.endswith("(conversation cleared)\n" + fresh)  # /reset forgot it (greedy: same text)
+    system = chat("/system You are a pirate.", "/help", "What is my name?", "/bye", "never sent")
+    assert "(system prompt set" in system and "/reset" in system and not system.endswith(fresh)
 
 
 def test_base_model_continues_raw_text():
     result = pocketlm("run", "gemma3-270m", "The capital of France is", "-n", "6", *GREEDY)
-    assert result.returncode == 0 and "Paris" in result.stdout
+    assert result.returncode == 0 and result.stdout.startswith(" the capital of")  # what the base model says
     assert "no chat template" in result.stderr
 
 
