@@ -88,22 +88,27 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quants", nargs="+", default=["none", "int8"], help="pocketlm rows: none (fp weights) and/or int8")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {NEW_TOKENS} new tokens, pocketlm {args.dtype}")
     rows = []
     for name in args.models:
-        lm = load(name, dtype=getattr(torch, args.dtype))
-        ids = encode_raw(lm.tokenizer, PROMPT)
-        ours = time_pocketlm(lm, ids, args.repeats)
-        del lm
+        ours = {}
+        for quant in args.quants:
+            lm = load(name, dtype=getattr(torch, args.dtype), quant=quant)
+            ids = encode_raw(lm.tokenizer, PROMPT)
+            ours[quant] = time_pocketlm(lm, ids, args.repeats)
+            del lm
         theirs = time_transformers(registry.resolve(name)[1], ids, args.repeats)
         rows.append((name, len(ids), ours, theirs, warm_start_ttft(name)))
 
-    print(f"\n| model | prompt | engine | prompt tok/s | decode tok/s | ratio (decode) |")
+    print(f"\n| model | prompt | engine | prompt tok/s | decode tok/s | decode vs transformers |")
     print("|---|---|---|---|---|---|")
     for name, n, ours, theirs, _ in rows:
-        print(f"| {name} | {n} | pocketlm {args.dtype} | {ours['prompt_tok_s']:.1f} | {ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
+        for quant, r in ours.items():
+            engine = f"pocketlm {args.dtype}" + (" + int8 weights" if quant == "int8" else "")
+            print(f"| {name} | {n} | {engine} | {r['prompt_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
         print(f"| {name} | {n} | transformers fp32 generate | {theirs['prompt_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | 1.00x |")
     print("\n| model | `pocketlm run` warm start to first token |")
     print("|---|---|")

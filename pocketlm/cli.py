@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute precision (default float32)")
+    p.add_argument("--quant", choices=["none", "int8"], default="none", help="int8: weight-only int8 linear layers, faster decode (default none)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -129,12 +130,12 @@ def is_model_ref(word: str) -> bool:
     return registry.lookup(word) is not None or Path(word).expanduser().exists()
 
 
-def load_model(ref: str, dtype: str = "float32"):
+def load_model(ref: str, dtype: str = "float32", quant: str = "none"):
     import torch
 
     from pocketlm.load import load
 
-    return load(ref, dtype=getattr(torch, dtype))
+    return load(ref, dtype=getattr(torch, dtype), quant=quant)
 
 
 def cmd_run(args) -> int:
@@ -152,7 +153,7 @@ def cmd_run(args) -> int:
             raise PocketLMError("no prompt: pass one in quotes, e.g. pocketlm run \"Why is the sky blue?\", or pipe it on stdin")
         prompt = sys.stdin.read()
     params = sampling_params(args)
-    lm = load_model(model_ref, args.dtype)
+    lm = load_model(model_ref, args.dtype, args.quant)
     check_generative(lm)
     if args.raw or not lm.tokenizer.has_chat_template:
         if not args.raw and not args.json:
@@ -181,7 +182,7 @@ def check_generative(lm) -> None:
 def cmd_chat(args) -> int:
     from pocketlm.engine.generate import encode_chat, encode_raw, generate
 
-    lm = load_model(args.model, args.dtype)
+    lm = load_model(args.model, args.dtype, args.quant)
     check_generative(lm)
     params = sampling_params(args)
     interactive = sys.stdin.isatty()

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,13 @@ class LoadedModel:
         return self.config.model_type == "bert"
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+QUANTS = ("none", "int8")
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
+    """quant "int8": weight-only int8 Linear layers (pocketlm.quant.int8), made at load time."""
+    if quant not in QUANTS:
+        raise PocketLMError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANTS)}")
     start = time.perf_counter()
     name, source = registry.resolve(name_or_path)
     if source.is_file() and source.suffix != ".gguf":
@@ -54,7 +61,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     folder = convert_gguf(source) if source.is_file() else source
     hf_config = read_config(folder)
     config = config_from_hf(hf_config)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
     state_dict = read_safetensors(folder)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -67,6 +74,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         model.tie_weights()
     model.init_buffers("cpu")
     model = model.to(dtype).eval()
+    if quant == "int8":
+        from pocketlm.quant.int8 import quantize_int8
+
+        quantize_int8(model)
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
     if tokenizer is None and not config.model_type == "bert":
         raise PocketLMError(f"{folder}: no tokenizer.json beside the weights")
@@ -77,9 +88,25 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         config=config,
         model=model,
         tokenizer=tokenizer,
-        meta=hf_config.get("pocketlm", {}),
+        meta={**hf_config.get("pocketlm", {}), "runtime_quant": quant},
         load_s=time.perf_counter() - start,
     )
+
+
+@contextmanager
+def skip_init():
+    """Skip random initialization while building on the meta device: the checkpoint replaces every
+    weight, and nn.Embedding's normal_ on meta goes through torch._refs, which imports torch._dynamo
+    (about 2 s of a 2.5 s start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def read_config(folder: Path) -> dict:

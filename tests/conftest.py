@@ -17,6 +17,46 @@ def smollm2():
     return load("smollm2-135m-instruct")
 
 
+def smollm2_path() -> Path:
+    from pocketlm import registry
+
+    return registry.resolve("smollm2-135m-instruct")[1]
+
+
+def gemma3_path() -> Path:
+    from pocketlm import registry
+
+    return registry.resolve("gemma3-270m")[1]
+
+
+def minilm_dir() -> Path:
+    from pocketlm import registry
+
+    return registry.resolve("minilm-l6-v2")[1]
+
+
+def hf_from_gguf(name: str):
+    """Hugging Face transformers' own GGUF loader on a registry model: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm import registry
+
+    path = registry.resolve(name)[1]
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+# Loading through transformers takes about 20 s (SmolLM2) and 50 s (Gemma 3): once per test session.
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    return hf_from_gguf("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3():
+    return hf_from_gguf("gemma3-270m")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2):
     """A 2-layer random Llama saved by transformers itself (an ordinary HF folder), with SmolLM2's tokenizer."""

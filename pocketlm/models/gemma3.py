@@ -133,7 +133,7 @@ class Gemma3TextModel(nn.Module):
             self.register_buffer(f"{name}_sin", sin, persistent=False)  # (n, hd)
         # Gemma3TextScaledWordEmbedding keeps sqrt(D) as an fp32 tensor and casts it to the weights' dtype
         # before multiplying: in bf16, sqrt(640) = 25.298 becomes 25.25. Kept as a tensor to match that.
-        self.register_buffer("embed_scale", torch.tensor(cfg.dim**0.5, device=device), persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(cfg.dim**0.5, device=device or "cpu"), persistent=False)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]

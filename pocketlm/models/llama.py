@@ -57,7 +57,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     scaling None: `compute_default_rope_parameters`; "linear": `_compute_linear_scaling_rope_parameters`;
     "llama3": `_compute_llama3_parameters` (Llama 3.1 / 3.2's smooth long-context interpolation).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU even inside a torch.device("meta") block: tiny, and meta math would import torch._dynamo (2 s)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if scaling is None:
         return inv_freq
     factor = scaling["factor"]
@@ -80,7 +81,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 def rope_tables(inv_freq: torch.Tensor, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (n, hd) in fp32 for positions 0..n-1, laid out as HF's LlamaRotaryEmbedding.forward does:
     the hd/2 frequencies twice (cat(freqs, freqs)), the NeoX half-split layout HF checkpoints expect."""
-    pos = torch.arange(n, device=device).float()
+    pos = torch.arange(n, device=device or "cpu").float()
     freqs = pos[:, None] * inv_freq.to(pos.device)[None, :]  # (n, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
     return emb.cos(), emb.sin()
