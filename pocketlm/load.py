@@ -64,14 +64,17 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
     with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
     state_dict = read_safetensors(folder)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise PocketLMError(f"{folder}: weights do not fit config.json: {detail}") from None
     if getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PocketLMError(f"{folder}: weights do not fit a {config.model_type} model: {problem} tensors")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.tie_weights()
     model.init_buffers("cpu")
     model = model.to(dtype).eval()
     if quant == "int8":
@@ -79,7 +82,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
 
         quantize_int8(model)
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
-    if tokenizer is None and not config.model_type == "bert":
+    if tokenizer is None and config.model_type != "bert":
         raise PocketLMError(f"{folder}: no tokenizer.json beside the weights")
     return LoadedModel(
         name=name,

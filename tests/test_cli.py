@@ -162,3 +162,10 @@ def test_missing_prompt_and_bad_flag_values():
 def test_run_with_int8_weights():
     out = json.loads(pocketlm("run", "smollm2", "What is the capital of France?", "--quant", "int8", "--json", "-n", "12", *GREEDY).stdout)
     assert "Paris" in out["text"]
+
+
+def test_weights_that_do_not_fit_the_config(hf_folder):
+    config = json.loads((hf_folder / "config.json").read_text())
+    config["hidden_size"] = 128
+    (hf_folder / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(pocketlm("run", str(hf_folder), "hi"), "do not fit config.json", "size mismatch")
