@@ -169,3 +169,11 @@ def test_weights_that_do_not_fit_the_config(hf_folder):
     config["hidden_size"] = 128
     (hf_folder / "config.json").write_text(json.dumps(config))
     assert_one_line_error(pocketlm("run", str(hf_folder), "hi"), "do not fit config.json", "size mismatch")
+
+
+def test_raw_prompt_and_bfloat16():
+    chat = json.loads(pocketlm("run", "smollm2", "The capital of France is", "--json", "-n", "8", *GREEDY).stdout)
+    raw = json.loads(pocketlm("run", "smollm2", "The capital of France is", "--raw", "--json", "-n", "8", *GREEDY).stdout)
+    assert raw["prompt_tokens"] < chat["prompt_tokens"]  # no template, no default system prompt
+    bf16 = json.loads(pocketlm("run", "smollm2", "What is the capital of France?", "--dtype", "bfloat16", "--json", "-n", "12", *GREEDY).stdout)
+    assert "Paris" in bf16["text"]
