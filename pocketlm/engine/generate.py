@@ -171,9 +171,12 @@ class Generation:
         return "".join(self)
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Render the model's own chat template and tokenize it. The template writes the BOS token itself
-    where the model wants one, so no special tokens are added on top (as transformers' apply_chat_template)."""
+def encode_chat(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+    """Render the model's own chat template (with `system` as a first system message, if given) and
+    tokenize it. The template writes the BOS token itself where the model wants one, so no special
+    tokens are added on top (as transformers' apply_chat_template)."""
+    if system:
+        messages = [{"role": "system", "content": system}, *messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
