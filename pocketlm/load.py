@@ -9,8 +9,6 @@ the meta device and `load_state_dict(assign=True)` hands it the mmap'd tensors, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pocketlm import cache, registry
 from pocketlm.config import config_from_hf
@@ -140,6 +138,7 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def convert_gguf(path: Path) -> Path:
     """Dequantize a .gguf once into a Hugging Face folder in the cache; return that folder."""
     from pocketlm.formats.gguf import gguf_to_hf, read_gguf
+    from pocketlm.formats.hf import write_model_folder
 
     folder = cache.converted_dir(path)
     if (folder / "config.json").exists():
@@ -154,17 +153,7 @@ def convert_gguf(path: Path) -> Path:
         "license": gguf_file.metadata.get("general.license"),
         "name": gguf_file.metadata.get("general.name"),
     }
-    # Write into a temporary folder and rename, so a killed conversion never leaves half a model.
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if hf_config.get("tie_word_embeddings"):
-        state_dict.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
-    tokenizer.save(tmp)
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    write_model_folder(folder, hf_config, state_dict, tokenizer)
     return folder
 
 
