@@ -57,7 +57,9 @@ def converted_dir(path: Path) -> Path:
 def forget(path: Path) -> None:
     """Delete the converted copy of `path`, if any (used by `pocketlm rm`)."""
     if path.is_file():  # a Hugging Face folder is used in place; a missing file was never converted
-        shutil.rmtree(converted_dir(path), ignore_errors=True)
+        folder = converted_dir(path)
+        for copy in [folder, *folder.parent.glob(f"{folder.name}-*")]:  # and its quantized copies
+            shutil.rmtree(copy, ignore_errors=True)
     index = _read_index()
     if index.pop(str(path.resolve()), None) is not None:
         write_atomic(_index_path(), json.dumps(index, indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pocketlm import registry
 from pocketlm.errors import PocketLMError
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt (chat models)")
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token counts, timings")
+    p.add_argument("--server", metavar="URL", help="let a running `pocketlm serve` answer (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="the server's API key, if it has one")
     add_model_flags(p)
+    add_draft_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, help=f"model name or path (default {registry.DEFAULT_MODEL})")
     p.add_argument("--system", help="system prompt")
     add_model_flags(p)
+    add_draft_flags(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
@@ -84,16 +89,125 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", help="uninstall a model and delete its converted copy")
     p.add_argument("model", help="model name")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a model", description="Quantize a model's linear layers (weight-only: int8 per output channel, or int4 in groups) and write a model folder that run, chat, serve and eval load as it is. The output head stays int8; a tied embedding shares it.")
+    p.add_argument("model", help="model name or path (.gguf or folder)")
+    p.add_argument("--to", choices=["int8", "int4"], required=True, help="bits per weight")
+    p.add_argument("--group", type=int, choices=[32, 64, 128], default=32, help="int4: input channels per scale (default 32)")
+    p.add_argument("-o", "--output", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="speed: prompt and decode tokens/s, time to first token, memory, vs peers", description="Measure prompt tokens/s, decode tokens/s, time to first token and peak memory over repeats after a warm-up, beside the memory-bandwidth bound (roofline). --vs runs a peer on the same model file in the same run and prints ratios.")
+    p.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, help=f"model name or path (default {registry.DEFAULT_MODEL})")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the physical cores)")
+    p.add_argument("--vs", action="append", default=[], choices=["transformers", "llama.cpp"], help="also run this peer on the same model (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/BENCHMARKS.md)")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="evaluate a model: accuracy, ROUGE, BLEU/chrF, perplexity, agreement", description="Evaluate a model on local files: perplexity of a text; classify (zero/few-shot by label log-likelihood, or --by generate); summarize (ROUGE); translate (BLEU, chrF); agreement with a --reference model (KL, top-1); or a custom task (a .yaml prompt template). --data takes a file or a shared data set: banking77, sst2, dialogsum, multi30k, wikitext2.")
+    p.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, help=f"model name or path (default {registry.DEFAULT_MODEL})")
+    p.add_argument("--task", required=True, help="perplexity, classify, summarize, translate, agreement, speed, or a custom task's .yaml file")
+    p.add_argument("--data", help="JSONL (or text) file, or a shared set name (default per task: dialogsum, multi30k, wikitext2)")
+    p.add_argument("--limit", type=int, metavar="N", help="a random subset of N examples (fixed by --seed); perplexity/agreement: the first N tokens; speed: prompt tokens")
+    p.add_argument("--seed", type=int, default=0, help="picks the --limit subset and the few-shot examples (default 0)")
+    p.add_argument("--shots", type=int, default=0, metavar="K", help="K few-shot examples in the prompt (default 0)")
+    p.add_argument("--shots-from", metavar="FILE", help="where few-shot examples come from (default: the set's train split / a train.jsonl beside --data)")
+    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood (score every label) or generate (for fine-tuned models)")
+    p.add_argument("--norm", default="none", help="loglikelihood: none (sum of log-probs) or chars (per character of the label)")
+    p.add_argument("--calibrate", action="store_true", help="loglikelihood: contextual calibration, each label's score relative to its score after content-free inputs ('N/A', '', '[MASK]')")
+    p.add_argument("--chat", default="auto", help="use the chat template: auto (when the model has one), on, off")
+    p.add_argument("--template", help="the example's prompt with {field}s of a record (classify --by generate: the user message, default that of the fine-tune, else '{text}')")
+    p.add_argument("--system", help="a system prompt (default: the fine-tune's, if any)")
+    p.add_argument("--method", default="cache", help="loglikelihood: cache (prompt once, labels on KV-cache copies) or batch (one forward per label)")
+    p.add_argument("--window", type=int, help="perplexity/agreement: tokens per window (default min(1024, context))")
+    p.add_argument("--stride", type=int, help="perplexity/agreement: tokens between window starts (default window/2)")
+    p.add_argument("--reference", metavar="MODEL", help="agreement: the reference model (e.g. the same model without --quant)")
+    p.add_argument("--reference-dtype", choices=["float32", "bfloat16"], default="float32", help="agreement: the reference's precision (default float32)")
+    p.add_argument("--reference-quant", default="none", help="agreement: the reference's quantization (default none)")
+    p.add_argument("-n", "--max-tokens", type=int, help="generation: most new tokens per answer (default per task)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--report", metavar="DIR", help="write report.md with PNG plots, results.json and predictions.jsonl to DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file", description="Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files) or a GGUF file for llama.cpp, with its lineage in the metadata.")
+    p.add_argument("model", help="model name or path (.gguf or folder)")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a Hugging Face folder; gguf: one .gguf file")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"], help="tensor type (default: f32 for hf, f16 for gguf; block quants only for gguf)")
+    p.add_argument("-o", "--output", required=True, help="the folder or .gguf file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("prune", help="structured pruning: drop layers, heads, MLP channels, hidden channels, vocabulary", description="Make a smaller model of the same family: importance is measured on calibration text, then whole blocks (--drop-layers), attention heads (--heads, --kv-groups), MLP channels (--ffn), hidden channels (--hidden) or unused tokens (--vocab-from) are removed.")
+    p.add_argument("model", help="model name or path (.gguf or folder)")
+    p.add_argument("-o", "--output", required=True, help="the folder to write the pruned model to")
+    p.add_argument("--calib", help="calibration text file (default: a small bundled English text)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens to use (default 4096)")
+    p.add_argument("--drop-layers", type=int, default=0, metavar="N", help="drop the N blocks with the least influence (1 - cos(input, output))")
+    p.add_argument("--heads", type=int, metavar="N", help="keep N query heads (a multiple of the KV groups kept)")
+    p.add_argument("--kv-groups", type=int, metavar="N", help="keep N key/value groups, with their query heads")
+    p.add_argument("--ffn", type=int, metavar="N", help="keep N MLP channels (by activation magnitude)")
+    p.add_argument("--hidden", type=int, metavar="N", help="keep N hidden (embedding) channels")
+    p.add_argument("--vocab-from", metavar="FILE", help="keep only the tokens this text uses, plus every special token")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page", description="Serve models over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), with /metrics, /health and a chat page at /. Models load on first use.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="models to offer (default: every installed registry model); the first chat model is the default")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /api routes")
+    p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory; the least recently used leaves first (default 2)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
+    p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes; larger get 413 (default 2 MiB)")
+    p.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 is faster on a machine busy with other work)")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ps", help="models loaded in a running server, and their memory")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the server's URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="the server's API key, if it has one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a JSONL file (full or LoRA; or a classification head)", description="Supervised fine-tuning with the model's chat template, loss on the assistant's tokens only; LoRA (--lora-r) or full; --task classify trains a classification head. Settings come from --config RECIPE.yaml and flags (flags win). Data parallel: torchrun --nproc_per_node N -m pocketlm.cli finetune ...")
+    from pocketlm.finetune.args import add_finetune_arguments
+
+    add_finetune_arguments(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", help="label texts with a fine-tuned classification head", description="Print the predicted label and its probability for each text, with a model made by `pocketlm finetune --task classify`.")
+    p.add_argument("model", help="the classifier's folder")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label ('-' reads one text per line from stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text: label, probability, top 3")
+    p.set_defaults(func=cmd_classify)
     return parser
+
+
+QUANT_CHOICES = ["auto", "none", "int8", "int4", "int4-g64", "int4-g128", "int4-mixed"]
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute precision (default float32)")
-    p.add_argument("--quant", choices=["none", "int8"], default="none", help="int8: weight-only int8 linear layers, faster decode (default none)")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help="weight-only quantized linear layers, made at load time (and kept in the cache for a .gguf): int8, int4 (groups of 32), int4-g64, int4-g128, int4-mixed (int4 where the weights are on 4-bit grids, int8 elsewhere), none (float); auto (default): the bits of the source file (a Q4 GGUF runs int4-mixed, Q5-Q8 int8), float for a float model")
+
+
+def add_draft_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", metavar="MODEL", help="a smaller model with the same tokenizer that proposes tokens for this one to check (same output, often faster)")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per check (default 4)")
+
+
+def load_draft(args):
+    return load_model(args.draft, args.dtype, args.quant) if args.draft else None
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    from pocketlm.engine.sampling import SamplingParams
+    from pocketlm.engine.params import SamplingParams
 
     d = SamplingParams()
     g = p.add_argument_group("sampling")
@@ -109,7 +223,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args):
-    from pocketlm.engine.sampling import SamplingParams
+    from pocketlm.engine.params import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_tokens,
@@ -128,6 +242,26 @@ def is_model_ref(word: str) -> bool:
     from pathlib import Path
 
     return registry.lookup(word) is not None or Path(word).expanduser().exists()
+
+
+def cmd_quantize(args) -> int:
+    from pocketlm.quant import QuantScheme, write_quantized
+
+    scheme = QuantScheme.parse(args.to if args.to == "int8" or args.group == 32 else f"int4-g{args.group}")
+    lm = load_model(args.model, quant="none")
+    write_quantized(lm, scheme, args.output)
+    size = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
+    print(f"wrote {args.output} ({scheme.name}, {size:.0f} MB); run it with: pocketlm run {args.output} \"Hello\"")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pocketlm.bench import print_results, run_bench
+
+    results = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                        threads=args.threads, dtype=args.dtype, quant=args.quant, peers=args.vs)
+    print(json.dumps(results, indent=2) if args.json else print_results(results))
+    return 0
 
 
 def load_model(ref: str, dtype: str = "float32", quant: str = "none"):
@@ -153,6 +287,10 @@ def cmd_run(args) -> int:
             raise PocketLMError("no prompt: pass one in quotes, e.g. pocketlm run \"Why is the sky blue?\", or pipe it on stdin")
         prompt = sys.stdin.read()
     params = sampling_params(args)
+    if args.server:  # a client of a running server: no model loads here
+        from pocketlm.serve.client import run_remote
+
+        return run_remote(args, model_ref, prompt, params)
     lm = load_model(model_ref, args.dtype, args.quant)
     check_generative(lm)
     if args.raw or not lm.tokenizer.has_chat_template:
@@ -161,7 +299,7 @@ def cmd_run(args) -> int:
         ids = encode_raw(lm.tokenizer, prompt)
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
-    generation = generate(lm, ids, params)
+    generation = generate(lm, ids, params, draft=load_draft(args), draft_tokens=args.draft_tokens)
     if args.json:
         text = generation.text()
         print(json.dumps({"model": lm.name, "text": text, "load_s": round(lm.load_s, 3), **generation.stats.to_dict()}))
@@ -182,6 +320,7 @@ def cmd_chat(args) -> int:
     from pocketlm.engine.generate import encode_chat, encode_raw, generate
 
     lm = load_model(args.model, args.dtype, args.quant)
+    draft = load_draft(args)
     check_generative(lm)
     params = sampling_params(args)
     interactive = sys.stdin.isatty()
@@ -227,7 +366,7 @@ def cmd_chat(args) -> int:
             ids = encode_raw(lm.tokenizer, line)
         answer = []
         try:
-            generation = generate(lm, ids, params)
+            generation = generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens)
             for chunk in generation:
                 answer.append(chunk)
                 sys.stdout.write(chunk)
@@ -337,6 +476,125 @@ def cmd_pull(args) -> int:
 def cmd_rm(args) -> int:
     removed = registry.remove(args.model)
     print(f"removed {', '.join(removed)}" if removed else f"{args.model} was not installed")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pocketlm.eval.report import print_table, to_json, write_report
+    from pocketlm.eval.tasks import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        task=args.task, data=args.data, limit=args.limit, seed=args.seed, shots=args.shots, shots_from=args.shots_from,
+        by=args.by, norm=args.norm, calibrate=args.calibrate, chat=args.chat, method=args.method, max_tokens=args.max_tokens,
+        template=args.template, system=args.system,
+        window=args.window, stride=args.stride, reference=args.reference, reference_dtype=args.reference_dtype,
+        reference_quant=args.reference_quant, progress=not args.quiet,
+    )
+    result = evaluate(args.model, cfg, dtype=args.dtype, quant=args.quant)
+    if args.report:
+        path = write_report(result, args.report)
+        print(f"report: {path}", file=sys.stderr)
+    if args.json:
+        print(to_json(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pocketlm.export import export
+
+    report = export(args.model, args.format, args.output, args.type)
+    print(f"wrote {report['path']} ({report['format']}, {report['type']}, {report['params'] / 1e6:.1f}M parameters, {report['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from pocketlm.compress.prune import PruneSpec, prune_model
+
+    spec = PruneSpec(
+        drop_layers=args.drop_layers, heads=args.heads, kv_groups=args.kv_groups, ffn=args.ffn, hidden=args.hidden,
+        vocab_from=args.vocab_from,
+    )
+    report = prune_model(args.model, args.output, spec, calib=args.calib, calib_tokens=args.calib_tokens)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    before, after = report["params_before"], report["params_after"]
+    print(f"wrote {report['path']}: {before['total'] / 1e6:.1f}M -> {after['total'] / 1e6:.1f}M parameters "
+          f"({after['total'] / before['total']:.0%}); non-embedding {before['non_embedding'] / 1e6:.1f}M -> "
+          f"{after['non_embedding'] / 1e6:.1f}M ({after['non_embedding'] / before['non_embedding']:.0%})")
+    for line in report["changes"]:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pocketlm.serve.app import serve
+    from pocketlm.serve.config import ServerConfig
+
+    serve(ServerConfig(
+        models=args.models, host=args.host, port=args.port, api_key=args.api_key, max_loaded=args.max_loaded,
+        max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
+    ))
+    return 0
+
+
+def cmd_ps(args) -> int:
+    import time
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(args.server.rstrip("/") + "/api/ps")
+    if args.api_key:
+        request.add_header("Authorization", f"Bearer {args.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            info = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise PocketLMError(f"no pocketlm server answered at {args.server} ({getattr(e, 'reason', e)}); start one with `pocketlm serve`") from None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{'NAME':28} {'KIND':9} {'MEMORY':>9} {'CONTEXT':>8}  LAST USED")
+    for m in info["models"]:
+        used = time.strftime("%H:%M:%S", time.localtime(m["last_used"]))
+        print(f"{m['name']:28} {m['kind']:9} {m['memory_bytes'] / 2**20:>6.0f} MB {m['context_length']:>8}  {used}")
+    if not info["models"]:
+        print("(no model loaded yet: models load on their first request)")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import os
+
+    from pocketlm.finetune.args import config_from_args
+    from pocketlm.finetune.recipe import finetune
+
+    cfg = config_from_args(args)
+    summary = finetune(cfg)
+    if os.environ.get("RANK", "0") == "0" and not summary.get("stopped"):  # torchrun: process 0 reports
+        where = summary["out"] if summary.get("model_written") else f"{summary['out']}/adapter (add --merge for a model folder)"
+        ev = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("eval", {}).items() if k != "step")
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{'; ' + ev if ev else ''}; wrote {where}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from pocketlm.finetune.classify import Classifier
+
+    texts = list(args.texts)
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    clf = Classifier.load(args.model)
+    probs = clf.predict_proba(texts)
+    for text, row in zip(texts, probs):
+        top = row.topk(min(3, len(clf.labels)))
+        best = [(clf.labels[i], round(float(p), 4)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        if args.json:
+            print(json.dumps({"text": text, "label": best[0][0], "probability": best[0][1], "top": best}))
+        else:
+            print(f"{best[0][0]}\t{best[0][1]:.3f}")
     return 0
 
 

@@ -45,23 +45,39 @@ class LoadedModel:
         return self.config.model_type == "bert"
 
 
-QUANTS = ("none", "int8")
-
-
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
-    """quant "int8": weight-only int8 Linear layers (pocketlm.quant.int8), made at load time."""
-    if quant not in QUANTS:
-        raise PocketLMError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANTS)}")
+    """quant "int8", "int4", "int4-g64", ...: weight-only quantized Linear layers (pocketlm.quant), made at
+    load time; "auto": the bits of the source file (`auto_quant`). A folder written by `pocketlm quantize`
+    loads its quantized weights as they are."""
+    from pocketlm.quant import QuantScheme, finish_loading, quantize, quantized_skeleton
+
     start = time.perf_counter()
-    name, source = registry.resolve(name_or_path)
-    if source.is_file() and source.suffix != ".gguf":
-        raise PocketLMError(f"{source}: not a .gguf file or a model folder (give the folder that holds config.json)")
-    folder = convert_gguf(source) if source.is_file() else source
+    name, source, folder = model_folder(name_or_path)
     hf_config = read_config(folder)
     config = config_from_hf(hf_config)
+    saved_quant = hf_config.get("pocketlm", {}).get("quantization")
+    if saved_quant and quant != "none":
+        raise PocketLMError(f"{source} is already quantized ({QuantScheme.from_dict(saved_quant).name}): load it without --quant")
+    if quant == "auto":
+        quant = "none" if saved_quant else auto_quant(hf_config.get("pocketlm", {}).get("quant"))
+    scheme = None if quant == "none" else QuantScheme.parse(quant)
+    if scheme is not None and source.is_file():
+        # A GGUF's quantized copy is kept beside its converted folder: quantizing takes seconds, every
+        # later start only memory-maps it (a folder the user gave is quantized in memory each time, or once
+        # with `pocketlm quantize`).
+        quantized = folder.with_name(f"{folder.name}-{scheme.name}")
+        if not (quantized / "config.json").exists():
+            from pocketlm.quant import write_quantized
+
+            write_quantized(load(str(folder)), scheme, quantized)
+        lm = load(str(quantized), dtype=dtype)
+        lm.name, lm.source, lm.load_s = name, source, time.perf_counter() - start
+        return lm
+    state_dict = read_safetensors(folder)
     with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
-    state_dict = read_safetensors(folder)
+        if saved_quant:
+            quantized_skeleton(model, QuantScheme.from_dict(saved_quant), state_dict.keys())
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as e:  # shapes that disagree with config.json
@@ -72,13 +88,14 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PocketLMError(f"{folder}: weights do not fit a {config.model_type} model: {problem} tensors")
-    model.tie_weights()
+    if not saved_quant:
+        model.tie_weights()
     model.init_buffers("cpu")
     model = model.to(dtype).eval()
-    if quant == "int8":
-        from pocketlm.quant.int8 import quantize_int8
-
-        quantize_int8(model)
+    if saved_quant:
+        finish_loading(model)
+    elif scheme is not None:
+        quantize(model, scheme)
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
     if tokenizer is None and config.model_type != "bert":
         raise PocketLMError(f"{folder}: no tokenizer.json beside the weights")
@@ -89,9 +106,36 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
         config=config,
         model=model,
         tokenizer=tokenizer,
-        meta={**hf_config.get("pocketlm", {}), "runtime_quant": quant},
+        meta={
+            **hf_config.get("pocketlm", {}),
+            "runtime_quant": quant,
+            # what the matmuls read: "int8", "int4", "int4-g64", ... or the float dtype
+            "weights": QuantScheme.from_dict(saved_quant).name if saved_quant else scheme.name if scheme else str(dtype).removeprefix("torch."),
+        },
         load_s=time.perf_counter() - start,
     )
+
+
+def model_folder(name_or_path: str) -> tuple[str, Path, Path]:
+    """(name, what the user named, the Hugging Face folder to read): a .gguf is converted once into the cache."""
+    name, source = registry.resolve(name_or_path)
+    if source.is_file() and source.suffix != ".gguf":
+        raise PocketLMError(f"{source}: not a .gguf file or a model folder (give the folder that holds config.json)")
+    return name, source, convert_gguf(source) if source.is_file() else source
+
+
+def auto_quant(source_quant: str | None) -> str:
+    """The runtime quantization with the bits of the file the model came from, so a GGUF runs at the
+    precision it was published at (as llama.cpp runs it). A 2-4-bit file runs "int4-mixed": its Q4_0, Q4_1
+    and Q4_K tensors are 32-wide groups with a scale and an offset, the grid our int4 kernel takes, so they
+    stay int4 exactly; the tensors such a file keeps at 5-6 bits (Q4_K_M's Q6_K) run int8. 5-8-bit files
+    run int8, float files in float."""
+    name = (source_quant or "").upper()
+    if name.startswith(("Q2", "Q3", "Q4", "IQ2", "IQ3", "IQ4")):
+        return "int4-mixed"
+    if name.startswith(("Q5", "Q6", "Q8")):
+        return "int8"
+    return "none"
 
 
 @contextmanager
@@ -147,6 +191,8 @@ def convert_gguf(path: Path) -> Path:
     hf_config, state_dict = gguf_to_hf(gguf_file)
     tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
     hf_config["pocketlm"] = {
+        # a GGUF written by `pocketlm export` carries its lineage (teacher, data, recipe, scores) as JSON
+        **_gguf_lineage(gguf_file.metadata),
         "source": str(path.resolve()),
         "source_format": "gguf",
         "quant": gguf_quant_name(gguf_file.metadata),
@@ -155,6 +201,14 @@ def convert_gguf(path: Path) -> Path:
     }
     write_model_folder(folder, hf_config, state_dict, tokenizer)
     return folder
+
+
+def _gguf_lineage(metadata: dict) -> dict:
+    try:
+        lineage = json.loads(metadata.get("pocketlm.lineage") or "{}")
+    except ValueError:
+        return {}
+    return lineage if isinstance(lineage, dict) else {}
 
 
 def gguf_quant_name(metadata: dict) -> str | None:

@@ -73,3 +73,29 @@ def tiny_llama_dir(tmp_path_factory, smollm2):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.path / name, folder / name)
     return folder
+
+
+# The tiny random models of tests/tiny_models.py (with small real-format vocabularies), for export and prune.
+@pytest.fixture(scope="module")
+def small_llama_dir(tmp_path_factory):
+    from tiny_models import built
+
+    return built("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    from tiny_models import built
+
+    return built("gemma", tmp_path_factory)
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def tiny_dir(request, small_llama_dir, tiny_gemma_dir):
+    return small_llama_dir if request.param == "llama" else tiny_gemma_dir
+
+
+@pytest.fixture
+def throwaway_home(tmp_path_factory, monkeypatch):
+    """Files a test writes (an exported .gguf) are converted into a throw-away cache, not the user's."""
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path_factory.getbasetemp() / "pocketlm-home"))

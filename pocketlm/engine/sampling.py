@@ -6,44 +6,9 @@ Every step takes and returns (B, V) fp32 logits; a filtered-out token gets -inf.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from pocketlm.errors import PocketLMError
-
-
-@dataclass
-class SamplingParams:
-    """What a caller may ask of one generation. temperature 0 means greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 40  # 0 = off
-    top_p: float = 0.9  # 1.0 = off
-    min_p: float = 0.0  # 0.0 = off
-    repetition_penalty: float = 1.1  # 1.0 = off; CTRL-style, as llama.cpp's repeat_penalty
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at (-1: all)
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False  # keep going past end tokens (benchmarks that want exactly max_new_tokens)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PocketLMError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from pocketlm.engine.params import SamplingParams  # noqa: F401  (re-exported: the sampler's input)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -83,15 +48,53 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def token_distribution(logits: torch.Tensor, params: SamplingParams, recent: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits -> (B, V) the probabilities a sampled (temperature > 0) token is drawn from."""
+    logits = apply_repetition_penalty(logits.float(), recent, params.repetition_penalty)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    logits = min_p_filter(logits, params.min_p)
+    return (logits / params.temperature).softmax(-1)
+
+
+def greedy_token(logits: torch.Tensor, params: SamplingParams, recent: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits -> (B,) the most likely token after the repetition penalty."""
+    return apply_repetition_penalty(logits.float(), recent, params.repetition_penalty).argmax(-1)
+
+
 def sample(
     logits: torch.Tensor, params: SamplingParams, recent: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
     """(B, V) logits -> (B,) next token ids."""
-    logits = apply_repetition_penalty(logits.float(), recent, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
-    probs = (logits / params.temperature).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return greedy_token(logits, params, recent)
+    return torch.multinomial(token_distribution(logits, params, recent), 1, generator=generator).squeeze(-1)
+
+
+# Logits processors: callables (logits (B, V), generated ids so far) -> logits, handed to Generation.
+# They carry per-request state (a bias table, a grammar), which SamplingParams, plain values, does not.
+
+
+def logit_bias_processor(bias: dict[int, float]):
+    """Add a fixed value to chosen tokens' logits (OpenAI's logit_bias: -100 bans a token, 100 forces it)."""
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def process(logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        return logits.float().index_add(-1, ids, values.expand(logits.size(0), -1))
+
+    return process
+
+
+def presence_frequency_processor(presence: float, frequency: float):
+    """OpenAI's penalties on tokens already generated (not the prompt): subtract `presence` once per
+    distinct token and `frequency` times its count."""
+
+    def process(logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        if not generated:
+            return logits
+        ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+        penalty = presence + frequency * counts.float()  # (N,)
+        return logits.float().index_add(-1, ids, -penalty.expand(logits.size(0), -1))
+
+    return process

@@ -26,8 +26,9 @@ def sum_nll(model, ids: torch.Tensor, n_scored: int) -> float:
     return total
 
 
-def perplexity(model, ids: list[int], window: int = 1024, stride: int = 512) -> dict:
-    """Each window scores only the tokens the previous one did not, with up to window - stride of context."""
+def perplexity(model, ids: list[int], window: int = 1024, stride: int = 512, on_scored=None) -> dict:
+    """Each window scores only the tokens the previous one did not, with up to window - stride of context.
+    on_scored(n), if given, hears how many tokens each window scored (a progress bar)."""
     ids_t = torch.tensor(ids, dtype=torch.long)
     nll, scored, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids) - 1, stride):
@@ -36,6 +37,8 @@ def perplexity(model, ids: list[int], window: int = 1024, stride: int = 512) -> 
         nll += sum_nll(model, ids_t[begin:end], n_new)
         scored += n_new
         prev_end = end
+        if on_scored is not None:
+            on_scored(n_new)
         if end == len(ids):
             break
     return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "tokens": scored}

@@ -18,14 +18,14 @@ from safetensors.torch import save_file
 
 def write_model_folder(folder: Path, hf_config: dict, state_dict: dict[str, torch.Tensor], tokenizer=None) -> Path:
     """hf_config: config.json as a dict (pocketlm's own facts under its "pocketlm" key); tokenizer: a
-    pocketlm Tokenizer or None (encoders saved without one). A tied lm_head is not written twice."""
+    pocketlm Tokenizer or None (encoders saved without one). A tied float lm_head is not written twice."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    if hf_config.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
+    if hf_config.get("tie_word_embeddings") and "model.embed_tokens.weight" in tensors:
+        tensors.pop("lm_head.weight", None)  # the same table (a quantized model keeps only its int8 head)
     save_file(tensors, tmp / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save(tmp)

@@ -11,7 +11,7 @@ apart from Llama, each matched to HF below:
   - local layers: sliding-window mask and RoPE base rope_local_base_freq; global layers: full causal mask
     and RoPE base rope_theta with rope_scaling
   - optional tanh softcapping of the final logits
-The KV cache and RoPE helpers are Llama's (same layout, same HF conventions).
+The KV cache, RoPE, attention-span and projection-fusing helpers are Llama's (same layout, same HF conventions).
 
 Shapes: B batch, T new tokens, S cache length, D model dim, nh query heads, n_kv key/value heads,
 hd head dim, V vocab.
@@ -25,7 +25,15 @@ from torch import nn
 
 from pocketlm.config import Gemma3Config
 from pocketlm.errors import PocketLMError
-from pocketlm.models.llama import ROPE_TABLE_LEN, KVCache, apply_rope, rope_inv_freq, rope_tables
+from pocketlm.models.llama import (
+    ROPE_TABLE_LEN,
+    KVCache,
+    apply_rope,
+    attention_spans,
+    fuse_linears,
+    rope_inv_freq,
+    rope_tables,
+)
 
 
 class RMSNorm(nn.Module):
@@ -55,21 +63,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        # x (B, T, D); cos, sin (T, hd); mask None (causal, no cache) or bool (T, S); input_pos None or (T,)
+    def project(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], dim=-1)
+
+    def forward(self, x, cos, sin, mask, input_pos, kv_span=None):
+        # x (B, T, D); cos, sin (T, hd); input_pos None (no cache: causal over x) or (T,);
+        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span))
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            k, v = k[:, :, kv_span], v[:, :, kv_span]  # (B, n_kv, s, hd): only what the chunk can see
         # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
@@ -84,9 +101,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # made by fuse_projections()
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -100,8 +122,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, kv_span):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         return x + self.post_feedforward_layernorm(h)
@@ -142,23 +164,22 @@ class Gemma3TextModel(nn.Module):
         if input_pos is None:
             if T > self.global_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
                 self.build_buffers(T, self.global_cos.device)
-            pos = kv_pos = torch.arange(T, device=idx.device)
-            full_mask = None  # SDPA's is_causal
+            pos = torch.arange(T, device=idx.device)
+            full, sliding = attention_spans(pos, self.cfg.sliding_window)
+            full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
         else:
             if self.kv_pos is None:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos, kv_pos = input_pos, self.kv_pos
-            full_mask = pos[:, None] >= kv_pos[None, :]  # (T, S): attend to cached positions <= own
-        # HF's sliding_window_overlay on top of causal: kv_idx > q_idx - window
-        dist = pos[:, None] - kv_pos[None, :]  # (T, S)
-        sliding_mask = (dist >= 0) & (dist < self.cfg.sliding_window)
+            pos = input_pos
+            full, sliding = attention_spans(pos, self.cfg.sliding_window)
         rope = {  # (T, hd) each, cast to the activations' dtype as HF does
             True: (self.local_cos[pos].to(x.dtype), self.local_sin[pos].to(x.dtype)),
             False: (self.global_cos[pos].to(x.dtype), self.global_sin[pos].to(x.dtype)),
         }
         for layer in self.layers:
             cos, sin = rope[layer.sliding]
-            x = layer(x, cos, sin, sliding_mask if layer.sliding else full_mask, input_pos)
+            span, mask = sliding if layer.sliding else full
+            x = layer(x, cos, sin, mask, input_pos, span)
         return self.norm(x)  # (B, T, D)
 
 
@@ -176,6 +197,14 @@ class Gemma3ForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self):
+        """For inference: q/k/v and gate/up become one Linear each (as Llama's)."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
+            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
     def init_buffers(self, device="cpu"):
         """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""
         self.model.build_buffers(self.model.global_cos.shape[0], device)
@@ -186,8 +215,8 @@ class Gemma3ForCausalLM(nn.Module):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
         activations' dtype: SDPA takes q, k, v of one dtype.
 
-        Sliding layers get a full-length cache too and mask the old positions out: simpler than HF's ring
-        buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
+        Sliding layers get a full-length cache too and attend to the window's slice of it: simpler than HF's
+        ring buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
         cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
         dtype = dtype or ref.dtype
         for layer in self.model.layers:

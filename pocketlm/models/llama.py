@@ -120,20 +120,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        # x (B, T, D); cos, sin (T, hd); mask None (causal, no cache) or bool (T, S); input_pos None or (T,)
+    def project(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], dim=-1)
+
+    def forward(self, x, cos, sin, mask, input_pos, kv_span=None):
+        # x (B, T, D); cos, sin (T, hd); input_pos None (no cache: causal over x) or (T,);
+        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span))
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            # only the positions the chunk can see: attention over the whole preallocated cache with a
+            # mask costs up to 30x more for one decoded token (docs/BENCHMARKS.md)
+            k, v = k[:, :, kv_span], v[:, :, kv_span]  # (B, n_kv, s, hd)
         # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
@@ -147,9 +158,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None  # made by fuse_projections()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -161,8 +177,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, kv_span):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,22 +208,36 @@ class LlamaModel(nn.Module):
         if input_pos is None:
             if T > self.rope_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
                 self.build_rope(T, self.rope_cos.device)
-            pos = kv_pos = torch.arange(T, device=idx.device)
-            full_mask = None  # SDPA's is_causal
+            pos = torch.arange(T, device=idx.device)
+            full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
+            full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
         else:
             if self.kv_pos is None:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos, kv_pos = input_pos, self.kv_pos
-            full_mask = pos[:, None] >= kv_pos[None, :]  # (T, S): attend to cached positions <= own
+            pos = input_pos
+            full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
         cos = self.rope_cos[pos].to(x.dtype)  # (T, hd); HF casts cos/sin to the activations' dtype too
         sin = self.rope_sin[pos].to(x.dtype)
-        sliding_mask = None
-        if self.has_sliding:  # HF's sliding_window_overlay on top of causal: kv_idx > q_idx - window
-            dist = pos[:, None] - kv_pos[None, :]  # (T, S)
-            sliding_mask = (dist >= 0) & (dist < self.cfg.sliding_window)
         for layer in self.layers:
-            x = layer(x, cos, sin, sliding_mask if layer.sliding else full_mask, input_pos)
+            span, mask = sliding if layer.sliding else full
+            x = layer(x, cos, sin, mask, input_pos, span)
         return self.norm(x)  # (B, T, D)
+
+
+def attention_spans(pos: torch.Tensor, window: int | None):
+    """For a chunk of consecutive positions pos (T,): the slice of the cache each kind of layer attends to,
+    and the bool mask (T, s) over that slice (None when every query sees all of it, as in decoding).
+    Causal: position p sees 0..p. Sliding (HF's sliding_window_overlay): p sees p-window+1..p."""
+    first, last = int(pos[0]), int(pos[-1])
+    kv = torch.arange(last + 1)  # (s,)
+    causal = pos[:, None] >= kv[None, :]  # (T, s)
+    full = (slice(0, last + 1), None if len(pos) == 1 else causal)
+    if window is None:
+        return full, None
+    begin = max(0, first - window + 1)
+    dist = pos[:, None] - kv[None, begin:]  # (T, s)
+    mask = (dist >= 0) & (dist < window)
+    return full, (slice(begin, last + 1), None if len(pos) == 1 else mask)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -224,6 +254,15 @@ class LlamaForCausalLM(nn.Module):
         """Share the embedding with the output head when the checkpoint does (SmolLM2, Llama 3.2, Qwen2.5 small)."""
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self):
+        """For inference: q/k/v and gate/up become one Linear each (fewer, larger matmuls per token).
+        The parameter names then differ from HF's, so fuse after loading and never before saving."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
+            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
 
     def init_buffers(self, device="cpu"):
         """Rebuild the non-persistent buffers (RoPE tables), e.g. after construction on the meta device."""
@@ -257,3 +296,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.hidden(idx, input_pos))
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side."""
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if tensors[0].is_meta:  # a skeleton to load into: shapes only (cat on meta imports torch._dynamo, 1.3 s)
+            return torch.empty(sum(t.shape[0] for t in tensors), *tensors[0].shape[1:], dtype=tensors[0].dtype, device="meta")
+        return torch.cat(tensors)
+
+    w = cat([l.weight for l in linears])  # (sum of out, in)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device=w.device, dtype=w.dtype)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(cat([l.bias for l in linears]), requires_grad=False)
+    return fused

@@ -1,0 +1,1 @@
+"""Making models smaller: structured pruning (prune.py); distillation losses later."""

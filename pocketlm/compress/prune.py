@@ -1,0 +1,466 @@
+"""Structured pruning with importance measured on calibration text: a smaller model of the same family.
+
+    spec = PruneSpec(drop_layers=6, ffn=1024, vocab_from="domain.txt")
+    report = prune_model("smollm2", "./smollm2-pruned", spec)     # writes a Hugging Face folder
+
+One calibration pass over a few thousand tokens records, with forward hooks on the native model:
+  - depth: each block's influence, 1 - cos(block input, block output) averaged over tokens (ShortGPT,
+    Men et al. 2024; Minitron's "block importance"). The blocks that change the residual stream least go.
+  - heads: the L2 norm of each head's attention output (the input of o_proj), summed over tokens
+    (Minitron, Muralidharan et al. 2024). A KV group's importance is the sum of its query heads'.
+  - MLP channels: the magnitude of each channel's activation act(gate(x)) * up(x) (the input of down_proj).
+  - hidden channels: the magnitude of every RMSNorm's output per channel, summed over the layers (Minitron).
+All importances come from the unpruned model; each layer then keeps its own top heads and channels (the
+same count in every layer, so the config stays uniform); hidden channels are chosen once for the whole model.
+Kept rows and columns stay in their original order, so pruning that keeps everything is the identity.
+
+Vocabulary trimming keeps the tokens a domain text uses, every special/added token, the byte tokens (so
+any text still encodes), and every token its BPE merges pass through on the way to a kept token. The
+tokenizer is rewritten with ids renumbered in the old order; text made of kept tokens encodes to the same
+tokens and the kept logits are unchanged.
+
+The result is written with formats/hf.py write_model_folder, config.json updated and the recipe under its
+"pocketlm" key; it loads, runs and exports like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.errors import PocketLMError
+
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_wikitext2.txt"
+CALIB_SEQ_LEN = 512  # tokens per calibration sequence
+DECODERS = ("llama", "mistral", "qwen2", "gemma3_text")
+
+
+@dataclass
+class PruneSpec:
+    drop_layers: int = 0  # blocks to remove
+    heads: int | None = None  # query heads to keep per layer (None: all)
+    kv_groups: int | None = None  # key/value heads to keep per layer (None: all)
+    ffn: int | None = None  # MLP channels to keep (None: all)
+    hidden: int | None = None  # hidden channels to keep (None: all)
+    vocab_from: str | None = None  # a text file whose tokens are kept (None: the whole vocabulary)
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+
+def read_text(path: str | Path, what: str) -> str:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PocketLMError(f"{path}: no such {what} file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PocketLMError(f"{path}: the {what} file is not UTF-8 text") from None
+    if not text.strip():
+        raise PocketLMError(f"{path}: the {what} file is empty")
+    return text
+
+
+def calibration_batch(tokenizer, text: str, n_tokens: int, seq_len: int = CALIB_SEQ_LEN) -> torch.Tensor:
+    """The first n_tokens of text as (n_seq, seq_len) ids; a shorter text gives one shorter sequence."""
+    ids = tokenizer.encode(text)[:n_tokens]
+    if len(ids) < 16:
+        raise PocketLMError(f"calibration text has {len(ids)} tokens: give at least a few hundred")
+    seq_len = min(seq_len, len(ids))
+    n_seq = len(ids) // seq_len
+    return torch.tensor(ids[: n_seq * seq_len]).view(n_seq, seq_len)
+
+
+@dataclass
+class Importance:
+    block: torch.Tensor  # (L,) block influence, 1 - mean cos(in, out)
+    head: torch.Tensor  # (L, nh) attention-output norm per query head
+    channel: torch.Tensor  # (L, F) MLP activation magnitude per channel
+    hidden: torch.Tensor  # (D,) RMSNorm output magnitude per hidden channel, summed over norms
+
+
+@torch.inference_mode()
+def measure_importance(model, batch: torch.Tensor) -> Importance:
+    """One forward pass per calibration sequence with hooks on every block, o_proj, down_proj and RMSNorm."""
+    cfg = model.cfg
+    layers = model.model.layers
+    L, nh, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
+    imp = Importance(
+        block=torch.zeros(L, dtype=torch.float64),
+        head=torch.zeros(L, nh, dtype=torch.float64),
+        channel=torch.zeros(L, cfg.intermediate_size, dtype=torch.float64),
+        hidden=torch.zeros(cfg.dim, dtype=torch.float64),
+    )
+    handles = []
+
+    def block_hook(i):
+        def hook(module, args, out):
+            x = args[0]  # (B, T, D) the residual stream before and after block i
+            cos = F.cosine_similarity(x.float(), out.float(), dim=-1)  # (B, T)
+            imp.block[i] += (1 - cos).sum().double()
+        return hook
+
+    def head_hook(i):
+        def hook(module, args):
+            y = args[0]  # (B, T, nh*hd): attention output per head, before o_proj mixes the heads
+            imp.head[i] += y.float().view(*y.shape[:2], nh, hd).norm(dim=-1).sum(dim=(0, 1)).double()
+        return hook
+
+    def channel_hook(i):
+        def hook(module, args):
+            a = args[0]  # (B, T, F): act(gate(x)) * up(x)
+            imp.channel[i] += a.float().abs().sum(dim=(0, 1)).double()
+        return hook
+
+    def norm_hook(module, args, out):
+        if out.shape[-1] == cfg.dim:  # not Gemma's q_norm / k_norm (over head_dim)
+            imp.hidden.add_(out.float().abs().sum(dim=(0, 1)).double())
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(block_hook(i)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(i)))
+    for name, module in model.named_modules():
+        if type(module).__name__ == "RMSNorm":
+            handles.append(module.register_forward_hook(norm_hook))
+    try:
+        for seq in batch:
+            model.hidden(seq[None])  # (1, T, D); no KV cache: the causal mask is SDPA's
+    finally:
+        for h in handles:
+            h.remove()
+    n_tokens = batch.numel()
+    imp.block /= n_tokens
+    return imp
+
+
+# ---- choosing what stays ---------------------------------------------------------------------------
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in ascending index order (so kept rows keep their order)."""
+    return scores.topk(k).indices.sort().values
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise PocketLMError(message)
+
+
+def validate(spec: PruneSpec, cfg) -> None:
+    L, nh, nkv = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads
+    _check(0 <= spec.drop_layers < L, f"--drop-layers {spec.drop_layers}: the model has {L} layers, keep at least one")
+    groups = spec.kv_groups if spec.kv_groups is not None else nkv
+    _check(1 <= groups <= nkv, f"--kv-groups {groups}: the model has {nkv} key/value groups (choose 1 to {nkv})")
+    heads = spec.heads if spec.heads is not None else groups * (nh // nkv)
+    _check(1 <= heads <= nh, f"--heads {heads}: the model has {nh} query heads (choose 1 to {nh})")
+    _check(
+        heads % groups == 0 and heads // groups <= nh // nkv,
+        f"--heads {heads} with {groups} key/value groups: each group has {nh // nkv} query heads, so keep a "
+        f"multiple of {groups} up to {groups * (nh // nkv)}",
+    )
+    if spec.ffn is not None:
+        _check(1 <= spec.ffn <= cfg.intermediate_size, f"--ffn {spec.ffn}: the MLP has {cfg.intermediate_size} channels")
+    if spec.hidden is not None:
+        _check(1 <= spec.hidden <= cfg.dim, f"--hidden {spec.hidden}: the hidden size is {cfg.dim}")
+
+
+def choose_heads(imp: torch.Tensor, nh: int, nkv: int, heads: int, groups: int) -> tuple[list[int], list[int]]:
+    """One layer's (kept KV groups, kept query heads): the best groups by the sum of their heads' importance,
+    then the best heads inside each kept group, the same number per group (as GQA needs). imp: (nh,)."""
+    rep = nh // nkv
+    per_group = imp.view(nkv, rep)  # query head h belongs to group h // rep
+    kept_groups = top_k(per_group.sum(dim=1), groups).tolist()
+    keep_per_group = heads // groups
+    kept_heads = [g * rep + j for g in kept_groups for j in top_k(per_group[g], keep_per_group).tolist()]
+    return kept_groups, kept_heads
+
+
+# ---- surgery on the state dict (Hugging Face names, (out, in) Linear weights) ------------------------
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.index_select(0, idx).clone()
+
+
+def _cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return t.index_select(1, idx).clone()
+
+
+def _head_rows(idx: list[int], hd: int) -> torch.Tensor:
+    """Row indices of heads idx in a (n * hd, D) projection."""
+    return torch.tensor([h * hd + j for h in idx for j in range(hd)], dtype=torch.long)
+
+
+def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[dict, object, list[str]]:
+    """(new state dict, new config, changes as lines). sd has HF names; cfg is a pocketlm Llama/Gemma3 config."""
+    sd = dict(sd)
+    changes: list[str] = []
+    L, nh, nkv, hd = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    gemma = cfg.model_type == "gemma3_text"
+
+    # width inside each layer: heads and KV groups, MLP channels
+    groups = spec.kv_groups if spec.kv_groups is not None else nkv
+    heads = spec.heads if spec.heads is not None else groups * (nh // nkv)
+    ffn = spec.ffn if spec.ffn is not None else cfg.intermediate_size
+    for i in range(L):
+        p = f"model.layers.{i}."
+        if (heads, groups) != (nh, nkv):
+            kept_groups, kept_heads = choose_heads(imp.head[i], nh, nkv, heads, groups)
+            q_rows, kv_rows = _head_rows(kept_heads, hd), _head_rows(kept_groups, hd)
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                for suffix in ("weight", "bias"):
+                    if (key := f"{p}self_attn.{name}.{suffix}") in sd:
+                        sd[key] = _rows(sd[key], rows)  # (n * hd, D) -> (n' * hd, D)
+            sd[f"{p}self_attn.o_proj.weight"] = _cols(sd[f"{p}self_attn.o_proj.weight"], q_rows)  # (D, nh' * hd)
+        if ffn != cfg.intermediate_size:
+            keep = top_k(imp.channel[i], ffn)
+            for name in ("gate_proj", "up_proj"):
+                for suffix in ("weight", "bias"):
+                    if (key := f"{p}mlp.{name}.{suffix}") in sd:
+                        sd[key] = _rows(sd[key], keep)  # (F, D) -> (F', D)
+            sd[f"{p}mlp.down_proj.weight"] = _cols(sd[f"{p}mlp.down_proj.weight"], keep)  # (D, F')
+    if (heads, groups) != (nh, nkv):
+        changes.append(f"attention: {nh} query heads / {nkv} KV groups -> {heads} / {groups} per layer")
+    if ffn != cfg.intermediate_size:
+        changes.append(f"MLP: {cfg.intermediate_size} -> {ffn} channels per layer")
+
+    # hidden channels: every tensor that reads or writes the residual stream
+    dim = spec.hidden if spec.hidden is not None else cfg.dim
+    if dim != cfg.dim:
+        keep = top_k(imp.hidden, dim)
+        for key in list(sd):
+            t = sd[key]
+            if key.endswith("norm.weight") and not key.endswith(("q_norm.weight", "k_norm.weight")):  # over D
+                sd[key] = t.index_select(0, keep).clone()
+            elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+                sd[key] = _cols(t, keep)  # (V, D')
+            elif any(f".{n}.weight" in key for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                sd[key] = _cols(t, keep)  # (out, D')
+            elif any(f".{n}." in key for n in ("o_proj", "down_proj")):
+                sd[key] = _rows(t, keep) if t.dim() == 2 else t.index_select(0, keep).clone()  # (D', in) / (D',)
+        if gemma:
+            # Gemma scales the embedding by sqrt(D): with D' channels the scale would change. Multiply the
+            # embedding by c = sqrt(D / D') so the input keeps its values; a tied head then sees c * E, which
+            # the final norm undoes: (1 + w') = (1 + w) / c.
+            c = math.sqrt(cfg.dim / dim)
+            sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * c
+            if cfg.tie_word_embeddings:
+                sd["model.norm.weight"] = (1 + sd["model.norm.weight"]) / c - 1
+        changes.append(f"hidden: {cfg.dim} -> {dim} channels")
+
+    # depth: drop the blocks with the least influence, renumber the rest
+    layer_types = list(cfg.layer_types)
+    kept_layers = list(range(L))
+    if spec.drop_layers:
+        dropped = sorted(imp.block.topk(spec.drop_layers, largest=False).indices.tolist())
+        kept_layers = [i for i in range(L) if i not in dropped]
+        renamed = {}
+        for key, t in sd.items():
+            if key.startswith("model.layers."):
+                i, rest = key[len("model.layers."):].split(".", 1)
+                if int(i) in dropped:
+                    continue
+                key = f"model.layers.{kept_layers.index(int(i))}.{rest}"
+            renamed[key] = t
+        sd = renamed
+        scores = ", ".join(f"{i}:{imp.block[i]:.3f}" for i in dropped)
+        changes.append(f"layers: {L} -> {len(kept_layers)}, dropped {dropped} (block influence {scores})")
+
+    new = replace(
+        cfg,
+        n_layers=len(kept_layers),
+        n_heads=heads,
+        n_kv_heads=groups,
+        head_dim=hd,
+        intermediate_size=ffn,
+        dim=dim,
+        layer_types=[layer_types[i] for i in kept_layers],
+    )
+    if cfg.model_type == "qwen2" and cfg.max_window_layers is not None:  # stays consistent with layer_types
+        new = replace(new, max_window_layers=sum(1 for i in kept_layers if i < cfg.max_window_layers))
+    return sd, new, changes
+
+
+# ---- vocabulary trimming -------------------------------------------------------------------------
+
+
+def _bpe_path(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Every symbol BPE passes through when it builds `token` from its characters: the characters, each merge's
+    result, and so the token itself when it is reachable. The lowest-ranked adjacent pair merges first, as in
+    `tokenizers`' BPE (leftmost on a tie). A token's path does not depend on its neighbours: a merge across its
+    edge would leave it unfinished."""
+    symbols = list(token)
+    seen = list(symbols)
+    while len(symbols) > 1:
+        best, at = None, -1
+        for j in range(len(symbols) - 1):
+            r = ranks.get((symbols[j], symbols[j + 1]))
+            if r is not None and (best is None or r < best):
+                best, at = r, j
+        if best is None:
+            break
+        symbols[at : at + 2] = [symbols[at] + symbols[at + 1]]
+        seen.append(symbols[at])
+    return seen
+
+
+def trim_vocab(tokenizer, text: str):
+    """(kept old ids ascending, a new Tokenizer whose id k is old id kept[k]) for the tokens `text` needs."""
+    from tokenizers import Tokenizer as Backend
+
+    from pocketlm.tokenizer import Tokenizer, _bytes_to_unicode
+
+    data = json.loads(tokenizer.backend.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise PocketLMError(f"vocabulary trimming supports BPE tokenizers; this one is {model.get('type')!r}")
+    vocab: dict[str, int] = model["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    ranks = {m: r for r, m in reversed(list(enumerate(merges)))}  # first occurrence wins, as in tokenizers
+    added = data.get("added_tokens") or []
+
+    keep = set(tokenizer.encode(text))
+    keep |= {t["id"] for t in added}  # every special / added token
+    keep |= {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id) if i is not None}
+    keep |= set(tokenizer.stop_ids)
+    # the alphabet, so that any text still encodes: byte tokens (<0xNN>) or the 256 byte-level characters
+    alphabet = [f"<0x{b:02X}>" for b in range(256)] if model.get("byte_fallback") else list(_bytes_to_unicode().values())
+    keep |= {vocab[a] for a in alphabet if a in vocab}
+    # the tokens on each kept token's merge path (the path of an intermediate is part of its parent's)
+    by_id = {i: t for t, i in vocab.items()}
+    added_ids = {t["id"] for t in added}
+    for i in list(keep):
+        if i in by_id and i not in added_ids:
+            keep |= {vocab[s] for s in _bpe_path(by_id[i], ranks) if s in vocab}
+    kept = sorted(keep)
+    new_id = {old: new for new, old in enumerate(kept)}
+    kept_tokens = {by_id[i] for i in kept if i in by_id}
+
+    model["vocab"] = {t: new_id[i] for t, i in vocab.items() if i in new_id}
+    model["merges"] = [[a, b] for a, b in merges if a in kept_tokens and b in kept_tokens and a + b in kept_tokens]
+    data["added_tokens"] = [{**t, "id": new_id[t["id"]]} for t in added]
+    data["post_processor"] = _remap_post_processor(data.get("post_processor"), new_id)
+    backend = Backend.from_str(json.dumps(data))
+
+    def remap(i):
+        return new_id.get(i) if i is not None else None
+
+    trimmed = Tokenizer(
+        backend,
+        bos_id=remap(tokenizer.bos_id),
+        eos_id=remap(tokenizer.eos_id),
+        pad_id=remap(tokenizer.pad_id),
+        unk_id=remap(tokenizer.unk_id),
+        add_bos=tokenizer.add_bos,
+        add_eos=tokenizer.add_eos,
+        chat_template=tokenizer.chat_template,
+        extra_stop_ids=[remap(i) for i in tokenizer.stop_ids],
+    )
+    return torch.tensor(kept, dtype=torch.long), trimmed
+
+
+def _remap_post_processor(pp, new_id: dict[int, int]):
+    """Special-token ids inside a TemplateProcessing post-processor (a Sequence of them too)."""
+    if not isinstance(pp, dict):
+        return pp
+    if pp.get("type") == "Sequence":
+        return {**pp, "processors": [_remap_post_processor(p, new_id) for p in pp.get("processors", [])]}
+    if pp.get("type") == "TemplateProcessing":
+        specials = {k: {**v, "ids": [new_id[i] for i in v["ids"]]} for k, v in pp.get("special_tokens", {}).items()}
+        return {**pp, "special_tokens": specials}
+    return pp
+
+
+def _remap_config_ids(hf_config: dict, new_id: dict[int, int]) -> None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = hf_config.get(key)
+        if isinstance(value, list):
+            hf_config[key] = [new_id[i] for i in value if i in new_id]
+        elif isinstance(value, int):
+            hf_config[key] = new_id.get(value)
+
+
+# ---- counting ----------------------------------------------------------------------------------------
+
+
+def count_params(sd: dict, tied: bool) -> dict[str, int]:
+    """{"total", "embedding", "non_embedding"}; a tied head counts once (as the embedding)."""
+    tensors = {k: t for k, t in sd.items() if not (tied and k == "lm_head.weight")}
+    embedding = sum(t.numel() for k, t in tensors.items() if k in ("model.embed_tokens.weight", "lm_head.weight"))
+    total = sum(t.numel() for t in tensors.values())
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+# ---- the recipe ----------------------------------------------------------------------------------------
+
+
+def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int = 4096, vocab_text: str | None = None):
+    """A loaded model (pocketlm.load.LoadedModel, fp32) -> (hf_config, state dict, tokenizer, report) of the pruned one."""
+    from pocketlm.config import config_from_hf
+
+    cfg = lm.config
+    if cfg.model_type not in DECODERS:
+        raise PocketLMError(f"pruning supports decoders ({', '.join(DECODERS)}), not {cfg.model_type!r}")
+    validate(spec, cfg)
+    sd = {k: v for k, v in lm.model.state_dict().items()}
+    tied = bool(cfg.tie_word_embeddings)
+    before = count_params(sd, tied)
+    tokenizer = lm.tokenizer
+
+    needs_calibration = (
+        spec.drop_layers or spec.heads is not None or spec.kv_groups is not None or spec.ffn is not None
+        or spec.hidden is not None
+    )
+    changes: list[str] = []
+    if needs_calibration:
+        text = calib_text if calib_text is not None else read_text(DEFAULT_CALIB, "calibration")
+        batch = calibration_batch(tokenizer, text, calib_tokens)
+        imp = measure_importance(lm.model, batch)
+        sd, cfg, changes = prune_state_dict(sd, cfg, spec, imp)
+        changes.insert(0, f"importance measured on {batch.numel()} calibration tokens")
+    hf_config = cfg.to_hf()
+    if vocab_text is not None:
+        kept, tokenizer = trim_vocab(tokenizer, vocab_text)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if key in sd and not (tied and key == "lm_head.weight"):
+                sd[key] = _rows(sd[key], kept)  # (V, D) -> (V', D)
+        new_id = {old: new for new, old in enumerate(kept.tolist())}
+        hf_config["vocab_size"] = len(kept)
+        _remap_config_ids(hf_config, new_id)
+        changes.append(f"vocabulary: {cfg.vocab_size} -> {len(kept)} tokens")
+    if tied:
+        sd.pop("lm_head.weight", None)
+    config_from_hf(hf_config)  # the new config must read back
+    after = count_params(sd, tied)
+    report = {"params_before": before, "params_after": after, "changes": changes}
+    hf_config["pocketlm"] = {
+        **{k: v for k, v in lm.meta.items() if k != "runtime_quant"},
+        "pruned_from": str(lm.source),
+        "recipe": {"prune": {k: v for k, v in asdict(spec).items() if v not in (None, 0)}, "calib_tokens": calib_tokens},
+        "prune_report": report,
+    }
+    return hf_config, sd, tokenizer, report
+
+
+def prune_model(ref: str, output: str | Path, spec: PruneSpec, calib: str | None = None, calib_tokens: int = 4096) -> dict:
+    """Load `ref`, prune it by `spec` and write the result to the folder `output`; returns the report."""
+    from pocketlm.formats.hf import write_model_folder
+    from pocketlm.load import load
+
+    output = Path(output).expanduser()
+    calib_text = read_text(calib, "calibration") if calib else None
+    vocab_text = read_text(spec.vocab_from, "--vocab-from") if spec.vocab_from else None
+    if calib_tokens < 16:
+        raise PocketLMError(f"--calib-tokens {calib_tokens}: use at least a few hundred")
+    lm = load(ref)
+    if output.resolve() in (lm.source.resolve(), lm.path.resolve()):
+        raise PocketLMError(f"{output}: the output would overwrite the model being pruned")
+    hf_config, sd, tokenizer, report = prune(lm, spec, calib_text, calib_tokens, vocab_text)
+    write_model_folder(output, hf_config, sd, tokenizer)
+    return {"path": str(output), **report}

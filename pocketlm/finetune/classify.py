@@ -1,0 +1,115 @@
+"""A sequence-classification head on a native backbone (decoder or BERT encoder), saved so it reloads.
+
+The DistilBERT way: one forward pass, a linear layer on a pooled hidden state, argmax -- no generation.
+Pooling: "last" takes the last real token's hidden state (a decoder's causal attention has seen the
+whole text there; transformers' *ForSequenceClassification does the same), "mean" averages over the
+real tokens (an encoder; how all-MiniLM-L6-v2 was trained to pool).
+
+Saved as an ordinary model folder of the backbone (so `pocketlm.load.load` and `pocketlm embed/run`
+still read it) plus a `classifier/` subfolder: head.safetensors (score.weight, score.bias) and
+config.json (labels, pooling, template). The head sits in a subfolder because the loader reads every
+*.safetensors file at the top of a model folder.
+
+    clf = Classifier.load("out/banking77-head")
+    clf.predict(["I still have not got my card"])   # [("card_arrival", 0.93)]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pocketlm.errors import PocketLMError
+
+HEAD_DIR = "classifier"
+
+
+class SequenceClassifier(nn.Module):
+    """backbone (native model, LoRA layers possibly inside) + score: Linear(D, n_labels)."""
+
+    def __init__(self, backbone: nn.Module, n_labels: int, pooling: str, is_encoder: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling, self.is_encoder = pooling, is_encoder
+        dim = backbone.cfg.dim
+        self.score = nn.Linear(dim, n_labels)
+        nn.init.normal_(self.score.weight, std=dim**-0.5 * 0.1)  # small: start near uniform probabilities
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded, lengths (B,) -> logits (B, n_labels), fp32."""
+        B, T = ids.shape
+        mask = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]  # (B, T) real tokens
+        if self.is_encoder:
+            h = self.backbone(ids, mask.long())  # (B, T, D)
+        else:
+            h = self.backbone.hidden(ids)  # (B, T, D); right padding is after every real token: causal mask ignores it
+        if self.pooling == "last":
+            pooled = h[torch.arange(B, device=ids.device), lengths - 1]  # (B, D)
+        else:
+            m = mask[..., None].to(h.dtype)  # (B, T, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, D)
+        return self.score(pooled.float())  # (B, n_labels)
+
+
+def encode_text(tokenizer, text: str, template: str, seq_len: int, is_encoder: bool) -> list[int]:
+    ids = tokenizer.encode(template.replace("{text}", text), add_special_tokens=True)
+    if len(ids) > seq_len:  # keep an encoder's closing [SEP]
+        ids = ids[: seq_len - 1] + ids[-1:] if is_encoder else ids[:seq_len]
+    return ids
+
+
+def save_head(folder: Path, clf: SequenceClassifier, labels: list[str], template: str) -> None:
+    head = folder / HEAD_DIR
+    head.mkdir(parents=True, exist_ok=True)
+    save_file({"score.weight": clf.score.weight.detach().contiguous(), "score.bias": clf.score.bias.detach().contiguous()},
+              head / "head.safetensors")
+    (head / "config.json").write_text(json.dumps({"labels": labels, "pooling": clf.pooling, "template": template}, indent=2))
+
+
+@dataclass
+class Classifier:
+    """A saved classifier, loaded: `predict(texts)` -> [(label, probability)]."""
+
+    model: SequenceClassifier
+    tokenizer: object
+    labels: list[str]
+    template: str
+    max_len: int
+
+    @classmethod
+    def load(cls, path: str | Path) -> Classifier:
+        from pocketlm.load import load
+
+        lm = load(str(path))
+        head_dir = lm.path / HEAD_DIR
+        if not (head_dir / "config.json").is_file():
+            raise PocketLMError(f"{lm.path}: not a classifier (no {HEAD_DIR}/config.json); train one with `pocketlm finetune ... --task classify`")
+        meta = json.loads((head_dir / "config.json").read_text())
+        model = SequenceClassifier(lm.model, len(meta["labels"]), meta["pooling"], lm.is_encoder)
+        model.score.load_state_dict({k.removeprefix("score."): v for k, v in load_file(head_dir / "head.safetensors").items()})
+        return cls(model.eval(), lm.tokenizer, meta["labels"], meta.get("template", "{text}"), lm.context_length)
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, n_labels) probabilities."""
+        from pocketlm.finetune.data import collate, Example
+
+        out = []
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        for begin in range(0, len(texts), batch_size):
+            ids = [encode_text(self.tokenizer, t, self.template, self.max_len, self.model.is_encoder) for t in texts[begin : begin + batch_size]]
+            batch = collate([Example(x, x) for x in ids], pad)
+            out.append(F.softmax(self.model(batch["ids"], batch["lengths"]), dim=-1))
+        return torch.cat(out)
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        probs = self.predict_proba(texts)
+        best = probs.argmax(-1)
+        return [(self.labels[i], float(probs[n, i])) for n, i in enumerate(best.tolist())]

@@ -1,0 +1,137 @@
+"""The fine-tuning run as one dataclass: what the CLI flags, a recipe YAML and the Python API all fill.
+
+No torch here (as pocketlm.config): the CLI reads and checks a recipe before paying for a torch import.
+A recipe file (recipes/*.yaml) uses these field names as keys; a CLI flag that is given wins over it.
+
+    cfg = FinetuneConfig.from_yaml("recipes/banking77.yaml", overrides={"steps": 200})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from pocketlm.errors import PocketLMError
+
+TASKS = ("sft", "classify")
+POOLINGS = ("last", "mean")
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = ""  # registry name or path (the base model)
+    data: str = ""  # training JSONL
+    out: str = ""  # run folder: the final model folder, with checkpoints/ inside while training
+
+    task: str = "sft"  # "sft": generate the answer (chat template, loss on assistant tokens); "classify": a head
+    # {"text","label"} rows as chat: the user message is template.format(text=...), the answer the label
+    template: str = "{text}"
+    system: str | None = None  # system prompt put before every conversation that has none
+
+    # held-out evaluation: a file, or a fraction split off the training data (seeded)
+    eval_data: str | None = None
+    eval_split: float = 0.0
+    eval_every: int = 0  # steps; 0 = only at the end (when there is held-out data)
+    eval_max: int = 200  # held-out examples used per evaluation (generation is the slow part)
+
+    seq_len: int = 512  # tokens per example (truncated) or per packed block
+    pack: bool = False  # several short examples per seq_len block (attention stays causal across the block)
+    batch_size: int = 8  # examples (or packed blocks) per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
+    steps: int = 0  # optimizer steps; 0 = from epochs
+    epochs: float = 1.0
+
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    weight_decay: float = 0.0  # on matrices only (not norms, biases)
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    merge: bool = False  # LoRA: also write the merged full model folder (the adapter is always written)
+
+    pooling: str = ""  # classify: "last" (decoders' default) or "mean" (encoders' default)
+    head_lr: float = 0.0  # classify: the new head's peak learning rate (0 = lr); it starts from scratch
+
+    grad_checkpoint: bool = False
+    bf16: bool = False  # bf16 autocast for the forward/backward (weights and optimizer stay fp32)
+    seed: int = 0
+    save_every: int = 100  # checkpoint every N steps (0 = never)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    device: str = "auto"  # "auto": CUDA when there is one, else CPU
+    quiet: bool = False  # no progress bar (tests, logs)
+    # For tests: leave the loop after this step (after its checkpoint), as a kill would. 0 = off.
+    stop_after: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        self.betas = tuple(self.betas)
+        checks = [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, not {self.task!r}"),
+            (self.pooling in ("", *POOLINGS), f"pooling must be one of {', '.join(POOLINGS)}"),
+            (self.seq_len >= 8, "seq_len must be >= 8"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.steps > 0 or self.epochs > 0, "give steps or epochs > 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.eval_split < 1, "eval_split must be in [0, 1)"),
+            (self.lora_r >= 0, "lora_r must be >= 0"),
+            (not self.lora_r or self.lora_targets, "lora_targets is empty"),
+            ("{text}" in self.template, "template must contain {text}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PocketLMError(message)
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r > 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PocketLMError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise PocketLMError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> FinetuneConfig:
+        """A recipe file, then `overrides` (the CLI flags that were given) on top."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise PocketLMError(f"{path}: no such recipe file")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PocketLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise PocketLMError(f"{path}: a recipe is a mapping of settings (key: value)")
+        # relative data paths in a recipe are relative to the recipe's folder, so a recipe runs from anywhere
+        for key in ("data", "eval_data"):
+            if isinstance(d.get(key), str) and not Path(d[key]).expanduser().is_absolute():
+                candidate = (path.parent / d[key]).resolve()
+                if candidate.exists() or not Path(d[key]).exists():
+                    d[key] = str(candidate)
+        return cls.from_dict({**d, **(overrides or {})}, source=str(path))

@@ -1,0 +1,439 @@
+"""OpenAI's API <-> pocketlm's native types: the thin translation layer (as Ollama's openai.go).
+
+Requests: a JSON body is checked field by field and becomes a GenerateRequest or EmbedRequest; a bad
+value is an APIError that names the field (OpenAI's error shape, status 400). Responses: the worker's
+events (protocol.py) become OpenAI's response objects or stream chunks. No torch, no model here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pocketlm.engine.sampling import SamplingParams
+from pocketlm.errors import PocketLMError
+from pocketlm.serve.protocol import Delta, EmbedRequest, Finished, GenerateRequest, Started
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_PROMPT = (
+    "You can call these functions:\n{tools}\n"
+    'To call one, reply with only a JSON object: {{"name": <function name>, "arguments": <its arguments>}}.'
+)
+
+
+class APIError(Exception):
+    """Becomes {"error": {"message", "type", "param", "code"}} with this HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def get(body: dict, name: str, types: tuple, default=None, *, lo=None, hi=None, nullable: bool = True):
+    """body[name] if it has one of `types` (and lies in [lo, hi]), else an APIError naming it."""
+    value = body.get(name, default)
+    if value is None:
+        if not nullable and name in body:
+            raise APIError(400, f"'{name}' must not be null", name)
+        return default
+    is_number = float in types or int in types
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        expected = " or ".join({bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                                list: "an array", dict: "an object"}[t] for t in types)
+        raise APIError(400, f"'{name}' must be {expected}, got {json.dumps(value)[:60]}", name)
+    if is_number and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise APIError(400, f"'{name}' must be a finite number", name)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise APIError(400, f"'{name}' must be between {lo} and {hi}, got {value}", name)
+    return value
+
+
+def pick_model(body: dict, available: list[str], default: str | None) -> str:
+    from pocketlm import registry
+
+    name = get(body, "model", (str,), default)
+    if not name:
+        raise APIError(400, "'model' is required", "model")
+    entry = registry.lookup(name)
+    canonical = entry.name if entry else name
+    if canonical not in available:
+        raise APIError(404, f"model '{name}' does not exist here; available models: {', '.join(available)}",
+                       "model", "model_not_found")
+    return canonical
+
+
+def sampling(body: dict, config, max_tokens_names=("max_tokens",)) -> SamplingParams:
+    max_tokens = None
+    for name in max_tokens_names:
+        max_tokens = max_tokens or get(body, name, (int,), lo=1)
+    temperature = get(body, "temperature", (int, float), 1.0, lo=0, hi=2)
+    top_p = get(body, "top_p", (int, float), 1.0, lo=0, hi=1)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "'stop' must be a string or an array of at most 4 strings", "stop")
+    return SamplingParams(
+        max_new_tokens=max_tokens or config.default_max_tokens,
+        temperature=0.0 if top_p == 0 else float(temperature),  # top_p 0 keeps only the top token: greedy
+        top_p=float(top_p) or 1.0,
+        # OpenAI's sampler has no top-k, min-p or repetition penalty: off unless asked for by the names
+        # vLLM and llama.cpp's server accept (`pocketlm run --server` sends them)
+        top_k=get(body, "top_k", (int,), 0, lo=0),
+        min_p=float(get(body, "min_p", (int, float), 0.0, lo=0, hi=0.99)),
+        repetition_penalty=float(get(body, "repetition_penalty", (int, float), 1.0, lo=0.01, hi=10)),
+        repeat_last_n=get(body, "repeat_last_n", (int,), 64, lo=-1),
+        seed=get(body, "seed", (int,), lo=-(2**63), hi=2**64 - 1),  # what torch.Generator takes
+        stop=stop or [],
+    )
+
+
+def logit_bias(body: dict) -> dict[int, float]:
+    bias = get(body, "logit_bias", (dict,), {})
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise APIError(400, "'logit_bias' maps token ids (as strings) to numbers between -100 and 100", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def stream_options(body: dict) -> tuple[bool, bool]:
+    stream = get(body, "stream", (bool,), False)
+    options = get(body, "stream_options", (dict,), {})
+    if options and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool(options.get("include_usage", False))
+
+
+def common(body: dict, config, prompts, model: str, max_tokens_names) -> GenerateRequest:
+    return GenerateRequest(
+        model=model,
+        prompts=prompts,
+        params=sampling(body, config, max_tokens_names),
+        n=get(body, "n", (int,), 1, lo=1, hi=config.max_n),
+        logit_bias=logit_bias(body),
+        presence_penalty=float(get(body, "presence_penalty", (int, float), 0.0, lo=-2, hi=2)),
+        frequency_penalty=float(get(body, "frequency_penalty", (int, float), 0.0, lo=-2, hi=2)),
+    )
+
+
+# ----------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Plan:
+    """How to answer one request: the native request plus what only the OpenAI side cares about."""
+
+    kind: str  # "chat" or "completion"
+    request: GenerateRequest
+    stream: bool = False
+    include_usage: bool = False
+    tools: list[dict] = field(default_factory=list)  # when set, an output that is a call becomes tool_calls
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_chat(body: dict, config, available: list[str], default: str | None) -> Plan:
+    from pocketlm.serve import constrain
+
+    model = pick_model(body, available, default)
+    messages = [message_text(m, i) for i, m in enumerate(get(body, "messages", (list,), []))]
+    if not messages:
+        raise APIError(400, "'messages' must be a non-empty array of messages", "messages")
+    request = common(body, config, [messages], model, ("max_completion_tokens", "max_tokens"))
+    stream, include_usage = stream_options(body)
+    if get(body, "logprobs", (bool,), False):
+        request.logprobs = get(body, "top_logprobs", (int,), 0, lo=0, hi=20)
+    elif body.get("top_logprobs") is not None:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+
+    tools, required = tool_choice(body)
+    try:
+        request.grammar = response_format_grammar(body)
+        if tools and request.grammar:
+            raise APIError(400, "use either 'tools' or a JSON 'response_format', not both", "response_format")
+        if tools:
+            messages[:] = with_tool_prompt(messages, tools)  # the list request.prompts holds
+            request.grammar = constrain.tool_grammar(tools, required)
+    except PocketLMError as e:  # a schema llguidance cannot compile
+        raise APIError(400, str(e), "tools" if tools else "response_format") from None
+    return Plan("chat", request, stream, include_usage, tools)
+
+
+def message_text(message, i: int) -> dict:
+    """An OpenAI message -> {"role", "content"} with plain-text content, as chat templates expect."""
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise APIError(400, f"'{where}' must be an object", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: text only (this server has no vision model)
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"'{where}.content' parts must be text parts ({{\"type\": \"text\", \"text\": ...}})", f"{where}.content")
+        content = "".join(p["text"] for p in content)
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls:  # the model's earlier call, written as it produced it
+        try:
+            content = "\n".join(json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])})
+                                for c in calls)
+        except (KeyError, TypeError, ValueError):
+            raise APIError(400, f"'{where}.tool_calls' must be OpenAI function calls with JSON arguments", f"{where}.tool_calls") from None
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise APIError(400, f"'{where}.content' must be a string or an array of text parts", f"{where}.content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def tool_choice(body: dict) -> tuple[list[dict], bool]:
+    """-> (the tools the answer may call, whether it must call one). "none" offers no tools."""
+    tools = get(body, "tools", (list,), [])
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(fn, dict) and tool.get("type", "function") == "function" and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("parameters", {}), dict)):
+            raise APIError(400, f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}", f"tools[{i}]")
+    choice = body.get("tool_choice") or ("auto" if tools else "none")
+    if choice == "none":
+        return [], False
+    if not tools:
+        raise APIError(400, "'tool_choice' needs 'tools'", "tool_choice")
+    if choice in ("auto", "required"):
+        return tools, choice == "required"
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise APIError(400, "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}} naming one of 'tools'", "tool_choice")
+    return named, True
+
+
+def with_tool_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Tell the model about the tools in the system message (SmolLM2's template has no tools section)."""
+    listed = "\n".join(json.dumps({k: t["function"].get(k) for k in ("name", "description", "parameters")}) for t in tools)
+    text = TOOL_PROMPT.format(tools=listed)
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def response_format_grammar(body: dict) -> str | None:
+    from pocketlm.serve import constrain
+
+    fmt = get(body, "response_format", (dict,), {"type": "text"})
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return constrain.json_schema_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+        return constrain.json_schema_grammar(schema)
+    raise APIError(400, "'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def parse_completion(body: dict, config, available: list[str], default: str | None) -> Plan:
+    model = pick_model(body, available, default)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "'prompt' must be a string or a non-empty array of strings", "prompt")
+    request = common(body, config, prompts, model, ("max_tokens",))
+    if "max_tokens" not in body:  # the legacy API's default
+        request.params.max_new_tokens = 16
+    stream, include_usage = stream_options(body)
+    request.logprobs = get(body, "logprobs", (int,), None, lo=0, hi=5)
+    if body.get("echo") or body.get("suffix") or get(body, "best_of", (int,), 1, lo=1, hi=1) != 1:
+        raise APIError(400, "'echo', 'suffix' and 'best_of' are not supported", "echo")
+    return Plan("completion", request, stream, include_usage)
+
+
+def parse_embedding(body: dict, available: list[str], default: str | None) -> EmbedRequest:
+    model = pick_model(body, available, default)
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "'input' must be a string or a non-empty array of strings (token arrays are not supported)", "input")
+    if get(body, "encoding_format", (str,), "float") not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be float or base64", "encoding_format")
+    return EmbedRequest(model, texts)
+
+
+# ---------------------------------------------------------------------------------------- responses
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -inf (a token the grammar masked)
+
+
+def chat_logprobs(delta: Delta) -> dict:
+    def entry(token, logprob):
+        return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode())}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(s, p) for s, p in t.top]} for t in delta.logprobs]}
+
+
+def completion_logprobs(delta: Delta, offset: int) -> dict:
+    offsets, at = [], offset
+    for t in delta.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in delta.logprobs],
+        "token_logprobs": [finite(t.logprob) for t in delta.logprobs],
+        "top_logprobs": [{s: finite(p) for s, p in t.top} for t in delta.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def tool_call(plan: Plan, text: str) -> dict | None:
+    """The output as an OpenAI tool call, if it is one of plan.tools' calls."""
+    if not plan.tools or not text.startswith("{"):
+        return None
+    try:
+        call = json.loads(text)
+    except ValueError:  # cut off by max_tokens
+        return None
+    if not isinstance(call, dict) or call.get("name") not in {t["function"]["name"] for t in plan.tools}:
+        return None
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}}
+
+
+def response(plan: Plan, events: list) -> dict:
+    """The whole answer, from every event of one request."""
+    started = next(e for e in events if isinstance(e, Started))
+    n_choices = len(plan.request.prompts) * plan.request.n
+    texts, lps = [""] * n_choices, [[] for _ in range(n_choices)]
+    finished = {e.index: e for e in events if isinstance(e, Finished)}
+    for e in events:
+        if isinstance(e, Delta):
+            texts[e.index] += e.text
+            lps[e.index].extend(e.logprobs)
+    want_logprobs = plan.request.logprobs is not None
+    choices = []
+    for i in range(n_choices):
+        reason = finished[i].finish_reason
+        if plan.kind == "chat":
+            message = {"role": "assistant", "content": texts[i]}
+            call = tool_call(plan, texts[i])
+            if call:
+                message, reason = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+            logprobs = chat_logprobs(Delta(i, "", lps[i])) if want_logprobs else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
+        else:
+            logprobs = completion_logprobs(Delta(i, "", lps[i]), 0) if want_logprobs else None
+            choices.append({"index": i, "text": texts[i], "logprobs": logprobs, "finish_reason": reason})
+    completion_tokens = sum(f.completion_tokens for f in finished.values())
+    return {
+        "id": ("chatcmpl-" if plan.kind == "chat" else "cmpl-") + plan.id,
+        "object": "chat.completion" if plan.kind == "chat" else "text_completion",
+        "created": plan.created,
+        "model": started.model,
+        "choices": choices,
+        "usage": usage(started.prompt_tokens, completion_tokens),
+    }
+
+
+class Streamer:
+    """Events -> OpenAI stream chunks, one request's worth (it keeps per-choice state)."""
+
+    def __init__(self, plan: Plan, started: Started):
+        self.plan, self.started = plan, started
+        self.completion_tokens = 0
+        self.offsets: dict[int, int] = {}  # completion logprobs' text_offset
+        self.buffered: dict[int, str] = {}  # with tools, a choice's text is held until it ends
+        self.opened: set[int] = set()
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        chat = self.plan.kind == "chat"
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + self.plan.id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": self.plan.created, "model": self.started.model, "choices": choices, **extra}
+
+    def on(self, event) -> list[dict]:
+        plan, out = self.plan, []
+        if isinstance(event, Delta):
+            i = event.index
+            if plan.kind == "completion":
+                offset = self.offsets.get(i, 0)
+                self.offsets[i] = offset + len(event.text)
+                logprobs = completion_logprobs(event, offset) if plan.request.logprobs is not None else None
+                return [self.chunk([{"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": None}])]
+            if plan.tools:  # a call is only known to be one (and complete) at the end
+                self.buffered[i] = self.buffered.get(i, "") + event.text
+                return []
+            out += self.open(i)
+            logprobs = chat_logprobs(event) if plan.request.logprobs is not None else None
+            out.append(self.chunk([{"index": i, "delta": {"content": event.text}, "logprobs": logprobs, "finish_reason": None}]))
+        elif isinstance(event, Finished):
+            i, reason = event.index, event.finish_reason
+            self.completion_tokens += event.completion_tokens
+            if plan.kind == "completion":
+                return [self.chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])]
+            out += self.open(i)
+            if plan.tools:
+                text = self.buffered.pop(i, "")
+                call = tool_call(plan, text)
+                if call:
+                    delta, reason = {"tool_calls": [{"index": 0, **call}]}, "tool_calls"
+                else:
+                    delta = {"content": text}
+                out.append(self.chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
+            out.append(self.chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+        return out
+
+    def open(self, i: int) -> list[dict]:
+        """A chat stream's first chunk for a choice says the role."""
+        if i in self.opened:
+            return []
+        self.opened.add(i)
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])]
+
+    def final(self) -> list[dict]:
+        if not self.plan.include_usage:
+            return []
+        return [self.chunk([], usage=usage(self.started.prompt_tokens, self.completion_tokens))]
+
+
+def embedding_response(event, base64: bool = False) -> dict:
+    """base64: little-endian float32 bytes, what the openai client asks for by default (smaller JSON)."""
+    import base64 as b64
+    import struct
+
+    def encode(v):
+        return b64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if base64 else v
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(event.vectors)],
+        "model": event.model,
+        "usage": {"prompt_tokens": event.prompt_tokens, "total_tokens": event.prompt_tokens},
+    }
