@@ -138,7 +138,7 @@ class Gemma3TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.register_buffer("kv_pos", None, persistent=False)  # arange(S) while a cache is set up
+        self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
     def build_buffers(self, n: int, device=None):
@@ -168,7 +168,7 @@ class Gemma3TextModel(nn.Module):
             full, sliding = attention_spans(pos, self.cfg.sliding_window)
             full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
         else:
-            if self.kv_pos is None:
+            if not self.has_cache:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
             pos = input_pos
             full, sliding = attention_spans(pos, self.cfg.sliding_window)
@@ -208,8 +208,6 @@ class Gemma3ForCausalLM(nn.Module):
     def init_buffers(self, device="cpu"):
         """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""
         self.model.build_buffers(self.model.global_cos.shape[0], device)
-        if self.model.kv_pos is not None:
-            self.model.kv_pos = torch.arange(self.model.kv_pos.shape[0], device=device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
@@ -221,14 +219,14 @@ class Gemma3ForCausalLM(nn.Module):
         dtype = dtype or ref.dtype
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device)
-        self.model.kv_pos = torch.arange(max_seq_len, device=ref.device)
+        self.model.has_cache = True
         if self.model.global_cos.shape[0] < max_seq_len:
             self.model.build_buffers(max_seq_len, ref.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-        self.model.kv_pos = None
+        self.model.has_cache = False
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, D)."""

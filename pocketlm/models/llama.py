@@ -192,7 +192,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.has_sliding = any(layer.sliding for layer in self.layers)
-        self.register_buffer("kv_pos", None, persistent=False)  # arange(S) while a cache is set up
+        self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_rope(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
     def build_rope(self, n: int, device=None):
@@ -212,7 +212,7 @@ class LlamaModel(nn.Module):
             full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
             full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
         else:
-            if self.kv_pos is None:
+            if not self.has_cache:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
             pos = input_pos
             full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
@@ -268,8 +268,6 @@ class LlamaForCausalLM(nn.Module):
         """Rebuild the non-persistent buffers (RoPE tables), e.g. after construction on the meta device."""
         n = self.model.rope_cos.shape[0]
         self.model.build_rope(n, device)
-        if self.model.kv_pos is not None:
-            self.model.kv_pos = torch.arange(self.model.kv_pos.shape[0], device=device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
@@ -278,14 +276,14 @@ class LlamaForCausalLM(nn.Module):
         dtype = dtype or ref.dtype
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device)
-        self.model.kv_pos = torch.arange(max_seq_len, device=ref.device)
+        self.model.has_cache = True
         if self.model.rope_cos.shape[0] < max_seq_len:
             self.model.build_rope(max_seq_len, ref.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-        self.model.kv_pos = None
+        self.model.has_cache = False
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, D)."""
