@@ -30,7 +30,7 @@ from pocketlm.models.llama import (
     KVCache,
     apply_rope,
     attention_spans,
-    fuse_linears,
+    fuse_layer_projections,
     rope_inv_freq,
     rope_tables,
 )
@@ -199,11 +199,7 @@ class Gemma3ForCausalLM(nn.Module):
 
     def fuse_projections(self):
         """For inference: q/k/v and gate/up become one Linear each (as Llama's)."""
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
-            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        fuse_layer_projections(self.model.layers)
 
     def init_buffers(self, device="cpu"):
         """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""

@@ -258,11 +258,7 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections(self):
         """For inference: q/k/v and gate/up become one Linear each (fewer, larger matmuls per token).
         The parameter names then differ from HF's, so fuse after loading and never before saving."""
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
-            del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        fuse_layer_projections(self.model.layers)
 
     def init_buffers(self, device="cpu"):
         """Rebuild the non-persistent buffers (RoPE tables), e.g. after construction on the meta device."""
@@ -294,6 +290,16 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.hidden(idx, input_pos))
+
+
+def fuse_layer_projections(layers) -> None:
+    """In each decoder layer (HF names: self_attn.q/k/v_proj, mlp.gate/up_proj; Gemma 3's too), set
+    qkv_proj and gate_up_proj and drop the separate Linears."""
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        mlp.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:
