@@ -86,15 +86,32 @@ def main() -> None:
             both.write_text(domain.read_text(encoding="utf-8") + "\n" + wiki, encoding="utf-8")
             base = measure("gemma3-270m", text)
             rows = [row("Gemma 3 270M (dequantized Q4_K_M)", base, base)]
-            for name, source in (("Alpaca", domain), ("Alpaca + rest of WikiText-2 test", both)):
+            runs = (("Alpaca", domain, None), ("Alpaca + rest of WikiText-2 test", both, None),
+                    ("Alpaca, topped up to 94,000 (--vocab-size)", domain, 94000))
+            for name, source, size in runs:
                 start = time.perf_counter()
-                report = prune_model("gemma3-270m", Path(tmp) / "v", PruneSpec(vocab_from=str(source)))
+                report = prune_model("gemma3-270m", Path(tmp) / "v", PruneSpec(vocab_from=str(source), vocab_size=size))
                 prune_s = time.perf_counter() - start
                 label = f"vocabulary from {name} ({report['changes'][-1]}, {prune_s:.0f} s)"
                 rows.append(row(label, measure(str(Path(tmp) / "v"), text), base))
                 print(rows[-1], flush=True)
+        elif what == "gemma-vocab-heldout":
+            # trim from Alpaca's first 48,000 rows; score its last 300 (English instructions the trim never saw)
+            records = [json.loads(line) for line in ALPACA.read_text(encoding="utf-8").splitlines()]
+            as_text = lambda rs: "\n\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rs)  # noqa: E731
+            domain = Path(tmp) / "alpaca-train.txt"
+            domain.write_text(as_text(records[:48000]), encoding="utf-8")
+            held_out = as_text(records[-300:])
+            base = measure("gemma3-270m", held_out)
+            rows = [row("Gemma 3 270M (dequantized Q4_K_M)", base, base)]
+            for size in (None, 94000):
+                report = prune_model("gemma3-270m", Path(tmp) / "v", PruneSpec(vocab_from=str(domain), vocab_size=size))
+                m = measure(str(Path(tmp) / "v"), held_out)
+                change = 100 * (m["bits_per_byte"] / base["bits_per_byte"] - 1)
+                rows.append(row(f"{report['changes'][-1]} ({change:+.2f}% bits/byte)", m, base))
+                print(rows[-1], flush=True)
         else:
-            raise SystemExit(f"unknown benchmark {what!r}: smollm2 or gemma-vocab")
+            raise SystemExit(f"unknown benchmark {what!r}: smollm2, gemma-vocab or gemma-vocab-heldout")
     print(header)
     print("\n".join(rows))
 

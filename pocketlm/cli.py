@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat", description="Chat in the terminal.\n\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, help=f"model name or path (default {registry.DEFAULT_MODEL})")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--server", metavar="URL", help="let a running `pocketlm serve` answer (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="the server's API key, if it has one")
     add_model_flags(p)
     add_draft_flags(p)
     add_sampling_flags(p)
@@ -135,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compare", help="a teacher against its student: size, speed, perplexity, KL, task accuracy", description="Compare a smaller model (pruned, distilled, quantized) with the model it came from: parameters, size on disk, decode/prompt tokens/s and peak memory, perplexity, KL(teacher || student) and top-1 agreement on a text, and optionally a task's metrics; student / teacher ratios, a Markdown report with plots.")
+    p.add_argument("teacher", help="the reference model: registry name or path")
+    p.add_argument("student", help="the smaller model: registry name or path")
+    p.add_argument("--data", help="text for perplexity and KL: a file or wikitext2 (default)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of that text to score (default 4096)")
+    p.add_argument("--task", help="also compare on an eval task: classify, summarize, translate or a .yaml task")
+    p.add_argument("--task-data", help="the task's data: a JSONL file or a shared set (banking77, sst2, ...)")
+    p.add_argument("--limit", type=int, help="the task's examples (a seeded subset)")
+    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood or generate (fine-tuned models)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory runs")
+    p.add_argument("--report", metavar="DIR", help="write report.md, compare.png, kl.png and results.json to DIR")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file", description="Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files) or a GGUF file for llama.cpp, with its lineage in the metadata.")
     p.add_argument("model", help="model name or path (.gguf or folder)")
     p.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a Hugging Face folder; gguf: one .gguf file")
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, metavar="N", help="keep N MLP channels (by activation magnitude)")
     p.add_argument("--hidden", type=int, metavar="N", help="keep N hidden (embedding) channels")
     p.add_argument("--vocab-from", metavar="FILE", help="keep only the tokens this text uses, plus every special token")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="with --vocab-from: top up to N tokens with the tokenizer's most frequent ones written in the text's characters")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_prune)
 
@@ -162,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /api routes")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory; the least recently used leaves first (default 2)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together, each in a KV cache slot of its own (default 8)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a free slot; more get 429 (default 16)")
     p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes; larger get 413 (default 2 MiB)")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 is faster on a machine busy with other work)")
     add_model_flags(p)
@@ -178,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketlm.finetune.args import add_finetune_arguments
 
     add_finetune_arguments(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("distill", help="train a smaller student to match a teacher (knowledge distillation)", description="Knowledge distillation: the student learns the teacher's next-token distribution (forward KL, reverse KL or JSD at a temperature), mixed with the data's cross-entropy, optionally aligning hidden states. The teacher runs alongside, or --teacher-logits stores its top-k once for every later run. Same data formats, checkpoints, --resume, LoRA and torchrun as finetune; a plain-text file (.txt) is also data: every token is learned.")
+    add_finetune_arguments(p, distill=True)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("classify", help="label texts with a fine-tuned classification head", description="Print the predicted label and its probability for each text, with a model made by `pocketlm finetune --task classify`.")
@@ -317,22 +340,39 @@ def check_generative(lm) -> None:
 
 
 def cmd_chat(args) -> int:
-    from pocketlm.engine.generate import encode_chat, encode_raw, generate
-
-    lm = load_model(args.model, args.dtype, args.quant)
-    draft = load_draft(args)
-    check_generative(lm)
     params = sampling_params(args)
+    if args.server:  # a client of a running server: no model loads here
+        from pocketlm.serve import client
+
+        name, kind = client.model_info(args, args.model)
+        if kind == "embed":
+            raise PocketLMError(f"{name} is an embedding model: use `pocketlm embed`")
+        templated = kind == "chat"
+
+        def answer(history: list[dict], system: str | None, line: str):
+            messages = [{"role": "system", "content": system}] if system else []
+            return client.texts(args, name, params, messages + history) if templated else client.texts(args, name, params, prompt=line)
+    else:
+        from pocketlm.engine.generate import encode_chat, encode_raw, generate
+
+        lm = load_model(args.model, args.dtype, args.quant)
+        draft = load_draft(args)
+        check_generative(lm)
+        name, templated = lm.name, lm.tokenizer.has_chat_template
+
+        def answer(history: list[dict], system: str | None, line: str):
+            ids = encode_chat(lm.tokenizer, history, system=system) if templated else encode_raw(lm.tokenizer, line)
+            return generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens)
+
     interactive = sys.stdin.isatty()
-    templated = lm.tokenizer.has_chat_template
     system = args.system
     history: list[dict] = []
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        print(f"Chatting with {lm.name}. /help for commands, /bye or Ctrl-D to leave.")
+        print(f"Chatting with {name}. /help for commands, /bye or Ctrl-D to leave.")
         if not templated:
-            print(f"({lm.name} has no chat template: each message is continued as raw text)")
+            print(f"({name} has no chat template: each message is continued as raw text)")
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -360,15 +400,10 @@ def cmd_chat(args) -> int:
                 print(f"unknown command {command}; /help lists them")
             continue
         history.append({"role": "user", "content": line})
-        if templated:
-            ids = encode_chat(lm.tokenizer, history, system=system)
-        else:
-            ids = encode_raw(lm.tokenizer, line)
-        answer = []
+        said = []
         try:
-            generation = generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens)
-            for chunk in generation:
-                answer.append(chunk)
+            for chunk in answer(history, system, line):
+                said.append(chunk)
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         except KeyboardInterrupt:
@@ -378,7 +413,7 @@ def cmd_chat(args) -> int:
             print(f"pocketlm: error: {e}", file=sys.stderr)
             continue
         print("\n" if interactive else "", flush=True)
-        history.append({"role": "assistant", "content": "".join(answer)})
+        history.append({"role": "assistant", "content": "".join(said)})
     return 0
 
 
@@ -501,6 +536,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pocketlm.eval.compare import compare, print_comparison, write_comparison
+
+    result = compare(args.teacher, args.student, text=args.data, tokens=args.tokens, task=args.task, task_data=args.task_data,
+                     limit=args.limit, by=args.by, speed=not args.no_speed, progress=not args.quiet)
+    if args.report:
+        print(f"report: {write_comparison(result, args.report)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "kl_per_token"}, indent=2))
+    else:
+        print_comparison(result)
+    return 0
+
+
 def cmd_export(args) -> int:
     from pocketlm.export import export
 
@@ -514,7 +563,7 @@ def cmd_prune(args) -> int:
 
     spec = PruneSpec(
         drop_layers=args.drop_layers, heads=args.heads, kv_groups=args.kv_groups, ffn=args.ffn, hidden=args.hidden,
-        vocab_from=args.vocab_from,
+        vocab_from=args.vocab_from, vocab_size=args.vocab_size,
     )
     report = prune_model(args.model, args.output, spec, calib=args.calib, calib_tokens=args.calib_tokens)
     if args.json:
@@ -535,24 +584,18 @@ def cmd_serve(args) -> int:
 
     serve(ServerConfig(
         models=args.models, host=args.host, port=args.port, api_key=args.api_key, max_loaded=args.max_loaded,
-        max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
     ))
     return 0
 
 
 def cmd_ps(args) -> int:
     import time
-    import urllib.error
-    import urllib.request
 
-    request = urllib.request.Request(args.server.rstrip("/") + "/api/ps")
-    if args.api_key:
-        request.add_header("Authorization", f"Bearer {args.api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            info = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise PocketLMError(f"no pocketlm server answered at {args.server} ({getattr(e, 'reason', e)}); start one with `pocketlm serve`") from None
+    from pocketlm.serve.client import call
+
+    with call(args.server, "/api/ps", None, args.api_key, timeout=10) as response:
+        info = json.load(response)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

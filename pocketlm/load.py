@@ -56,7 +56,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
     hf_config = read_config(folder)
     config = config_from_hf(hf_config)
     saved_quant = hf_config.get("pocketlm", {}).get("quantization")
-    if saved_quant and quant != "none":
+    if saved_quant and quant not in ("none", "auto"):  # auto: a saved quantized folder runs as it is
         raise PocketLMError(f"{source} is already quantized ({QuantScheme.from_dict(saved_quant).name}): load it without --quant")
     if quant == "auto":
         quant = "none" if saved_quant else auto_quant(hf_config.get("pocketlm", {}).get("quant"))

@@ -251,6 +251,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """The same token for every id: what a draft model or a distilled student must share with its target.
+        (A GGUF's tokenizer rebuilt here and the HF tokenizer.json of the same model compare equal.)"""
+        return self.backend.get_vocab(with_added_tokens=True) == other.backend.get_vocab(with_added_tokens=True)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 

@@ -3,9 +3,9 @@
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
+
+from pocketlm.serve.client import wait_until_up
 
 
 def free_port() -> int:
@@ -24,17 +24,7 @@ def running_server(*args: str):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 120  # a bound on a hung start, not a speed check
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"pocketlm serve exited: {process.stdout.read()}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("pocketlm serve did not answer /health") from None
-                time.sleep(0.3)
+        wait_until_up(process, url + "/health")
         yield url
     finally:
         process.terminate()

@@ -76,3 +76,53 @@ def test_end_token_stops_generation(smollm2):
     g = generate(smollm2, ids, SamplingParams(max_new_tokens=64, **GREEDY))
     text = g.text()
     assert g.stats.finish_reason == "stop" and "<|im_end|>" not in text and text.strip()
+
+
+def test_a_batch_of_sequences_that_start_at_different_times_equals_each_alone(tiny, monkeypatch):
+    """Continuous batching at the engine level (pocketlm.engine.batch): 4 sequences, 3 slots, each joining when
+    a slot is free; each keeps its own sampler (greedy, seeded sampling) and gets the text it gets alone. The
+    third prompt shares its start with the first, which is still decoding: copied, not computed. Prompts run
+    in chunks of 8 tokens here, one chunk between decode steps: the long last one does not stop the others."""
+    from pocketlm.engine import batch as batch_module
+    from pocketlm.engine import generate as generate_module
+    from pocketlm.engine.batch import Batch
+    from pocketlm.engine.generate import Sequence
+
+    for module in (batch_module, generate_module):  # the same chunk boundaries in a batch and alone
+        monkeypatch.setattr(module, "PREFILL_CHUNK", 8)
+    prompts = ["The quick brown fox", "Once upon a time", "The quick brown fox jumps", "Numbers: " + " ".join(map(str, range(12)))]
+    params = [
+        SamplingParams(max_new_tokens=12, ignore_eos=True, **GREEDY),
+        SamplingParams(max_new_tokens=9, temperature=1.0, seed=3, ignore_eos=True),
+        SamplingParams(max_new_tokens=6, ignore_eos=True, **GREEDY),
+        SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, seed=5, ignore_eos=True),
+    ]
+    ids = [encode_raw(tiny.tokenizer, p) for p in prompts]
+    alone = [generate(tiny, i, p).text() for i, p in zip(ids, params)]
+
+    batch = Batch(tiny.model, max_batch=3, context_length=tiny.context_length)
+    seqs = [Sequence(tiny.tokenizer, i, p, tiny.context_length) for i, p in zip(ids, params)]
+    texts, cached, waiting = [""] * 4, [None] * 4, list(range(4))
+    steps_during_last_prompt = 0
+
+    def advance(i, logits):
+        token, logits = seqs[i].choose(logits)
+        texts[i] += seqs[i].accept(token, logits)
+        if seqs[i].done:
+            texts[i] += seqs[i].finish()
+            batch.remove(seqs[i])
+
+    step = 0
+    while waiting or len(batch):
+        if waiting and batch.has_room() and step >= 2 * waiting[0]:  # one new sequence every other step
+            i = waiting.pop(0)
+            cached[i] = batch.add(seqs[i])
+        for run in (batch.prefill_step, batch.step):
+            stepped = run()
+            for seq, logits in stepped:
+                advance(seqs.index(seq), logits)
+        steps_during_last_prompt += any(s.todo for s in batch.slots) and bool(stepped)
+        step += 1
+    assert texts == alone
+    assert cached[2] == len(ids[0]) and cached[3] == 0
+    assert len(ids[3]) > 16 and steps_during_last_prompt >= 2  # its chunks alternated with decode steps

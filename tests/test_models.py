@@ -209,6 +209,51 @@ def test_bf16_matches_hf_bf16():
             torch.testing.assert_close(torch.cat(steps, 1), ours, rtol=1.6e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
+def test_rows_at_their_own_positions_equal_each_sequence_alone(family):
+    """Continuous batching: sequences prefilled into cache rows (slots) of their own, then decoded together in
+    one pass at different positions, give each the logits it gets decoded alone (batch 1, one position
+    vector). Lengths cross the sliding windows (4); a copied prompt prefix (the server's prefix cache) and a
+    grown cache keep what they hold."""
+    hc = {"llama": lambda: transformers.LlamaConfig(**tiny_llama(num_attention_heads=8, num_key_value_heads=2)),
+          "mistral": lambda: transformers.MistralConfig(**tiny_llama(num_key_value_heads=2, sliding_window=4)),
+          "gemma": lambda: transformers.Gemma3TextConfig(**tiny_gemma())}[family]()
+    cfg = config_from_hf(hc.to_dict())
+    torch.manual_seed(0)
+    model = model_class_for(cfg)(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in (3, 9, 2)]
+    prompts[2] = torch.cat([prompts[1][:4], prompts[2]])  # shares its first 4 tokens with the second
+    steps = 7
+    fed = torch.randint(0, V, (len(prompts), steps), generator=g)  # the tokens each row decodes, teacher-forced
+    with torch.no_grad():
+        alone = []
+        for prompt, tokens in zip(prompts, fed):
+            model.setup_cache(1, 20)
+            logits = [model(prompt[None], torch.arange(len(prompt)))[0, -1]]
+            for t, token in enumerate(tokens):
+                logits.append(model(token.view(1, 1), torch.tensor([len(prompt) + t]))[0, -1])
+            alone.append(torch.stack(logits))  # (steps + 1, V)
+
+        model.setup_cache(4, 10)
+        slots = torch.tensor([2, 0, 3])
+        batched = []
+        for i, (prompt, slot) in enumerate(zip(prompts, slots.tolist())):
+            start = 4 if i == 2 else 0
+            if i == 2:  # the shared prefix is copied from the second row's slot, only the rest is prefilled
+                model.copy_cache_prefix(0, slot, start)
+            pos = torch.arange(start, len(prompt))[None]  # (1, T)
+            batched.append([model(prompt[None, start:], pos, torch.tensor([slot]))[0, -1]])
+        model.setup_cache(4, 20, keep=True)  # grown, as the server's slots grow with their longest sequence
+        pos = torch.tensor([len(p) for p in prompts])  # (n,) each row's next position
+        for t in range(steps):
+            logits = model(fed[:, t : t + 1], (pos + t)[:, None], slots)  # (n, 1, V)
+            for i in range(len(prompts)):
+                batched[i].append(logits[i, -1])
+    for ours, ref in zip(batched, alone):
+        assert_close(torch.stack(ours), ref)
+
+
 def test_gemma3_config_spellings():
     """transformers-4 keys (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern) and a
     multimodal gemma3 config's text_config read to the same config as transformers-5 rope_parameters."""

@@ -143,6 +143,21 @@ def test_vocab_trimming_keeps_kept_tokens_and_their_logits(tiny_dir, tmp_path):
     assert lm.tokenizer.encode("zebra!") and lm.tokenizer.decode(lm.tokenizer.encode("zebra!")) == "zebra!"  # still encodes anything
 
 
+def test_vocab_size_tops_up_with_the_most_frequent_tokens_in_the_texts_characters(small_llama_dir, tmp_path):
+    from pocketlm.compress.prune import trim_vocab
+
+    src = load(str(small_llama_dir))
+    sample = "Hello world hex"  # its tokens: Hello, Ġworld, Ġ, he, x; letters H e l o w r d h x and Ġ
+    (tmp_path / "domain.txt").write_text(sample)
+    only = {src.tokenizer.id_to_token(i) for i in trim_vocab(src.tokenizer, sample)[0].tolist()}
+    prune_model(str(small_llama_dir), tmp_path / "out", PruneSpec(vocab_from=str(tmp_path / "domain.txt"), vocab_size=len(only) + 2))
+    lm = load(str(tmp_path / "out"))
+    kept = {lm.tokenizer.id_to_token(i) for i in range(lm.tokenizer.vocab_size)}
+    # merges in rank order not yet kept: Ġt (no t), Ġthe, Ġo (yes), Ġof (no f), Ġx (yes), Ġh, Ġhe, ...: the first two
+    assert kept - only == {"Ġo", "Ġx"}
+    assert lm.tokenizer.encode(" x") == [lm.tokenizer.token_to_id("Ġx")]  # whole, where the sample-only trim splits it
+
+
 def test_bad_input_is_one_line(small_llama_dir, tmp_path, capsys):
     def error(*argv):
         assert main(["prune", str(small_llama_dir), "-o", str(tmp_path / "x"), *argv]) == 1
@@ -156,6 +171,7 @@ def test_bad_input_is_one_line(small_llama_dir, tmp_path, capsys):
     assert "MLP has 128 channels" in error("--ffn", "500")
     assert "no such calibration file" in error("--calib", str(tmp_path / "missing.txt"), "--ffn", "64")
     assert "no such --vocab-from file" in error("--vocab-from", str(tmp_path / "missing.txt"))
+    assert "give --vocab-from FILE too" in error("--vocab-size", "100")
     assert "overwrite" in error("-o", str(small_llama_dir))
 
 

@@ -146,8 +146,9 @@ def test_quantize_command_round_trip_gives_identical_outputs(tiny_llama_dir, tmp
     with torch.inference_mode():
         assert torch.equal(saved.model(ids), in_memory.model(ids))
     assert sum(f.stat().st_size for f in out.iterdir()) < 0.5 * sum(f.stat().st_size for f in tiny_llama_dir.iterdir())
-    # a quantized folder is not quantized again
+    # a quantized folder is not quantized again; --quant auto (every command's default) runs it as it is
     assert main(["run", str(out), "hi", "--quant", "int8", "-n", "2"]) == 1
+    assert load(str(out), quant="auto").meta["weights"] == to
 
 
 def test_auto_quant_follows_the_source_bits():

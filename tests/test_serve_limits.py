@@ -20,7 +20,8 @@ LONG = {"model": CHAT, "prompt": "Once upon a time", "max_tokens": 400, "logit_b
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("smollm2", "--api-key", KEY, "--max-queue", "1", "--max-body", "4096") as url:
+    # one slot and one place in the queue: a third request finds them full
+    with running_server("smollm2", "--api-key", KEY, "--max-batch", "1", "--max-queue", "1", "--max-body", "4096") as url:
         # load the model now, so the tests below start from a warm worker
         httpx.post(url + "/v1/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 1}, headers=AUTH, timeout=300)
         yield url
@@ -89,3 +90,23 @@ def test_a_client_that_times_out_is_cancelled(server):
     wait_for(lambda: httpx.get(server + "/health").json()["queue_depth"] == 0, "the worker to be free")
     done = httpx.post(server + "/v1/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=300)
     assert done.status_code == 200
+
+
+def test_prefix_cache_computes_a_shared_system_prompt_once_with_the_same_text(server):
+    """One slot here, so what its cache holds is known: the last request's tokens."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    system = {"role": "system", "content": "You are a geography teacher. " * 20 + "Answer in one short sentence."}
+
+    def ask(question: str):
+        return client.chat.completions.create(model=CHAT, messages=[system, {"role": "user", "content": question}],
+                                              max_tokens=16, temperature=0)
+
+    cold = ask("What is the capital of France?")  # the slot held another prompt: little in common
+    other = ask("What is the capital of Italy?")  # the system prompt comes from the cache
+    warm = ask("What is the capital of France?")  # the system prompt again, Italy's question replaced
+    system_tokens = cold.usage.prompt_tokens - 20  # the question and the template's few tokens around it
+    assert cold.usage.prompt_tokens_details.cached_tokens < 10
+    assert other.usage.prompt_tokens_details.cached_tokens > system_tokens
+    assert system_tokens < warm.usage.prompt_tokens_details.cached_tokens < warm.usage.prompt_tokens - 1
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+    assert metric(server, 'pocketlm_prompt_cached_tokens_total{model="smollm2-135m-instruct"}') > 2 * system_tokens

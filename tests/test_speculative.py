@@ -74,17 +74,10 @@ def test_sampled_speculative_keeps_the_target_distribution():
     assert tv(empirical, exact) < 0.1, (empirical, exact)
 
 
-def test_a_draft_with_another_tokenizer_is_refused(tiny_llama_dir):
+def test_a_draft_with_another_tokenizer_is_refused(tiny_llama_dir, tiny_gemma_dir):
     lm = load(str(tiny_llama_dir))
     other = draft_of(lm, 1)
-
-    class OtherTokenizer:
-        vocab_size = lm.tokenizer.vocab_size
-
-        def encode(self, text):
-            return [7] * len(text)
-
-    other.tokenizer = OtherTokenizer()
+    other.tokenizer = load(str(tiny_gemma_dir)).tokenizer  # a SentencePiece vocabulary, not SmolLM2's
     with pytest.raises(PocketLMError, match="same tokenizer"):
         generate(lm, [1, 2, 3], SamplingParams(), draft=other)
 

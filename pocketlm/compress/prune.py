@@ -48,6 +48,9 @@ class PruneSpec:
     ffn: int | None = None  # MLP channels to keep (None: all)
     hidden: int | None = None  # hidden channels to keep (None: all)
     vocab_from: str | None = None  # a text file whose tokens are kept (None: the whole vocabulary)
+    # with vocab_from: fill up to this many tokens with the tokenizer's most frequent ones (lowest merge rank)
+    # made of characters the text uses, so words the sample lacks stay whole (None: the text's tokens only)
+    vocab_size: int | None = None
 
 
 # ---- calibration ---------------------------------------------------------------------------------
@@ -168,6 +171,9 @@ def validate(spec: PruneSpec, cfg) -> None:
         _check(1 <= spec.ffn <= cfg.intermediate_size, f"--ffn {spec.ffn}: the MLP has {cfg.intermediate_size} channels")
     if spec.hidden is not None:
         _check(1 <= spec.hidden <= cfg.dim, f"--hidden {spec.hidden}: the hidden size is {cfg.dim}")
+    if spec.vocab_size is not None:
+        _check(spec.vocab_from is not None, "--vocab-size tops up a --vocab-from trim: give --vocab-from FILE too")
+        _check(1 <= spec.vocab_size <= cfg.vocab_size, f"--vocab-size {spec.vocab_size}: the vocabulary has {cfg.vocab_size} tokens")
 
 
 def choose_heads(imp: torch.Tensor, nh: int, nkv: int, heads: int, groups: int) -> tuple[list[int], list[int]]:
@@ -310,8 +316,11 @@ def _bpe_path(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return seen
 
 
-def trim_vocab(tokenizer, text: str):
-    """(kept old ids ascending, a new Tokenizer whose id k is old id kept[k]) for the tokens `text` needs."""
+def trim_vocab(tokenizer, text: str, size: int | None = None):
+    """(kept old ids ascending, a new Tokenizer whose id k is old id kept[k]) for the tokens `text` needs,
+    topped up to `size` tokens with the lowest-ranked (earliest merged: most frequent in the tokenizer's
+    own training data) tokens written only in characters the text's tokens use: a sample of a domain
+    then stands for the domain, and common words the sample happens to lack keep their single tokens."""
     from tokenizers import Tokenizer as Backend
 
     from pocketlm.tokenizer import Tokenizer, _bytes_to_unicode
@@ -325,7 +334,8 @@ def trim_vocab(tokenizer, text: str):
     ranks = {m: r for r, m in reversed(list(enumerate(merges)))}  # first occurrence wins, as in tokenizers
     added = data.get("added_tokens") or []
 
-    keep = set(tokenizer.encode(text))
+    used = set(tokenizer.encode(text))
+    keep = set(used)
     keep |= {t["id"] for t in added}  # every special / added token
     keep |= {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id) if i is not None}
     keep |= set(tokenizer.stop_ids)
@@ -335,9 +345,21 @@ def trim_vocab(tokenizer, text: str):
     # the tokens on each kept token's merge path (the path of an intermediate is part of its parent's)
     by_id = {i: t for t, i in vocab.items()}
     added_ids = {t["id"] for t in added}
-    for i in list(keep):
-        if i in by_id and i not in added_ids:
-            keep |= {vocab[s] for s in _bpe_path(by_id[i], ranks) if s in vocab}
+
+    def with_paths(ids) -> set[int]:
+        return set(ids) | {vocab[s] for i in ids if i in by_id and i not in added_ids for s in _bpe_path(by_id[i], ranks) if s in vocab}
+
+    keep = with_paths(keep)
+    if size is not None and len(keep) < size:
+        chars = {c for i in used if i in by_id and i not in added_ids for c in by_id[i]}  # the text's script
+        made_by = {}  # token -> rank of the merge that makes it
+        for r, (a, b) in enumerate(merges):
+            made_by.setdefault(a + b, r)
+        for token in sorted(made_by, key=made_by.get):
+            if len(keep) >= size:
+                break
+            if token in vocab and vocab[token] not in keep and set(token) <= chars:
+                keep |= with_paths([vocab[token]])
     kept = sorted(keep)
     new_id = {old: new for new, old in enumerate(kept)}
     kept_tokens = {by_id[i] for i in kept if i in by_id}
@@ -426,7 +448,7 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
         changes.insert(0, f"importance measured on {batch.numel()} calibration tokens")
     hf_config = cfg.to_hf()
     if vocab_text is not None:
-        kept, tokenizer = trim_vocab(tokenizer, vocab_text)
+        kept, tokenizer = trim_vocab(tokenizer, vocab_text, spec.vocab_size)
         for key in ("model.embed_tokens.weight", "lm_head.weight"):
             if key in sd and not (tied and key == "lm_head.weight"):
                 sd[key] = _rows(sd[key], kept)  # (V, D) -> (V', D)

@@ -1,8 +1,8 @@
 """Prefill then decode with a preallocated KV cache (the shape of gpt-fast's generate.py).
 
-`prefill` and `decode_one_token` are the small functions a compiler can take; `Generation` is the one
-generator around them that samples, detokenizes, holds back text while a stop string may be forming,
-and keeps the numbers (tokens, timings) a caller reports.
+`prefill` and `decode_one_token` are the small functions a compiler can take; `Sequence` is one sequence's
+state (it samples, detokenizes, holds back text while a stop string may be forming, and keeps the numbers
+a caller reports); `Generation` is the one generator that drives a Sequence through them.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the (T, S) attenti
 
 
 @torch.inference_mode()
-def prefill(model, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Run the prompt through the model, filling the cache. idx (B, T) -> logits of the last position (B, V)."""
+def prefill(model, idx: torch.Tensor, start: int = 0, slot: int | None = None) -> torch.Tensor:
+    """Run the prompt through the model, filling the cache from position `start` (in cache row `slot` alone,
+    for a batch of sequences: idx (1, T) then). idx (B, T) -> logits of the last position (B, V)."""
     for begin in range(0, idx.size(1), PREFILL_CHUNK):
         chunk = idx[:, begin : begin + PREFILL_CHUNK]  # (B, t)
         input_pos = torch.arange(start + begin, start + begin + chunk.size(1))
-        h = model.hidden(chunk, input_pos)  # (B, t, D)
+        if slot is None:
+            h = model.hidden(chunk, input_pos)  # (B, t, D)
+        else:
+            h = model.hidden(chunk, input_pos[None], torch.tensor([slot]))  # (1, t, D)
     # Only the last position's logits: Gemma's 262k vocabulary makes the full (T, V) block large.
     return model.logits(h[:, -1:])[:, -1]  # (B, V)
 
@@ -104,6 +108,84 @@ class GenerationStats:
         }
 
 
+class Sequence:
+    """One sequence's decoding state: its sampler (params, processors, seed), the tokens so far, the text held
+    back while a stop string may be forming, and its numbers. `Generation` drives one through a cache of its
+    own; the server's batch (pocketlm.engine.batch) drives many through one forward pass per step.
+
+    Per step: token, logits = seq.choose(logits); text = seq.accept(token, logits); once seq.done, seq.finish()
+    gives the text still held back."""
+
+    def __init__(
+        self, tokenizer, prompt_ids: list[int], params: SamplingParams, context_length: int,
+        processors=(), logprobs: int | None = None,
+    ):
+        """processors: callables (logits (1, V), generated ids so far) -> logits, applied before sampling
+        (a grammar's token mask, logit bias, presence/frequency penalties). logprobs: record each token's
+        log-probability (after the processors) and its `logprobs` most likely alternatives in stats."""
+        if not prompt_ids:
+            raise PocketLMError("the prompt is empty")
+        if len(prompt_ids) >= context_length:
+            raise PocketLMError(
+                f"the prompt is {len(prompt_ids)} tokens but the model's context window is {context_length} "
+                f"tokens (room is needed for at least one new token); shorten the prompt"
+            )
+        self.prompt_ids, self.params = prompt_ids, params
+        self.max_new = min(params.max_new_tokens, context_length - len(prompt_ids))
+        self.processors, self.logprobs = list(processors), logprobs
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.stop_ids = set() if params.ignore_eos else tokenizer.stop_ids
+        self.stops, self.detok = StopStrings(params.stop), StreamDecoder(tokenizer)
+        self.context = torch.tensor(prompt_ids, dtype=torch.long)  # prompt + chosen tokens: the penalty's window
+        self.window = params.repeat_last_n if params.repeat_last_n >= 0 else len(prompt_ids) + self.max_new
+        self.done, self.hit_stop_string = False, False
+        self.started = time.perf_counter()  # reset by the driver when its prefill starts
+
+    def recent(self) -> torch.Tensor:
+        """(1, N) the tokens the repetition penalty looks at."""
+        return self.context[-self.window :][None] if self.window else self.context[:0][None]
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """logits (1, V) of the next position -> (token id, the logits after the processors)."""
+        for process in self.processors:
+            logits = process(logits, self.stats.token_ids)
+        return int(sample(logits, self.params, self.recent(), self.generator)), logits
+
+    def accept(self, token: int, logits: torch.Tensor) -> str:
+        """Take the chosen token; return the text it makes safe to show. Sets done (and the finish reason) at an
+        end token, a stop string or the token budget."""
+        stats = self.stats
+        if stats.completion_tokens == 0:
+            now = time.perf_counter()
+            stats.time_to_first_token_s = stats.prefill_s = now - self.started
+            self.started = now  # from here on: decode time
+        stats.completion_tokens += 1
+        self.context = torch.cat([self.context, torch.tensor([token])])
+        if token in self.stop_ids:
+            stats.finish_reason, self.done = "stop", True
+            return ""
+        stats.token_ids.append(token)
+        if self.logprobs is not None:
+            stats.token_logprobs.append(token_logprobs(logits[0], token, self.logprobs))
+        text, self.hit_stop_string = self.stops.push(self.detok.push(token))
+        if self.hit_stop_string:
+            stats.finish_reason, self.done = "stop", True
+        elif stats.completion_tokens >= self.max_new:
+            stats.finish_reason, self.done = "length", True
+        return text
+
+    def finish(self) -> str:
+        """The text held back until now (none after a stop string); stops the decode clock."""
+        self.stats.decode_s = time.perf_counter() - self.started
+        if self.hit_stop_string:
+            return ""
+        tail, hit = self.stops.push(self.detok.flush())
+        return tail + ("" if hit else self.stops.flush())
+
+
 class Generation:
     """Iterate to get text chunks as they are produced; `stats` is complete once iteration ends.
 
@@ -114,94 +196,53 @@ class Generation:
         self, model, tokenizer, prompt_ids: list[int], params: SamplingParams, context_length: int,
         processors=(), logprobs: int | None = None, draft=None, draft_tokens: int = 4,
     ):
-        """processors: callables (logits (1, V), generated ids so far) -> logits, applied before sampling
-        (a grammar's token mask, logit bias, presence/frequency penalties). logprobs: record each token's
-        log-probability (after the processors) and its `logprobs` most likely alternatives in stats.
-        draft: a smaller model with the same tokenizer for speculative decoding (pocketlm.engine.speculative),
-        proposing `draft_tokens` tokens per target pass; the output keeps the target's distribution."""
-        if not prompt_ids:
-            raise PocketLMError("the prompt is empty")
-        if len(prompt_ids) >= context_length:
-            raise PocketLMError(
-                f"the prompt is {len(prompt_ids)} tokens but the model's context window is {context_length} "
-                f"tokens (room is needed for at least one new token); shorten the prompt"
-            )
+        """processors, logprobs: as Sequence's. draft: a smaller model with the same tokenizer for speculative
+        decoding (pocketlm.engine.speculative), proposing `draft_tokens` tokens per target pass; the output
+        keeps the target's distribution."""
         if draft is not None and (processors or logprobs is not None):
             raise PocketLMError("speculative decoding (a draft model) does not combine with logits processors or logprobs")
-        self.model, self.tokenizer, self.params = model, tokenizer, params
-        self.prompt_ids = prompt_ids
-        self.max_new = min(params.max_new_tokens, context_length - len(prompt_ids))
-        self.processors, self.logprobs = list(processors), logprobs
+        self.seq = Sequence(tokenizer, prompt_ids, params, context_length, processors, logprobs)
+        self.model, self.params, self.prompt_ids = model, params, prompt_ids
         self.draft, self.draft_tokens = draft, draft_tokens
-        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.stats = self.seq.stats
 
     def __iter__(self) -> Iterator[str]:
-        params, stats = self.params, self.stats
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator().manual_seed(
-                params.seed if params.seed is not None else torch.seed()
-            )
-        stop_ids = set() if params.ignore_eos else self.tokenizer.stop_ids
-        stops, detok = StopStrings(params.stop), StreamDecoder(self.tokenizer)
-        n_prompt, hit_stop_string = len(self.prompt_ids), False
-        context = torch.tensor(self.prompt_ids, dtype=torch.long)
-        window = params.repeat_last_n if params.repeat_last_n >= 0 else n_prompt + self.max_new
-
+        seq = self.seq
         models = [self.model] if self.draft is None else [self.model, self.draft]
         for model in models:  # a draft pass may write up to draft_tokens + 1 positions ahead
-            model.setup_cache(1, n_prompt + self.max_new + (self.draft_tokens + 1 if self.draft else 0))
+            model.setup_cache(1, len(self.prompt_ids) + seq.max_new + (self.draft_tokens + 1 if self.draft else 0))
         try:
-            start = time.perf_counter()
+            seq.started = time.perf_counter()
             if self.draft is None:
-                tokens = self.sampled_tokens(context, window, generator)
+                tokens = self.sampled_tokens()
             else:
                 from pocketlm.engine.speculative import speculative_tokens
 
                 tokens = speculative_tokens(
-                    self.model, self.draft, context, params, self.draft_tokens, window, generator, stats
+                    self.model, self.draft, seq.context, self.params, self.draft_tokens, seq.window, seq.generator, self.stats
                 )
-            for step, (token, logits) in zip(range(self.max_new), tokens):
-                if step == 0:
-                    stats.time_to_first_token_s = stats.prefill_s = time.perf_counter() - start
-                    start = time.perf_counter()
-                stats.completion_tokens += 1
-                if token in stop_ids:
-                    stats.finish_reason = "stop"
-                    break
-                stats.token_ids.append(token)
-                if self.logprobs is not None:
-                    stats.token_logprobs.append(token_logprobs(logits[0], token, self.logprobs))
-                text, hit_stop_string = stops.push(detok.push(token))
+            for token, logits in tokens:
+                text = seq.accept(token, logits)
                 if text:
                     yield text
-                if hit_stop_string:
-                    stats.finish_reason = "stop"
+                if seq.done:
                     break
-            else:
-                stats.finish_reason = "length"
-            stats.decode_s = time.perf_counter() - start
-            if not hit_stop_string:
-                tail, hit_stop_string = stops.push(detok.flush())
-                tail += "" if hit_stop_string else stops.flush()
-                if tail:
-                    yield tail
+            tail = seq.finish()
+            if tail:
+                yield tail
         finally:
             for model in models:
                 model.clear_cache()
 
-    def sampled_tokens(self, context: torch.Tensor, window: int, generator) -> Iterator[tuple[int, torch.Tensor]]:
+    def sampled_tokens(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Plain decoding, one forward pass per token: yields (token id, the logits (1, V) it was drawn from)
-        forever. The next pass runs only when the next token is asked for."""
-        logits = prefill(self.model, context[None])  # (1, V)
+        forever. The next pass runs only when the next token is asked for, after seq.accept took this one."""
+        seq = self.seq
+        logits = prefill(self.model, seq.context[None])  # (1, V)
         while True:
-            recent = context[-window:][None] if window else context[:0][None]
-            for process in self.processors:
-                logits = process(logits, self.stats.token_ids)
-            token = sample(logits, self.params, recent, generator)  # (1,)
-            yield int(token), logits
-            context = torch.cat([context, token])
-            logits = decode_one_token(self.model, token[None], torch.tensor([len(context) - 1]))
+            token, logits = seq.choose(logits)
+            yield token, logits
+            logits = decode_one_token(self.model, torch.tensor([[token]]), torch.tensor([len(seq.context) - 1]))
 
     def text(self) -> str:
         """Run to the end and return the whole text."""

@@ -93,8 +93,7 @@ def speculative_tokens(
 
 
 def check_same_tokenizer(target_tok, draft_tok) -> None:
-    probe = "Speculative decoding: 12 tokens, ünïcode, <tags> and\nnew lines."
-    if target_tok.vocab_size != draft_tok.vocab_size or target_tok.encode(probe) != draft_tok.encode(probe):
+    if not target_tok.same_vocabulary(draft_tok):
         raise PocketLMError(
             "the draft model's tokenizer differs from the target's: speculative decoding needs a draft with the "
             "same tokenizer (e.g. a smaller model of the same family, or one distilled from the target)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pocketlm.finetune.config import DEFAULT_LORA_TARGETS, POOLINGS, TASKS, FinetuneConfig
+from pocketlm.finetune.config import DEFAULT_LORA_TARGETS, KD_LOSSES, POOLINGS, TASKS, FinetuneConfig
 
 # (flag, field, type or "flag", help)
 FLAGS = [
@@ -51,11 +51,25 @@ FLAGS = [
     ("--stop-after", "stop_after", int, argparse.SUPPRESS),  # tests: leave the loop after this step, as a kill
 ]
 
+DISTILL_FLAGS = [
+    ("--teacher", "teacher", str, "the teacher: registry name or path; it must share the student's tokenizer"),
+    ("--kd-loss", "kd_loss", str, f"{' | '.join(KD_LOSSES)} (default forward_kl)"),
+    ("--kd-temperature", "kd_temperature", float, "softmax temperature of both distributions (default 1)"),
+    ("--kd-weight", "kd_weight", float, "weight of the distillation term; the data's cross-entropy gets 1 - this (default 0.5)"),
+    ("--hidden-weight", "hidden_weight", float, "also align final hidden states through a learned projection (default 0 = off; online teacher only)"),
+    ("--teacher-logits", "teacher_logits", str, "folder of the teacher's top-k log-probs: computed on first use, reused by later runs (offline distillation)"),
+    ("--teacher-top-k", "teacher_top_k", int, "tokens kept per position in --teacher-logits (default 32; the rest count as one)"),
+]
 
-def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=argparse.SUPPRESS, help="base model: registry name or path")
+
+def add_finetune_arguments(p: argparse.ArgumentParser, distill: bool = False) -> None:
+    """`pocketlm finetune MODEL ...`, or with distill=True `pocketlm distill --student S --teacher T ...`."""
+    if distill:
+        p.add_argument("--student", dest="model", default=argparse.SUPPRESS, help="the student: registry name or path (e.g. a pocketlm prune output)")
+    else:
+        p.add_argument("model", nargs="?", default=argparse.SUPPRESS, help="base model: registry name or path")
     p.add_argument("--config", help="a recipe YAML (recipes/*.yaml); flags given here override it")
-    for flag, dest, kind, help_text in FLAGS:
+    for flag, dest, kind, help_text in (DISTILL_FLAGS if distill else []) + FLAGS:
         names = flag.split("/")
         if kind == "flag":
             p.add_argument(*names, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text)
@@ -64,7 +78,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    overrides = {dest: getattr(args, dest) for _, dest, _, _ in FLAGS if hasattr(args, dest)}
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in DISTILL_FLAGS + FLAGS if hasattr(args, dest)}
     if hasattr(args, "model"):
         overrides["model"] = args.model
     if args.config:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pocketlm.errors import PocketLMError
 
 TASKS = ("sft", "classify")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")  # pocketlm.compress.distill.divergence
 POOLINGS = ("last", "mean")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -60,6 +61,15 @@ class FinetuneConfig:
     pooling: str = ""  # classify: "last" (decoders' default) or "mean" (encoders' default)
     head_lr: float = 0.0  # classify: the new head's peak learning rate (0 = lr); it starts from scratch
 
+    # distillation (pocketlm distill): a teacher with the same tokenizer; see pocketlm.compress.distill
+    teacher: str = ""  # registry name or path; empty = plain fine-tuning
+    kd_loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5  # the distillation term's weight; the data's cross-entropy gets 1 - kd_weight
+    hidden_weight: float = 0.0  # > 0: also align final hidden states through a learned projection (online only)
+    teacher_logits: str = ""  # a folder of the teacher's top-k log-probs, computed on first use and reused
+    teacher_top_k: int = 32
+
     grad_checkpoint: bool = False
     bf16: bool = False  # bf16 autocast for the forward/backward (weights and optimizer stay fp32)
     seed: int = 0
@@ -89,6 +99,14 @@ class FinetuneConfig:
             (self.lora_r >= 0, "lora_r must be >= 0"),
             (not self.lora_r or self.lora_targets, "lora_targets is empty"),
             ("{text}" in self.template, "template must contain {text}"),
+            (self.kd_loss in KD_LOSSES, f"kd_loss must be one of {', '.join(KD_LOSSES)}, not {self.kd_loss!r}"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+            (0 <= self.kd_weight <= 1, "kd_weight must be in [0, 1]"),
+            (self.hidden_weight >= 0, "hidden_weight must be >= 0"),
+            (self.teacher_top_k >= 1, "teacher_top_k must be >= 1"),
+            (not self.teacher or self.task == "sft", "distillation trains a generative model: task must be sft"),
+            (not (self.hidden_weight and self.teacher_logits),
+             "hidden_weight needs the teacher online: stored --teacher-logits hold no hidden states"),
         ]
         for ok, message in checks:
             if not ok:

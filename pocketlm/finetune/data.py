@@ -5,6 +5,8 @@ Rows, one JSON object per line, same kind on every line:
     {"prompt": ..., "completion": ...}
     {"text": ..., "label": ...}              classification as chat: the label is the assistant's answer
     {"instruction": ..., "input": ..., "output": ...}   (Alpaca)
+    {"text": ...}                            raw text (no label): every token is learned, long texts are
+                                             cut into seq_len pieces; a .txt file is one such row
 
 Every conversation is rendered with the model's own chat template and only the assistant's tokens
 count in the loss (labels are -100 elsewhere). The assistant's spans are found by rendering prefixes
@@ -32,6 +34,7 @@ KINDS = {  # row kind -> the keys it needs
     "prompt": ("prompt", "completion"),
     "label": ("text", "label"),
     "alpaca": ("instruction", "output"),
+    "text": ("text",),
 }
 
 
@@ -51,6 +54,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PocketLMError(f"{path}: no such data file")
+    if path.suffix == ".txt":  # plain text: one raw-text row
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise PocketLMError(f"{path}: no text")
+        return [(str(path), 1, {"text": text})]
     rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -69,6 +77,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def row_kind(row: dict) -> str:
+    if "text" in row and "label" not in row:
+        return "text"
     for kind, keys in KINDS.items():
         if keys[0] in row:
             return kind
@@ -152,14 +162,20 @@ def build_examples(tokenizer, rows, cfg) -> list[Example]:
     if not kind:
         raise PocketLMError(
             f"{first_where}: unknown row kind: expected one of {{messages}}, {{prompt, completion}}, "
-            f"{{text, label}}, {{instruction, input, output}}; got keys {sorted(rows[0][2])}"
+            f"{{text, label}}, {{instruction, input, output}}, {{text}}; got keys {sorted(rows[0][2])}"
         )
     templated = tokenizer.has_chat_template
     examples = []
     for path, n, row in rows:
         where = f"{path}:{n}"
         if row_kind(row) != kind:
-            raise PocketLMError(f"{where}: missing field {KINDS[kind][0]!r} (every row must be of the first row's kind: {kind})")
+            missing = next((k for k in KINDS[kind] if k not in row), KINDS[kind][0])
+            raise PocketLMError(f"{where}: missing field {missing!r} (every row must be of the first row's kind: {kind})")
+        if kind == "text":  # language modelling on raw text: no template, every token a target
+            ids = tokenizer.encode(str(row["text"]), add_special_tokens=True)
+            ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+            examples += [Example(ids[i : i + cfg.seq_len], ids[i : i + cfg.seq_len]) for i in range(0, len(ids), cfg.seq_len)]
+            continue
         messages = to_messages(row, kind, where, cfg.template, cfg.system)
         if templated:
             ids, labels = encode_conversation(tokenizer, messages)

@@ -1,13 +1,16 @@
 """The fine-tuning recipe: one script, the training loop written out (torchtune style).
 
     pocketlm finetune smollm2-135m-instruct --data train.jsonl -o out/run1 --lora-r 16 --merge
+    pocketlm distill --teacher smollm2-135m-instruct --student ./pruned --data train.jsonl -o out/student
     torchrun --nproc_per_node 2 -m pocketlm.cli finetune ...      # data parallel (gloo on CPU, nccl on GPU)
 
 What happens, top to bottom in `finetune()`:
   1. processes: torchrun's environment -> a process group; one process is the plain case
   2. model: pocketlm.load (fp32), weights copied off the memory map so the optimizer can write them
   3. data: JSONL -> token ids + loss mask (pocketlm.finetune.data) -> optional packing -> held-out split
-  4. what trains: all weights, or LoRA adapters via peft; for --task classify a head on a pooled state
+  4. what trains: all weights, or LoRA adapters via peft; for --task classify a head on a pooled state;
+     with a teacher (distillation), the loss is pocketlm.compress.distill's, against the teacher's targets
+     computed alongside or read from --teacher-logits
   5. AdamW + cosine schedule with linear warm-up; optional resume from the newest checkpoint
   6. the loop: a global batch per step, split over processes and micro-batches; the loss is summed and
      divided by the global batch's target-token count, so 1 process and N processes (and any
@@ -40,7 +43,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.finetune import checkpoint
 from pocketlm.finetune.config import FinetuneConfig
 from pocketlm.finetune.data import (
-    IGNORE, Example, build_examples, collate, pack, read_jsonl, row_kind, stream_indices, target_count, to_messages,
+    IGNORE, Example, build_examples, collate, pack, read_jsonl, stream_indices, target_count,
 )
 from pocketlm.finetune.lora import apply_lora, enable_grad_checkpointing, merge, save_adapter, trainable_state, unwrap
 
@@ -140,6 +143,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             p.data = p.data.clone()
     model.train()  # no dropout in the native models: train() only marks intent
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    teacher_lm = load_teacher(cfg, lm) if cfg.teacher else None
 
     # ---- 3. data
     if not cfg.eval_data and cfg.eval_split > 0:  # a seeded split: the same held-out rows on every process and every resume
@@ -189,6 +193,22 @@ def finetune(cfg: FinetuneConfig) -> dict:
     total_steps = cfg.steps or math.ceil(cfg.epochs * len(units) / global_batch)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
 
+    teacher = None  # distillation: the teacher's targets per batch
+    if teacher_lm is not None:
+        from pocketlm.compress.distill import OnlineTeacher, StoredTeacher
+
+        if cfg.teacher_logits:
+            if procs.main:
+                from pocketlm.eval.tasks import progress_bar
+
+                with progress_bar("teacher top-k", len(units), not cfg.quiet) as advance:
+                    StoredTeacher.open_or_build(cfg.teacher_logits, cfg.teacher, lambda: teacher_lm.model, units,
+                                                cfg.kd_temperature, cfg.teacher_top_k, cfg.batch_size, pad_id, advance)
+            barrier(procs)
+            teacher = StoredTeacher(cfg.teacher_logits)
+        else:
+            teacher = OnlineTeacher(teacher_lm.model.to(procs.device), cfg.kd_temperature, cfg.hidden_weight > 0)
+
     # ---- 4. what trains
     peft_model = None
     if cfg.task == "classify":
@@ -204,7 +224,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model = unwrap(peft_model)  # the same native module, LoRA Linears inside, everything else frozen
     if cfg.grad_checkpoint:
         enable_grad_checkpointing(model)
-    loss_module = ClassifyLoss(classifier) if cfg.task == "classify" else CausalLMLoss(model)
+    if teacher is not None:
+        from pocketlm.compress.distill import DistillLoss
+
+        loss_module = DistillLoss(model, cfg.kd_loss, cfg.kd_temperature, cfg.kd_weight, cfg.hidden_weight, teacher_lm.model.cfg.dim)
+        eval_loss = CausalLMLoss(model)  # held out: the student's own cross-entropy on the data
+    else:
+        loss_module = ClassifyLoss(classifier) if cfg.task == "classify" else CausalLMLoss(model)
+        eval_loss = loss_module
     loss_module.to(procs.device)
     train_module = loss_module
     if procs.world > 1:
@@ -262,14 +289,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
         loss_sum = torch.zeros((), device=procs.device)
         tokens = 0
         for k in range(cfg.grad_accum):
-            micro = [units[i] for i in mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-            batch = {name: t.to(procs.device) for name, t in collate(micro, pad_id).items()}  # ids, labels (B, T)
+            micro_units = mine[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+            batch = {name: t.to(procs.device) for name, t in collate([units[i] for i in micro_units], pad_id).items()}  # ids, labels (B, T)
             tokens += int(batch["lengths"].sum())
             # DDP all-reduces gradients on every backward; skip that until the last micro-batch
             sync = train_module.no_sync() if procs.world > 1 and k < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast:
-                    micro_loss = train_module(batch["ids"], batch["labels"], batch["lengths"])  # summed over targets
+                    targets = {} if teacher is None else {  # the teacher's distribution at each target position
+                        name: t if t is None else t.to(procs.device) for name, t in teacher.targets(batch, micro_units).items()}
+                    micro_loss = train_module(batch["ids"], batch["labels"], batch["lengths"], **targets)  # summed over targets
                 # DDP averages gradients over processes: * world undoes that, / n_targets makes it a global mean
                 (micro_loss * procs.world / n_targets).backward()
             loss_sum += micro_loss.detach().float()
@@ -296,7 +325,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
         # ---- 7. eval and checkpoint
         if eval_examples and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            last_eval = _evaluate(cfg, procs, loss_module, model, tokenizer, eval_examples, pad_id, count, step, metrics_path, progress)
+            last_eval = _evaluate(cfg, procs, eval_loss, model, tokenizer, eval_examples, pad_id, count, step, metrics_path, progress)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             if procs.main:
                 state = {"config": cfg.to_dict(), "global_batch": global_batch, "total_steps": total_steps,
@@ -309,7 +338,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             return {"step": step, "loss": last_loss, "stopped": True}
 
     if eval_examples:
-        last_eval = _evaluate(cfg, procs, loss_module, model, tokenizer, eval_examples, pad_id, count, step, metrics_path, progress)
+        last_eval = _evaluate(cfg, procs, eval_loss, model, tokenizer, eval_examples, pad_id, count, step, metrics_path, progress)
     if progress is not None:
         progress.stop()
 
@@ -321,9 +350,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "base_model": cfg.model,
             "base": {k: v for k, v in lm.meta.items() if k != "runtime_quant"},
             "data": str(Path(cfg.data).expanduser().resolve()),
-            "recipe": {"name": "finetune", "task": cfg.task, "method": f"lora r={cfg.lora_r}" if cfg.lora else "full",
+            "recipe": {"name": "distill" if cfg.teacher else "finetune", "task": cfg.task,
+                       "method": f"lora r={cfg.lora_r}" if cfg.lora else "full",
                        **{k: v for k, v in cfg.to_dict().items() if k in checkpoint.MUST_MATCH or k in (
-                           "batch_size", "grad_accum", "steps", "epochs", "bf16", "merge")}},
+                           "batch_size", "grad_accum", "steps", "epochs", "bf16", "merge", "teacher_logits")}},
             "steps": step, "global_batch": global_batch, "world_size": procs.world,
             "final_loss": last_loss, "eval": last_eval, "quant": None,
         }
@@ -353,6 +383,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def load_teacher(cfg: FinetuneConfig, student):
+    """The distillation teacher, in float32 and frozen; it must tokenize as the student does."""
+    from pocketlm.load import load
+
+    teacher = load(cfg.teacher)
+    if teacher.is_encoder or teacher.tokenizer is None:
+        raise PocketLMError(f"{teacher.name} cannot be a teacher: distillation needs a generative model with a tokenizer")
+    if not student.tokenizer.same_vocabulary(teacher.tokenizer):
+        raise PocketLMError(
+            f"{student.name} and the teacher {teacher.name} have different tokenizers: distillation compares their "
+            f"next-token distributions, so they must share one (a student pruned from the teacher, or of its family)"
+        )
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise PocketLMError(f"the teacher's output has {teacher.config.vocab_size} tokens and the student's "
+                            f"{student.config.vocab_size}: they must be equal (was the student's vocabulary trimmed?)")
+    return teacher
 
 
 @torch.no_grad()
@@ -450,7 +498,7 @@ def _progress(cfg, procs, total: int, done: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("finetune"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("distill" if cfg.teacher else "finetune"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )

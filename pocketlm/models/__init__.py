@@ -10,7 +10,9 @@ Every model's parameter names equal Hugging Face's state_dict keys for the same 
     model.init_buffers()
 
 Decoders (LlamaForCausalLM, Gemma3ForCausalLM): hidden(idx, input_pos) -> (B, T, D), logits(h) -> (B, T, V),
-forward = logits(hidden(...)); setup_cache(batch_size, max_seq_len, dtype) / clear_cache().
+forward = logits(hidden(...)); setup_cache(batch_size, max_seq_len, dtype, keep) / clear_cache(). With
+hidden(idx, input_pos, slots), each row is a sequence of its own in cache row slots[b] at positions
+input_pos[b] (continuous batching); copy_cache_prefix(src, dst, n) copies a row's first n positions.
 Encoder (BertModel): forward(input_ids, attention_mask, token_type_ids) -> (B, T, D); embed(...) -> (B, D).
 """
 

@@ -29,10 +29,13 @@ from pocketlm.models.llama import (
     ROPE_TABLE_LEN,
     KVCache,
     apply_rope,
+    attend_rows,
     attention_spans,
     fuse_layer_projections,
+    rope_at,
     rope_inv_freq,
     rope_tables,
+    row_spans,
 )
 
 
@@ -71,9 +74,10 @@ class Attention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], dim=-1)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_span=None):
+    def forward(self, x, cos, sin, mask, input_pos, kv_span=None, slots=None):
         # x (B, T, D); cos, sin (T, hd); input_pos None (no cache: causal over x) or (T,);
-        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span))
+        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span)).
+        # slots (B,): row b is a sequence of its own in cache row slots[b] (Llama's Attention says more)
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -81,6 +85,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slots is not None:
+            y = attend_rows(self.kv_cache, q, k, v, slots, input_pos, kv_span, mask, scale=self.scale,
+                            enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             k, v = k[:, :, kv_span], v[:, :, kv_span]  # (B, n_kv, s, hd): only what the chunk can see
@@ -122,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_span):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span)
+    def forward(self, x, cos, sin, mask, input_pos, kv_span, slots=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span, slots)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         return x + self.post_feedforward_layernorm(h)
@@ -157,7 +165,7 @@ class Gemma3TextModel(nn.Module):
         # before multiplying: in bf16, sqrt(640) = 25.298 becomes 25.25. Kept as a tensor to match that.
         self.register_buffer("embed_scale", torch.tensor(cfg.dim**0.5, device=device or "cpu"), persistent=False)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
         x = x * self.embed_scale.to(x.dtype)
@@ -170,16 +178,17 @@ class Gemma3TextModel(nn.Module):
         else:
             if not self.has_cache:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos = input_pos
-            full, sliding = attention_spans(pos, self.cfg.sliding_window)
-        rope = {  # (T, hd) each, cast to the activations' dtype as HF does
-            True: (self.local_cos[pos].to(x.dtype), self.local_sin[pos].to(x.dtype)),
-            False: (self.global_cos[pos].to(x.dtype), self.global_sin[pos].to(x.dtype)),
+            pos = input_pos  # (T,), or (B, T) with slots
+            spans = attention_spans if slots is None else row_spans
+            full, sliding = spans(pos, self.cfg.sliding_window)
+        rope = {  # (T, hd) each, or (B, 1, T, hd) with slots
+            True: rope_at(self.local_cos, self.local_sin, pos, x.dtype),
+            False: rope_at(self.global_cos, self.global_sin, pos, x.dtype),
         }
         for layer in self.layers:
             cos, sin = rope[layer.sliding]
             span, mask = sliding if layer.sliding else full
-            x = layer(x, cos, sin, mask, input_pos, span)
+            x = layer(x, cos, sin, mask, input_pos, span, slots)
         return self.norm(x)  # (B, T, D)
 
 
@@ -205,28 +214,34 @@ class Gemma3ForCausalLM(nn.Module):
         """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""
         self.model.build_buffers(self.model.global_cos.shape[0], device)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None):
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, keep: bool = False):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
-        activations' dtype: SDPA takes q, k, v of one dtype.
+        activations' dtype: SDPA takes q, k, v of one dtype. keep: grow the caches there are, keeping what
+        they hold.
 
         Sliding layers get a full-length cache too and attend to the window's slice of it: simpler than HF's
         ring buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
         cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
         dtype = dtype or ref.dtype
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device)
+            old = layer.self_attn.kv_cache if keep else None
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
         self.model.has_cache = True
         if self.model.global_cos.shape[0] < max_seq_len:
             self.model.build_buffers(max_seq_len, ref.device)
+
+    def copy_cache_prefix(self, src: int, dst: int, n: int):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.copy_prefix(src, dst, n)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.model.has_cache = False
 
-    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> final-norm hidden states (B, T, D)."""
-        return self.model(idx, input_pos)
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, D); slots as Llama's."""
+        return self.model(idx, input_pos, slots)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)  # (B, T, V)
@@ -235,5 +250,5 @@ class Gemma3ForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.hidden(idx, input_pos))
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(idx, input_pos, slots))

@@ -12,6 +12,11 @@ Usage:
     logits = model(prompt, input_pos=torch.arange(T))     # prefill
     logits = model(next_tok, input_pos=torch.tensor([T])) # decode one token
 
+    # continuous batching: cache rows are slots; n sequences at their own positions in one pass
+    model.setup_cache(batch_size=8, max_seq_len=512)
+    model(prompt, input_pos=torch.arange(T)[None], slots=torch.tensor([3]))     # prefill slot 3
+    logits = model(tokens, input_pos=torch.tensor([[T], [9]]), slots=torch.tensor([3, 5]))  # (2, 1) tokens
+
 Shapes: B batch, T new tokens, S cache length, D model dim, nh query heads, n_kv key/value heads,
 hd head dim, V vocab.
 """
@@ -35,17 +40,46 @@ ROPE_TABLE_LEN = 4096
 class KVCache(nn.Module):
     """Keys and values of one attention layer, preallocated for max_seq_len positions and written in place."""
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None, keep=None):
+        """keep: a smaller KVCache whose contents this one starts with (a cache that grows)."""
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if keep is not None:
+            S = keep.k.shape[2]
+            self.k[:, :, :S], self.v[:, :, :S] = keep.k, keep.v
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (T,); k, v (B, n_kv, T, hd) -> the whole cache (B, n_kv, S, hd)
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+    def update_rows(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots (n,) cache rows; pos (n, T) each row's positions; k, v (n, n_kv, T, hd)
+        rows = slots[:, None]  # (n, 1), broadcast against pos
+        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed (n, T, n_kv, hd): the advanced indices' dims come first
+        self.v[rows, :, pos] = v.transpose(1, 2)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Row dst's first n positions := row src's (a shared prompt prefix is copied, not computed again)."""
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
+
+
+def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, **sdpa) -> torch.Tensor:
+    """Attention for n sequences at their own positions, each in its own cache row (continuous batching).
+    q (n, nh, T, hd); k, v (n, n_kv, T, hd) new keys and values; slots (n,); pos (n, T); spans, masks: one per
+    row, as attention_spans gives them. -> (n, nh, T, hd)"""
+    cache.update_rows(slots, pos, k, v)
+    # One SDPA call per row on a view of its own cache row: no gather copy, no padding to the longest row, and
+    # each row computes exactly what the same sequence decoded alone computes.
+    out = [
+        F.scaled_dot_product_attention(q[i : i + 1], cache.k[s : s + 1, :, span], cache.v[s : s + 1, :, span], attn_mask=mask, **sdpa)
+        for i, (s, span, mask) in enumerate(zip(slots.tolist(), spans, masks))
+    ]  # n x (1, nh, T, hd)
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -87,8 +121,17 @@ def rope_tables(inv_freq: torch.Tensor, n: int, device=None) -> tuple[torch.Tens
     return emb.cos(), emb.sin()
 
 
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables' rows for positions pos (T,) -> (T, hd); per sequence, pos (n, T) -> (n, 1, T, hd), which
+    broadcasts over the heads. Cast to the activations' dtype, as HF does."""
+    cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
+    if pos.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, nh, T, hd); cos, sin (T, hd) in x's dtype. HF: (x * cos) + (rotate_half(x) * sin)
+    # x (B, nh, T, hd); cos, sin (T, hd) or (B, 1, T, hd) in x's dtype. HF: (x * cos) + (rotate_half(x) * sin)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -128,15 +171,20 @@ class Attention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], dim=-1)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_span=None):
+    def forward(self, x, cos, sin, mask, input_pos, kv_span=None, slots=None):
         # x (B, T, D); cos, sin (T, hd); input_pos None (no cache: causal over x) or (T,);
-        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span))
+        # kv_span: the cache positions this chunk can see (slice); mask None or bool (T, len(kv_span)).
+        # slots (B,): row b is a sequence of its own in cache row slots[b], at positions input_pos[b] (B, T);
+        # cos, sin are then (B, 1, T, hd) and kv_span, mask one per row.
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slots is not None:
+            y = attend_rows(self.kv_cache, q, k, v, slots, input_pos, kv_span, mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             # only the positions the chunk can see: attention over the whole preallocated cache with a
@@ -177,8 +225,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_span):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span)
+    def forward(self, x, cos, sin, mask, input_pos, kv_span, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_span, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -202,25 +250,25 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (n, hd)
         self.register_buffer("rope_sin", sin, persistent=False)  # (n, hd)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
+        window = self.cfg.sliding_window if self.has_sliding else None
         if input_pos is None:
             if T > self.rope_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
                 self.build_rope(T, self.rope_cos.device)
             pos = torch.arange(T, device=idx.device)
-            full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
+            full, sliding = attention_spans(pos, window)
             full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
         else:
             if not self.has_cache:
                 raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos = input_pos
-            full, sliding = attention_spans(pos, self.cfg.sliding_window if self.has_sliding else None)
-        cos = self.rope_cos[pos].to(x.dtype)  # (T, hd); HF casts cos/sin to the activations' dtype too
-        sin = self.rope_sin[pos].to(x.dtype)
+            pos = input_pos  # (T,), or (B, T) with slots
+            full, sliding = attention_spans(pos, window) if slots is None else row_spans(pos, window)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, pos, x.dtype)  # (T, hd) or (B, 1, T, hd)
         for layer in self.layers:
             span, mask = sliding if layer.sliding else full
-            x = layer(x, cos, sin, mask, input_pos, span)
+            x = layer(x, cos, sin, mask, input_pos, span, slots)
         return self.norm(x)  # (B, T, D)
 
 
@@ -238,6 +286,14 @@ def attention_spans(pos: torch.Tensor, window: int | None):
     dist = pos[:, None] - kv[None, begin:]  # (T, s)
     mask = (dist >= 0) & (dist < window)
     return full, (slice(begin, last + 1), None if len(pos) == 1 else mask)
+
+
+def row_spans(pos: torch.Tensor, window: int | None):
+    """attention_spans for sequences at their own positions pos (n, T): for each kind of layer,
+    (the n slices, the n masks)."""
+    per_row = [attention_spans(p, window) for p in pos]
+    full = tuple(zip(*(f for f, _ in per_row)))
+    return full, None if window is None else tuple(zip(*(s for _, s in per_row)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -265,31 +321,38 @@ class LlamaForCausalLM(nn.Module):
         n = self.model.rope_cos.shape[0]
         self.model.build_rope(n, device)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None):
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, keep: bool = False):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
-        activations' dtype: SDPA takes q, k, v of one dtype."""
+        activations' dtype: SDPA takes q, k, v of one dtype. keep: grow the caches there are, keeping what they
+        hold (the server's slots grow with their longest sequence)."""
         cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
         dtype = dtype or ref.dtype
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device)
+            old = layer.self_attn.kv_cache if keep else None
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
         self.model.has_cache = True
         if self.model.rope_cos.shape[0] < max_seq_len:
             self.model.build_rope(max_seq_len, ref.device)
+
+    def copy_cache_prefix(self, src: int, dst: int, n: int):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.copy_prefix(src, dst, n)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.model.has_cache = False
 
-    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> final-norm hidden states (B, T, D)."""
-        return self.model(idx, input_pos)
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, D). With slots (B,), row b is its own sequence in cache
+        row slots[b] at positions input_pos[b] (input_pos (B, T))."""
+        return self.model(idx, input_pos, slots)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)  # (B, T, V)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.hidden(idx, input_pos))
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden(idx, input_pos, slots))
 
 
 def fuse_layer_projections(layers) -> None:

@@ -4,7 +4,7 @@
     protocol.py       the native request and event types: what the worker understands
     openai_compat.py  OpenAI's JSON <-> the native types (validation, responses, stream chunks)
     constrain.py      token masks from a JSON schema or a tool list (llguidance)
-    scheduler.py      loaded models (LRU) and the worker thread that runs one request at a time
+    scheduler.py      loaded models (LRU) and the worker thread that batches requests (continuous batching)
     metrics.py        Prometheus counters and histograms
     app.py            the HTTP routes (Starlette/FastAPI + uvicorn)
     static/           the web chat page, served from here (no CDN)

@@ -105,6 +105,7 @@ def create_app(config: ServerConfig) -> Starlette:
             observe(event)
             if isinstance(event, Finished):
                 metrics.completion_tokens.labels(model).inc(event.completion_tokens)
+                metrics.cached_tokens.labels(model).inc(event.cached_tokens)
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop has closed: the server is shutting down

@@ -1,5 +1,5 @@
-"""A client of a running `pocketlm serve`, for `pocketlm run --server URL`. Standard library only, so the
-CLI stays light: the server has the model, this side only streams text."""
+"""A client of a running `pocketlm serve`, for `pocketlm run/chat --server URL`. Standard library only, so
+the CLI stays light: the server has the model, this side only streams text."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from typing import Iterator
 from pocketlm.errors import PocketLMError
 
 
-def stream(server: str, path: str, body: dict, api_key: str | None = None) -> Iterator[dict]:
-    """POST with stream: true; yield each server-sent event's JSON until data: [DONE]."""
+def call(server: str, path: str, body: dict | None, api_key: str | None, timeout: float = 600):
+    """The server's response to a POST of body (a GET without one); its error message as a PocketLMError."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(server.rstrip("/") + path, data=json.dumps({**body, "stream": True}).encode(), headers=headers)
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.rstrip("/") + path, data=data, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=600)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         try:
             message = json.load(e)["error"]["message"]
@@ -28,6 +29,31 @@ def stream(server: str, path: str, body: dict, api_key: str | None = None) -> It
         raise PocketLMError(f"the server at {server} said: {message}") from None
     except (urllib.error.URLError, OSError) as e:
         raise PocketLMError(f"no pocketlm server answered at {server} ({getattr(e, 'reason', e)}); start one with `pocketlm serve`") from None
+
+
+def wait_until_up(process, url: str, limit_s: float = 120) -> None:
+    """Poll url until it answers, for a server just started as `process` (tests, benchmarks); a RuntimeError
+    (with the output, if it is a pipe) if the process exits first, or when limit_s (a bound on a hung start)
+    runs out."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read()[-3000:] if process.stdout else ""
+            raise RuntimeError(f"{' '.join(map(str, process.args[:4]))} exited: {output}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(map(str, process.args[:4]))} did not answer {url}") from None
+            time.sleep(0.3)
+
+
+def stream(server: str, path: str, body: dict, api_key: str | None = None) -> Iterator[dict]:
+    """POST with stream: true; yield each server-sent event's JSON until data: [DONE]."""
+    response = call(server, path, {**body, "stream": True}, api_key)
     with response:
         for line in response:
             line = line.decode("utf-8").strip()
@@ -51,20 +77,36 @@ def request_params(params) -> dict:
     }
 
 
+def texts(args, model: str, params, messages: list[dict] | None = None, prompt: str | None = None) -> Iterator[str]:
+    """The server's answer as it streams: to chat messages, or a raw prompt continued."""
+    if messages is None:
+        chunks = stream(args.server, "/v1/completions", {"model": model, "prompt": prompt, **request_params(params)}, args.api_key)
+        return (c["choices"][0]["text"] for c in chunks if c["choices"])
+    chunks = stream(args.server, "/v1/chat/completions", {"model": model, "messages": messages, **request_params(params)}, args.api_key)
+    return (c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def model_info(args, model: str) -> tuple[str, str]:
+    """-> (the server's name for model, its kind: "chat", "base" or "embed")"""
+    from pocketlm import registry
+
+    entry = registry.lookup(model)
+    name = entry.name if entry else model
+    with call(args.server, f"/v1/models/{name}", None, args.api_key) as response:
+        return name, json.load(response)["kind"]
+
+
 def run_remote(args, model: str, prompt: str, params) -> int:
     """`pocketlm run --server URL ...`: the same output as a local run, computed by the server."""
     if args.raw:
-        chunks = stream(args.server, "/v1/completions", {"model": model, "prompt": prompt, **request_params(params)}, args.api_key)
-        texts = (c["choices"][0]["text"] for c in chunks if c["choices"])
+        answer = texts(args, model, params, prompt=prompt)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
-        chunks = stream(args.server, "/v1/chat/completions", {"model": model, "messages": messages, **request_params(params)}, args.api_key)
-        texts = (c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        answer = texts(args, model, params, messages + [{"role": "user", "content": prompt}])
     if args.json:
-        print(json.dumps({"model": model, "text": "".join(texts), "server": args.server}))
+        print(json.dumps({"model": model, "text": "".join(answer), "server": args.server}))
         return 0
-    for text in texts:
+    for text in answer:
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")

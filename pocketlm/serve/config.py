@@ -12,7 +12,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None  # when set, /v1 and /api routes want "Authorization: Bearer KEY"
     max_loaded: int = 2  # models kept in memory; the least recently used one leaves first
-    max_queue: int = 16  # requests waiting for the worker; one more gets 429 with Retry-After
+    max_batch: int = 8  # sequences decoded together (continuous batching); each has a KV cache row (slot)
+    max_queue: int = 16  # requests waiting for a free slot; one more gets 429 with Retry-After
     max_body_bytes: int = 2 * 1024 * 1024  # larger bodies get 413 (a full 8k-token prompt is ~40 KB)
     default_max_tokens: int = 512  # when a request names no max_tokens (the context window still bounds it)
     max_n: int = 8  # choices per request
@@ -21,7 +22,7 @@ class ServerConfig:
     quant: str = "none"
 
     def __post_init__(self) -> None:
-        for name in ("max_loaded", "max_queue", "max_body_bytes", "default_max_tokens", "max_n", "threads"):
+        for name in ("max_loaded", "max_batch", "max_queue", "max_body_bytes", "default_max_tokens", "max_n", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 from pocketlm.errors import PocketLMError
 

@@ -308,9 +308,14 @@ def completion_logprobs(delta: Delta, offset: int) -> dict:
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_tokens(plan: Plan, finished: Finished) -> int:
+    """The prefix cache's share of the prompt, counted once per prompt (as prompt_tokens): its first choice's."""
+    return finished.cached_tokens if finished.index % plan.request.n == 0 else 0
 
 
 def tool_call(plan: Plan, text: str) -> dict | None:
@@ -358,7 +363,7 @@ def response(plan: Plan, events: list) -> dict:
         "created": plan.created,
         "model": started.model,
         "choices": choices,
-        "usage": usage(started.prompt_tokens, completion_tokens),
+        "usage": usage(started.prompt_tokens, completion_tokens, sum(cached_tokens(plan, f) for f in finished.values())),
     }
 
 
@@ -367,7 +372,7 @@ class Streamer:
 
     def __init__(self, plan: Plan, started: Started):
         self.plan, self.started = plan, started
-        self.completion_tokens = 0
+        self.completion_tokens = self.cached_tokens = 0
         self.offsets: dict[int, int] = {}  # completion logprobs' text_offset
         self.buffered: dict[int, str] = {}  # with tools, a choice's text is held until it ends
         self.opened: set[int] = set()
@@ -396,6 +401,7 @@ class Streamer:
         elif isinstance(event, Finished):
             i, reason = event.index, event.finish_reason
             self.completion_tokens += event.completion_tokens
+            self.cached_tokens += cached_tokens(plan, event)
             if plan.kind == "completion":
                 return [self.chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])]
             out += self.open(i)
@@ -420,7 +426,7 @@ class Streamer:
     def final(self) -> list[dict]:
         if not self.plan.include_usage:
             return []
-        return [self.chunk([], usage=usage(self.started.prompt_tokens, self.completion_tokens))]
+        return [self.chunk([], usage=usage(self.started.prompt_tokens, self.completion_tokens, self.cached_tokens))]
 
 
 def embedding_response(event, base64: bool = False) -> dict:

@@ -57,6 +57,7 @@ class Finished:
     completion_tokens: int
     time_to_first_token_s: float
     decode_tokens_per_s: float
+    cached_tokens: int = 0  # prompt tokens the prefix cache held: not computed again
 
 
 @dataclass

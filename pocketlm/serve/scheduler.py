@@ -1,9 +1,11 @@
 """Loaded models and the worker thread that runs requests.
 
-One worker thread runs one request at a time, in arrival order, from a bounded queue: on 2 CPU cores a
-second decode in parallel would only share the same cores. (Continuous batching, several sequences in
-one forward pass, needs per-sequence positions in the models' KV cache; see the README.) The HTTP side
-never blocks on the model: it puts a Job in the queue and reads the Job's events as they come.
+One worker thread owns the models. Requests wait in a bounded queue; between decode steps the worker takes
+as many as there are free slots (`max_batch` sequences in all) and seats each new sequence in a slot of its
+model's batch (pocketlm.engine.batch: continuous batching with a prefix cache). Each turn of its loop runs
+a chunk of the new prompts, then one decode step for all sequences together, and hands each sequence its
+logits to sample from with its own settings. The HTTP side never blocks on the model: it puts a Job in the
+queue and reads the Job's events as they come.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ from pocketlm.serve.protocol import (
 )
 
 
-class Cancelled(Exception):
-    """The client went away: stop decoding and free the worker."""
-
-
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Job:
     request: GenerateRequest | EmbedRequest
     emit: Callable[[object], None]  # called from the worker thread with each event
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0  # when the worker took it from the queue
+    open_choices: int = 0  # choices still decoding; the job is done at 0
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -44,7 +44,7 @@ class QueueFull(Exception):
 
 
 @dataclass
-class Slot:
+class Loaded:
     lm: object  # pocketlm.load.LoadedModel
     memory_bytes: int
     loaded_at: float
@@ -56,7 +56,7 @@ class ModelPool:
 
     def __init__(self, config: ServerConfig, refs: dict[str, str]):
         self.config, self.refs = config, refs  # refs: served name -> registry name or path
-        self.slots: OrderedDict[str, Slot] = OrderedDict()
+        self.slots: OrderedDict[str, Loaded] = OrderedDict()
         self.lock = threading.Lock()  # the worker changes slots; /api/ps reads them
 
     def get(self, name: str):
@@ -73,7 +73,7 @@ class ModelPool:
         lm.name = name
         now = time.time()
         with self.lock:
-            self.slots[name] = Slot(lm, model_bytes(lm.model), now, now)
+            self.slots[name] = Loaded(lm, model_bytes(lm.model), now, now)
         return lm
 
     def _load(self, name: str):
@@ -103,11 +103,25 @@ def model_bytes(model) -> int:
     return total
 
 
+@dataclass(eq=False)
+class Choice:
+    """One choice of one request: a Sequence, in a slot of its model's batch or waiting for one."""
+
+    job: Job
+    index: int
+    seq: object  # pocketlm.engine.generate.Sequence
+    lm: object
+    seated: bool = False
+    cached_tokens: int = 0
+    sent: int = 0  # logprob entries already sent
+
+
 class Scheduler:
     def __init__(self, config: ServerConfig, pool: ModelPool, metrics=None):
-        self.pool, self.metrics = pool, metrics
+        self.pool, self.metrics, self.max_batch = pool, metrics, config.max_batch
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
-        self.busy = False
+        self.choices: list[Choice] = []  # in arrival order
+        self.running: set[Job] = set()  # taken from the queue and not done
         self.job_s = 2.0  # moving average of a job's duration, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="pocketlm-worker", daemon=True)
         self.thread.start()
@@ -116,43 +130,150 @@ class Scheduler:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise QueueFull(max(1, round(self.job_s * (self.queue.qsize() + 1)))) from None
+            # a slot frees about every job_s / max_batch seconds
+            raise QueueFull(max(1, round(self.job_s * (self.queue.qsize() + 1) / self.max_batch))) from None
 
     def depth(self) -> int:
-        return self.queue.qsize() + (1 if self.busy else 0)
+        return self.queue.qsize() + len(self.running)
 
     def _loop(self) -> None:
         while True:
-            job = self.queue.get()
+            self._admit()
+            self._drop_cancelled()
+            self._seat_waiting()
+            self._step()
+
+    def _seat_waiting(self) -> None:
+        """Waiting choices into free slots, the oldest first."""
+        for choice in list(self.choices):
+            if not choice.seated and choice in self.choices and batch_of(choice.lm, self.max_batch).has_room():
+                self._guarded(choice.job, self._seat, choice)
+
+    def _step(self) -> None:
+        """Each model's batch: a chunk of the new prompts, then one decode step; each choice samples its own
+        next token from its logits."""
+        for lm in {id(c.lm): c.lm for c in self.choices if c.seated}.values():
+            batch = batch_of(lm, self.max_batch)
+            for run in (batch.prefill_step, batch.step):
+                seated = {id(c.seq): c for c in self.choices if c.seated and c.lm is lm}
+                try:
+                    stepped = run()
+                except Exception as e:  # a bug, not a client's fault: fail this batch's requests, keep serving
+                    for choice in seated.values():
+                        self._done(choice.job, internal_error(e))
+                    break
+                if run == batch.step and self.metrics is not None and stepped:
+                    self.metrics.batch_size.observe(len(stepped))
+                for seq, logits in stepped:
+                    choice = seated[id(seq)]
+                    if choice in self.choices:  # not ended by another choice of its request failing this step
+                        self._guarded(choice.job, self._advance, choice, logits)
+
+    def _admit(self) -> None:
+        """Take queued jobs while slots are free; wait for one when there is nothing to do."""
+        while len(self.choices) < self.max_batch:
+            try:
+                job = self.queue.get(block=not self.choices)
+            except queue.Empty:
+                return
             if job.cancelled.is_set():  # its client left while it waited
                 self._count_cancel()
                 job.emit(Done())
                 continue
-            self.busy, start = True, time.monotonic()
-            try:
-                run(job, self.pool)
-            except Cancelled:
-                self._count_cancel()
-            except PocketLMError as e:
-                job.emit(Failed(400, str(e)))
-            except Exception as e:  # a bug, not the client's fault: say so, keep serving
-                job.emit(Failed(500, f"internal error: {type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
-                self.job_s = 0.8 * self.job_s + 0.2 * (time.monotonic() - start)
-                job.emit(Done())
+            self.running.add(job)
+            job.started_at = time.monotonic()
+            self._guarded(job, self._start, job)
+
+    def _start(self, job: Job) -> None:
+        request = job.request
+        lm = self.pool.get(request.model)
+        if isinstance(request, EmbedRequest):
+            run_embed(job, lm)
+            return self._done(job)
+        choices = sequences(request, lm)  # fails before any output for a prompt over the context window
+        job.open_choices = len(choices)
+        job.emit(Started(lm.name, sum(len(seq.prompt_ids) for j, seq in enumerate(choices) if j % request.n == 0)))
+        self.choices += [Choice(job, i, seq, lm) for i, seq in enumerate(choices)]
+
+    def _seat(self, choice: Choice) -> None:
+        choice.cached_tokens = batch_of(choice.lm, self.max_batch).add(choice.seq)
+        choice.seated = True
+
+    def _advance(self, choice: Choice, logits) -> None:
+        """Sample the choice's next token from its logits (1, V) and send the text it makes visible."""
+        seq, stats = choice.seq, choice.seq.stats
+        token, logits = seq.choose(logits)
+        text = seq.accept(token, logits)
+        if seq.done:
+            text += seq.finish()
+        if text or seq.done:
+            # the tokens behind this text (a stop string may have held some back)
+            entries = list(zip(stats.token_ids[choice.sent :], stats.token_logprobs[choice.sent :]))
+            choice.sent = len(stats.token_logprobs)
+            if text or entries:
+                choice.job.emit(Delta(choice.index, text, logprobs_of(choice.lm.tokenizer, entries)))
+        if seq.done:
+            self._remove(choice)
+            choice.job.emit(Finished(choice.index, stats.finish_reason, stats.completion_tokens,
+                                     stats.time_to_first_token_s, stats.decode_tokens_per_s, choice.cached_tokens))
+            choice.job.open_choices -= 1
+            if not choice.job.open_choices:
+                self._done(choice.job)
+
+    def _guarded(self, job: Job, action, *args) -> None:
+        """Run action(*args) for job; an error fails only this job (bad input: 400; a bug: 500), not the
+        others in the batch, and the server keeps serving."""
+        try:
+            action(*args)
+        except PocketLMError as e:
+            self._done(job, Failed(400, str(e)))
+        except Exception as e:
+            self._done(job, internal_error(e))
+
+    def _drop_cancelled(self) -> None:
+        """Free the slots of requests whose clients went away."""
+        for job in {c.job for c in self.choices if c.job.cancelled.is_set()}:
+            self._count_cancel()
+            self._done(job)
+
+    def _remove(self, choice: Choice) -> None:
+        if choice.seated:
+            batch_of(choice.lm, self.max_batch).remove(choice.seq)
+        self.choices.remove(choice)
+
+    def _done(self, job: Job, failed: Failed | None = None) -> None:
+        """End a job: its last events, its choices out of the batch. Once: several choices may fail it."""
+        if job not in self.running:
+            return
+        self.running.discard(job)
+        for choice in [c for c in self.choices if c.job is job]:
+            self._remove(choice)
+        self.job_s = 0.8 * self.job_s + 0.2 * (time.monotonic() - job.started_at)
+        if failed is not None:
+            job.emit(failed)
+        job.emit(Done())
 
     def _count_cancel(self) -> None:
         if self.metrics is not None:
             self.metrics.cancelled.inc()
 
 
-def run(job: Job, pool: ModelPool) -> None:
-    request = job.request
-    lm = pool.get(request.model)
-    if isinstance(request, EmbedRequest):
-        return run_embed(job, lm)
-    from pocketlm.engine.generate import encode_chat, encode_raw, generate
+def internal_error(e: Exception) -> Failed:
+    return Failed(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def batch_of(lm, max_batch: int):
+    """The model's batch of slots, made on first use; it lives (cache and prefix cache) as long as the model."""
+    if getattr(lm, "batch", None) is None:
+        from pocketlm.engine.batch import Batch
+
+        lm.batch = Batch(lm.model, max_batch, lm.context_length)
+    return lm.batch
+
+
+def sequences(request: GenerateRequest, lm) -> list:
+    """The request's choices as Sequences: prompt by prompt, n each (choice index = prompt index * n + j)."""
+    from pocketlm.engine.generate import Sequence, encode_chat, encode_raw
     from pocketlm.engine.sampling import logit_bias_processor, presence_frequency_processor
     from pocketlm.serve.constrain import grammar_processor
 
@@ -162,13 +283,7 @@ def run(job: Job, pool: ModelPool) -> None:
     out_of_range = [t for t in request.logit_bias if t >= lm.config.vocab_size]
     if out_of_range:
         raise PocketLMError(f"logit_bias: token id {out_of_range[0]} is not in {lm.name}'s vocabulary of {lm.config.vocab_size}")
-
-    def check_cancel(logits, generated):  # a processor, so it runs at every decode step
-        if job.cancelled.is_set():
-            raise Cancelled
-        return logits
-
-    generations, prompt_tokens = [], 0
+    out = []
     for prompt in request.prompts:
         if isinstance(prompt, str):
             ids = encode_raw(tokenizer, prompt)
@@ -176,38 +291,24 @@ def run(job: Job, pool: ModelPool) -> None:
             raise PocketLMError(f"{lm.name} is a base model with no chat template: use /v1/completions")
         else:
             ids = encode_chat(tokenizer, prompt)
-        prompt_tokens += len(ids)
         for j in range(request.n):
             params = request.params
             if params.seed is not None and j:  # n choices from one seed must still differ
                 params = type(params)(**{**params.__dict__, "seed": (params.seed + j) % 2**64})
-            processors = [check_cancel]
+            processors = []
             if request.logit_bias:
                 processors.append(logit_bias_processor(request.logit_bias))
             if request.presence_penalty or request.frequency_penalty:
                 processors.append(presence_frequency_processor(request.presence_penalty, request.frequency_penalty))
             if request.grammar is not None:  # last: nothing after it may re-enable a masked token
                 processors.append(grammar_processor(tokenizer, request.grammar, lm.config.vocab_size))
-            # Built now, not in the loop below, so a prompt over the context window fails before any output.
-            generations.append(generate(lm, ids, params, processors, request.logprobs))
-    job.emit(Started(lm.name, prompt_tokens))
+            out.append(Sequence(tokenizer, ids, params, lm.context_length, processors, request.logprobs))
+    return out
 
-    def logprobs_of(entries) -> list[TokenLogprob]:
-        text = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
-        return [TokenLogprob(text(t), lp, [(text(i), p) for i, p in top]) for t, (lp, top) in entries]
 
-    for index, generation in enumerate(generations):
-        stats, sent = generation.stats, 0
-        for text in generation:
-            # the tokens that produced this text (a stop string may have held some back)
-            entries = list(zip(stats.token_ids[sent:], stats.token_logprobs[sent:]))
-            sent = len(stats.token_logprobs)
-            job.emit(Delta(index, text, logprobs_of(entries)))
-        rest = list(zip(stats.token_ids[sent:], stats.token_logprobs[sent:]))
-        if rest:
-            job.emit(Delta(index, "", logprobs_of(rest)))
-        job.emit(Finished(index, stats.finish_reason, stats.completion_tokens,
-                          stats.time_to_first_token_s, stats.decode_tokens_per_s))
+def logprobs_of(tokenizer, entries) -> list[TokenLogprob]:
+    text = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+    return [TokenLogprob(text(t), lp, [(text(i), p) for i, p in top]) for t, (lp, top) in entries]
 
 
 def run_embed(job: Job, lm) -> None:

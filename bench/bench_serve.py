@@ -1,0 +1,186 @@
+"""`pocketlm serve` under concurrent clients, against llama-cpp-python's server on the same GGUF file, as Markdown.
+
+    .venv/bin/python bench/bench_serve.py [--model smollm2] [--streams 1 4 8 16] [--new-tokens 64]
+        [--threads 2] [--vs llama.cpp | --vs none]
+
+Each server runs in its own process and is driven by the official `openai` client, one thread per stream,
+every stream a streamed chat completion with its own question and the end tokens banned (logit_bias), so
+every stream decodes exactly --new-tokens tokens. Aggregate tokens/s: all streams' completion tokens over
+the wall time from the first request to the last stream's end. Then time to first token with 8 streams at
+once, 3 rounds: every stream with a system prompt of its own (nothing to reuse), and all streams sharing
+one system prompt that an earlier request already sent (the prefix cache's case).
+pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+LLAMA_SERVER_EXTRAS = ("sse_starlette", "starlette_context", "pydantic_settings")
+INSTALL_LLAMA_SERVER = ".venv/bin/pip install sse-starlette starlette-context pydantic-settings"
+TOPICS = ["the sea", "a city at night", "an old clock", "the first snow", "a lost key", "a mountain road",
+          "a quiet library", "a summer storm", "a red kite", "a train station", "a lighthouse", "a garden",
+          "a desert", "a bridge", "a market", "a violin"]  # fmt: skip
+
+
+@contextmanager
+def server(cmd: list[str], port: int):
+    """A server process, once /v1/models answers; stopped at the end. Its output goes to a file: a pipe nobody
+    reads would fill up with llama.cpp's per-request logs and stop the server."""
+    from pocketlm.serve.client import wait_until_up
+
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            wait_until_up(process, url + "/v1/models", limit_s=300)
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}\n{log.read()[-3000:]}") from None
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def stream_once(client, model: str, messages: list[dict], new_tokens: int, no_end: dict) -> tuple[float, int]:
+    """One streamed chat completion -> (seconds to its first text, completion tokens)."""
+    start, first, tokens = time.perf_counter(), None, 0
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=new_tokens, temperature=0,
+                                            logit_bias=no_end, stream=True)
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - start
+            tokens += 1  # both servers send one chunk per token
+    return first, tokens
+
+
+def concurrent(client, model: str, conversations: list[list[dict]], new_tokens: int, no_end: dict):
+    """Every conversation as its own stream, all at once -> (wall seconds, [(first-token seconds, tokens)])."""
+    results = [None] * len(conversations)
+
+    def run(i):
+        results[i] = stream_once(client, model, conversations[i], new_tokens, no_end)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(conversations))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, results
+
+
+def question(i: int, round_: int = 0) -> list[dict]:
+    return [{"role": "user", "content": f"Write a short poem about {TOPICS[i % len(TOPICS)]} ({round_}.{i})."}]
+
+
+def system_prompt(tag: str) -> dict:
+    """About 250 tokens of instructions; `tag` makes it one of a kind from its first words."""
+    rules = " ".join(f"Rule {k}: keep every line under twelve words and never repeat an image." for k in range(1, 16))
+    return {"role": "system", "content": f"[{tag}] You are a poet who writes for children. {rules}"}
+
+
+def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: dict) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    stream_once(client, model, question(0), 4, no_end)  # loads the model, fills the caches
+    out = {"throughput": {}, "ttft": {}}
+    for n in streams:
+        wall, results = concurrent(client, model, [question(i, n) for i in range(n)], new_tokens, no_end)
+        out["throughput"][n] = sum(tokens for _, tokens in results) / wall
+        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s", file=sys.stderr)
+    shared = system_prompt("shared")
+    stream_once(client, model, [shared, *question(0)], 4, no_end)  # the system prompt was seen before
+    for case in ("own system prompt", "shared system prompt"):
+        firsts = []
+        for r in range(3):
+            conversations = [[shared if case.startswith("shared") else system_prompt(f"{r}.{i}"), *question(i, r)] for i in range(8)]
+            firsts += [first for first, _ in concurrent(client, model, conversations, 16, no_end)[1]]
+        out["ttft"][case] = (statistics.median(firsts), percentile(firsts, 99))
+        print(f"  8 streams, {case}: first token p50 {out['ttft'][case][0]:.2f} s", file=sys.stderr)
+    return out
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 8, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=None, help="pocketlm serve --max-batch (default: its own)")
+    parser.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"])
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    from pocketlm import registry
+    from pocketlm.load import convert_gguf
+    from pocketlm.tokenizer import Tokenizer
+
+    name, path = registry.resolve(args.model)
+    stop_ids = Tokenizer.from_hf_dir(convert_gguf(path)).stop_ids
+    no_end = {str(i): -100 for i in stop_ids}  # every stream runs to --new-tokens
+
+    engines = {}
+    cmd = [sys.executable, "-m", "pocketlm.cli", "serve", name, "--port", str(args.port), "--threads", str(args.threads)]
+    cmd += ["--max-batch", str(args.max_batch)] if args.max_batch else []
+    print(f"pocketlm serve {name} ({path.name})", file=sys.stderr)
+    with server(cmd, args.port) as url:
+        engines["pocketlm"] = measure(url, name, args.streams, args.new_tokens, no_end)
+    skipped = None
+    if args.vs == "llama.cpp":
+        missing = [m for m in ("llama_cpp", *LLAMA_SERVER_EXTRAS) if not importable(m)]
+        if missing:
+            skipped = f"llama-cpp-python's server: skipped, {', '.join(missing)} not installed ({INSTALL_LLAMA_SERVER})"
+        else:
+            # It runs one request at a time (a lock; no parallel slots) and by default cuts a stream short when
+            # another request arrives: --interrupt_requests False lets every stream run to its end.
+            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", name, "--port",
+                   str(args.port + 1), "--n_threads", str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False"]
+            print("llama-cpp-python server", file=sys.stderr)
+            with server(cmd, args.port + 1) as url:
+                engines["llama.cpp"] = measure(url, name, args.streams, args.new_tokens, no_end)
+    report(engines, args.streams, args.new_tokens)
+    if skipped:
+        print(f"\n{skipped}")
+
+
+def importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def report(engines: dict, streams: list[int], new_tokens: int) -> None:
+    ours, peer = engines["pocketlm"], engines.get("llama.cpp")
+    print(f"| streams | pocketlm tok/s | vs pocketlm 1 stream |{' llama.cpp tok/s | pocketlm / llama.cpp |' if peer else ''}")
+    print(f"|---|---|---|{'---|---|' if peer else ''}")
+    for n in streams:
+        row = f"| {n} | {ours['throughput'][n]:.1f} | {ours['throughput'][n] / ours['throughput'][streams[0]]:.2f}x |"
+        if peer:
+            row += f" {peer['throughput'][n]:.1f} | {ours['throughput'][n] / peer['throughput'][n]:.2f}x |"
+        print(row)
+    print(f"\n(aggregate completion tokens/s over wall time, {new_tokens} tokens per stream)\n")
+    print("| 8 streams | engine | first token p50 | p99 |")
+    print("|---|---|---|---|")
+    for engine, result in engines.items():
+        for case, (p50, p99) in result["ttft"].items():
+            print(f"| {case} | {engine} | {p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()
