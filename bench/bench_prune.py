@@ -56,6 +56,15 @@ def measure(ref: str, text: str) -> dict:
     }
 
 
+def alpaca_records() -> list[dict]:
+    return [json.loads(line) for line in ALPACA.read_text(encoding="utf-8").splitlines()]
+
+
+def alpaca_text(records: list[dict], between: str) -> str:
+    """Alpaca rows as plain text: instruction, input and output on lines of their own, `between` rows."""
+    return between.join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in records)
+
+
 def row(name: str, m: dict, base: dict) -> str:
     return (
         f"| {name} | {m['params'] / 1e6:.1f}M | {m['non_embedding'] / 1e6:.1f}M ({m['non_embedding'] / base['non_embedding']:.0%}) "
@@ -78,8 +87,7 @@ def main() -> None:
                 rows.append(row(f"{name} (prune {prune_s:.0f} s)", measure(str(Path(tmp) / "p"), text), base))
         elif what == "gemma-vocab":
             domain = Path(tmp) / "alpaca.txt"
-            records = [json.loads(line) for line in ALPACA.read_text(encoding="utf-8").splitlines()]
-            domain.write_text("\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in records), encoding="utf-8")
+            domain.write_text(alpaca_text(alpaca_records(), "\n"), encoding="utf-8")
             # Alpaca plus the WikiText-2 test lines after the evaluation excerpt (its first 12,000 bytes)
             wiki = WIKI.read_bytes()[len(text.encode("utf-8")):].decode("utf-8", errors="ignore")
             both = Path(tmp) / "alpaca-wiki.txt"
@@ -97,11 +105,10 @@ def main() -> None:
                 print(rows[-1], flush=True)
         elif what == "gemma-vocab-heldout":
             # trim from Alpaca's first 48,000 rows; score its last 300 (English instructions the trim never saw)
-            records = [json.loads(line) for line in ALPACA.read_text(encoding="utf-8").splitlines()]
-            as_text = lambda rs: "\n\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rs)  # noqa: E731
+            records = alpaca_records()
             domain = Path(tmp) / "alpaca-train.txt"
-            domain.write_text(as_text(records[:48000]), encoding="utf-8")
-            held_out = as_text(records[-300:])
+            domain.write_text(alpaca_text(records[:48000], "\n"), encoding="utf-8")
+            held_out = alpaca_text(records[-300:], "\n\n")
             base = measure("gemma3-270m", held_out)
             rows = [row("Gemma 3 270M (dequantized Q4_K_M)", base, base)]
             for size in (None, 94000):

@@ -311,9 +311,9 @@ def cmd_run(args) -> int:
         prompt = sys.stdin.read()
     params = sampling_params(args)
     if args.server:  # a client of a running server: no model loads here
-        from pocketlm.serve.client import run_remote
+        from pocketlm.serve.client import remote_answer
 
-        return run_remote(args, model_ref, prompt, params)
+        return print_answer(remote_answer(args, model_ref, prompt, params), args.json, model_ref, lambda: {"server": args.server})
     lm = load_model(model_ref, args.dtype, args.quant)
     check_generative(lm)
     if args.raw or not lm.tokenizer.has_chat_template:
@@ -323,11 +323,17 @@ def cmd_run(args) -> int:
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
     generation = generate(lm, ids, params, draft=load_draft(args), draft_tokens=args.draft_tokens)
-    if args.json:
-        text = generation.text()
-        print(json.dumps({"model": lm.name, "text": text, "load_s": round(lm.load_s, 3), **generation.stats.to_dict()}))
+    return print_answer(generation, args.json, lm.name, lambda: {"load_s": round(lm.load_s, 3), **generation.stats.to_dict()})
+
+
+def print_answer(chunks, as_json: bool, model: str, extra) -> int:
+    """`run`'s output, local or from a server: the text streamed as it comes, or one JSON object
+    {"model", "text", **extra()} once the text is whole (extra() may read the finished run's stats)."""
+    if as_json:
+        text = "".join(chunks)
+        print(json.dumps({"model": model, "text": text, **extra()}))
         return 0
-    for chunk in generation:
+    for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")

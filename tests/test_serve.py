@@ -353,6 +353,8 @@ def test_run_with_server_prints_what_a_local_run_prints(server):
     remote, local = run("--server", server), run()
     assert remote.returncode == 0 and "Paris" in remote.stdout, remote.stderr
     assert remote.stdout == local.stdout  # same sampler settings (top-k, repeat penalty) sent along
+    as_json = json.loads(run("--server", server, "--json").stdout)
+    assert as_json == {"model": "smollm2-135m-instruct", "text": local.stdout[:-1], "server": server}
     gone = subprocess.run([sys.executable, "-m", "pocketlm.cli", "run", "hi", "--server", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "no pocketlm server answered" in gone.stderr and "Traceback" not in gone.stderr

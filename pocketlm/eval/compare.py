@@ -33,22 +33,23 @@ def disk_bytes(path: Path) -> int:
 
 
 def model_size(ref: str) -> dict:
-    """Parameters (a tied head counted once) and the bytes of the file or folder the model is read from."""
+    """Parameters (a tied head counted once) and the bytes of the file or folder the model is read from,
+    from its config alone: no weights are read."""
     import torch
 
-    from pocketlm import registry
     from pocketlm.compress.prune import count_params
-    from pocketlm.load import load
+    from pocketlm.config import config_from_hf
+    from pocketlm.load import model_folder, read_config
     from pocketlm.models import model_class_for
 
-    _, source = registry.resolve(ref)
-    lm = load(ref)
-    if lm.is_encoder:
-        raise PocketLMError(f"{lm.name} is an embedding model: compare takes generative models")
+    name, source, folder = model_folder(ref)
+    config = config_from_hf(read_config(folder))
+    if config.model_type == "bert":
+        raise PocketLMError(f"{name} is an embedding model: compare takes generative models")
     with torch.device("meta"):  # the architecture's parameters: a quantized model's packed codes would miscount
-        skeleton = model_class_for(lm.config)(lm.config)
-    counts = count_params(skeleton.state_dict(), getattr(lm.config, "tie_word_embeddings", False))
-    return {"model": lm.name, "params": counts["total"] / 1e6, "non_embedding_params": counts["non_embedding"] / 1e6,
+        skeleton = model_class_for(config)(config)
+    counts = count_params(skeleton.state_dict(), getattr(config, "tie_word_embeddings", False))
+    return {"model": name, "params": counts["total"] / 1e6, "non_embedding_params": counts["non_embedding"] / 1e6,
             "disk_mb": disk_bytes(Path(source)) / 1e6}
 
 

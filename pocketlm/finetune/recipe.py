@@ -198,14 +198,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         from pocketlm.compress.distill import OnlineTeacher, StoredTeacher
 
         if cfg.teacher_logits:
-            if procs.main:
+            if procs.main:  # one process computes what is missing; the others open the finished store
                 from pocketlm.eval.tasks import progress_bar
 
                 with progress_bar("teacher top-k", len(units), not cfg.quiet) as advance:
-                    StoredTeacher.open_or_build(cfg.teacher_logits, cfg.teacher, lambda: teacher_lm.model, units,
-                                                cfg.kd_temperature, cfg.teacher_top_k, cfg.batch_size, pad_id, advance)
+                    teacher = StoredTeacher.open_or_build(cfg.teacher_logits, cfg.teacher, lambda: teacher_lm.model, units,
+                                                          cfg.kd_temperature, cfg.teacher_top_k, cfg.batch_size, pad_id, advance)
             barrier(procs)
-            teacher = StoredTeacher(cfg.teacher_logits)
+            teacher = teacher or StoredTeacher(cfg.teacher_logits)
         else:
             teacher = OnlineTeacher(teacher_lm.model.to(procs.device), cfg.kd_temperature, cfg.hidden_weight > 0)
 

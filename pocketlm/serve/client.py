@@ -4,7 +4,6 @@ the CLI stays light: the server has the model, this side only streams text."""
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from typing import Iterator
@@ -96,18 +95,10 @@ def model_info(args, model: str) -> tuple[str, str]:
         return name, json.load(response)["kind"]
 
 
-def run_remote(args, model: str, prompt: str, params) -> int:
-    """`pocketlm run --server URL ...`: the same output as a local run, computed by the server."""
+def remote_answer(args, model: str, prompt: str, params):
+    """`pocketlm run --server URL ...`: the answer's text chunks as the server streams them, computed from the
+    same request a local run would make (raw text, or a chat with the optional system prompt)."""
     if args.raw:
-        answer = texts(args, model, params, prompt=prompt)
-    else:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        answer = texts(args, model, params, messages + [{"role": "user", "content": prompt}])
-    if args.json:
-        print(json.dumps({"model": model, "text": "".join(answer), "server": args.server}))
-        return 0
-    for text in answer:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+        return texts(args, model, params, prompt=prompt)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return texts(args, model, params, messages + [{"role": "user", "content": prompt}])
