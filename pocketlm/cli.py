@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="picks the --limit subset and the few-shot examples (default 0)")
     p.add_argument("--shots", type=int, default=0, metavar="K", help="K few-shot examples in the prompt (default 0)")
     p.add_argument("--shots-from", metavar="FILE", help="where few-shot examples come from (default: the set's train split / a train.jsonl beside --data)")
-    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood (score every label) or generate (for fine-tuned models)")
+    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood (score every label), generate (for fine-tuned models) or head (a model made by finetune --task classify)")
     p.add_argument("--norm", default="none", help="loglikelihood: none (sum of log-probs) or chars (per character of the label)")
     p.add_argument("--calibrate", action="store_true", help="loglikelihood: contextual calibration, each label's score relative to its score after content-free inputs ('N/A', '', '[MASK]')")
     p.add_argument("--chat", default="auto", help="use the chat template: auto (when the model has one), on, off")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pocketlm.cli import main
 from pocketlm.finetune import FinetuneConfig, finetune
-from pocketlm.finetune.data import IGNORE, collate, encode_conversation, pack, Example
+from pocketlm.finetune.data import IGNORE, collate, encode_conversation, pack, stream_indices, Example
 
 LABELS = ["positive", "negative", "neutral"]
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +152,19 @@ def test_packing_keeps_examples_whole():
     assert blocks[1].labels == examples[2].labels + examples[3].labels
 
 
+def test_group_by_length_batches_alike_lengths_and_still_covers_each_epoch():
+    lengths = [random.Random(i).randint(2, 80) for i in range(1000)]
+    padded = lambda order: sum(8 * max(lengths[i] for i in order[b : b + 8]) for b in range(0, len(order), 8))
+    plain = stream_indices(1000, 0, 2000, seed=3)
+    grouped = stream_indices(1000, 0, 2000, seed=3, lengths=lengths, batch=8)
+    for epoch in (grouped[:1000], grouped[1000:]):
+        assert sorted(epoch) == list(range(1000))  # every unit once per epoch
+    assert grouped[:1000] != grouped[1000:]  # each epoch its own order
+    assert padded(grouped[:1000]) < 0.6 * padded(plain[:1000])  # padding to the longest of a batch: about half
+    # the stream is a function of (seed, position): a resumed run draws the same batches
+    assert stream_indices(1000, 1496, 8, seed=3, lengths=lengths, batch=8) == grouped[1496:1504]
+
+
 # ---------------------------------------------------------------------------------------- the runs
 
 
@@ -281,6 +294,13 @@ def test_classification_head_trains_saves_and_predicts(tiny_model, label_data, t
     assert main(["classify", str(out), "it was negative", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["label"] in LABELS
+    # pocketlm eval scores the head on a labelled file: the accuracy of its own predictions
+    rows = [json.loads(line) for line in label_data.read_text().splitlines()]
+    expected = sum(pred == r["label"] for (pred, _), r in zip(clf.predict([r["text"] for r in rows]), rows)) / len(rows)
+    assert main(["eval", str(out), "--task", "classify", "--by", "head", "--data", str(label_data), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["accuracy"] == pytest.approx(expected)
+    assert report["n"] == len(rows) and report["settings"]["scoring"] == "head"
 
 
 def test_classification_head_on_a_bert_encoder(tmp_path, label_data):

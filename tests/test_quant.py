@@ -13,7 +13,7 @@ from pocketlm.quant.int8 import Int8Embedding, Int8Linear
 from conftest import FIXTURES
 
 
-@pytest.mark.parametrize("rows", [3, 35])
+@pytest.mark.parametrize("rows", [3, 35, 200])  # fbgemm, fbgemm, the dequantized float matmul
 def test_int8_linear_matches_float_within_quantization_error(rows):
     torch.manual_seed(0)
     linear = nn.Linear(256, 96, bias=True)
@@ -21,7 +21,7 @@ def test_int8_linear_matches_float_within_quantization_error(rows):
     x = torch.randn(1, rows, 256)
     ref, out = linear(x), q(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    # per-channel int8 (error <= scale/2 per weight) plus bf16 activations: about 1% of the output's scale
+    # per-channel int8 (error <= scale/2 per weight): about 1% of the output's scale
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 0.02
     assert q.weight.dtype == torch.int8 and q.weight.abs().max().item() == 127
 
@@ -33,6 +33,7 @@ def test_int8_head_refines_its_top_logits_to_fp32():
     with torch.no_grad():
         linear.weight.mul_(30)  # logits around 20, as a language model's head gives
     head = Int8Linear.from_linear(linear)
+    head.packed = None  # aten's kernel, as on a build without fbgemm
     x = torch.randn(1, 64)
     exact = x @ (head.weight.float() * head.scales.float()[:, None]).T  # (1, 500)
     top = exact.topk(8).indices
@@ -40,6 +41,32 @@ def test_int8_head_refines_its_top_logits_to_fp32():
     assert (coarse.gather(-1, top) - exact.gather(-1, top)).abs().max() > 1e-3  # the kernel alone: bf16 steps
     head.refine = 8
     torch.testing.assert_close(head(x).gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+
+
+def test_int8_fbgemm_rows_are_exact_to_15_bits_and_independent_of_the_batch(monkeypatch):
+    """fbgemm's activations are 8-bit on one grid per block; each row goes on a grid of its own as two rows
+    (Int8Linear's docstring). Its result is the exact product of the int8 weight to about 1e-4 even with an
+    outlier channel 40x the rest (bf16 activations: 1e-3), and a row's result is bit for bit the same alone
+    or batched with a row 50x larger."""
+    import pocketlm.quant.int8 as int8
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(320, 200, bias=True))
+    assert layer.packed is None  # a small layer stays on aten's kernel; output heads are large enough
+    monkeypatch.setattr(int8, "FBGEMM_MIN_WEIGHTS", 0)
+    layer.pack()
+    assert layer.packed is not None  # the x86 engine is in every x86 build of torch
+    x = torch.randn(6, 320)
+    x[:, 7] *= 40  # an outlier channel, as language models' activations have
+    x[2] *= 50
+    exact = x @ (layer.weight.float() * layer.scales.float()[:, None]).T + layer.bias
+    out = layer(x)
+    rel = ((out - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
+    assert rel < 3e-4, rel
+    assert torch.equal(out, torch.cat([layer(row[None]) for row in x]))
+    layer.packed = None
+    bf16_rel = ((layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
+    assert bf16_rel > 5 * rel  # what the two-row grid buys over aten's kernel
 
 
 def test_int4_codes_round_trip():

@@ -28,7 +28,7 @@ from pathlib import Path
 from pocketlm.errors import PocketLMError
 from pocketlm.eval import data as eval_data
 
-SCORINGS = ("loglikelihood", "generate", "rouge", "bleu")
+SCORINGS = ("loglikelihood", "generate", "head", "rouge", "bleu")
 TEXT_TASKS = ("perplexity", "agreement")
 SPEED_TASK = "speed"  # the engine's benchmark (pocketlm.bench): tokens/s, time to first token, peak memory
 CONTENT_FREE = ("N/A", "", "[MASK]")  # --calibrate's inputs, as Zhao et al. 2021
@@ -64,7 +64,7 @@ class TaskSpec:
 
     @property
     def is_classification(self) -> bool:
-        return self.scoring in ("loglikelihood", "generate")
+        return self.scoring in ("loglikelihood", "generate", "head")
 
     def record_fields(self) -> tuple[str, ...]:
         """The fields every record needs: those the prompt and target name, and the label."""
@@ -130,7 +130,7 @@ class EvalConfig:
     seed: int = 0
     shots: int = 0
     shots_from: str | None = None
-    by: str = "loglikelihood"  # classify: loglikelihood or generate
+    by: str = "loglikelihood"  # classify: loglikelihood, generate, or head (a model made by finetune --task classify)
     norm: str = "none"  # loglikelihood: "none" (sum of log-probs) or "chars" (per character of the label)
     calibrate: bool = False  # loglikelihood: contextual calibration against content-free inputs (CONTENT_FREE)
     chat: str = "auto"  # auto: the chat template when the model has one; on; off
@@ -146,7 +146,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
-        choices = {"by": ("loglikelihood", "generate"), "norm": ("none", "chars"), "chat": ("auto", "on", "off"),
+        choices = {"by": ("loglikelihood", "generate", "head"), "norm": ("none", "chars"), "chat": ("auto", "on", "off"),
                    "method": ("cache", "batch")}  # method: loglik.METHODS (not imported here: no torch in config)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -384,6 +384,10 @@ def evaluate(model_ref: str, cfg: EvalConfig, dtype: str = "float32", quant: str
         text_path = text_source(cfg)
         if cfg.task == "agreement" and not cfg.reference:
             raise PocketLMError("--task agreement needs --reference MODEL (e.g. the same model without --quant)")
+    if cfg.task == "classify" and cfg.by == "head":
+        result = run_head(model_ref, prepared, cfg)
+        result.seconds = time.perf_counter() - start
+        return result
     lm = load_generative(model_ref, dtype, quant)
     settings = {"dtype": dtype, "quant": lm.meta.get("runtime_quant", quant)}  # "auto" resolved by the loader
     if cfg.task == "perplexity":
@@ -432,6 +436,35 @@ def run_records(lm, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
         result = score_generated(lm, prepared, prompter, cfg)
         settings["max_tokens"] = cfg.max_tokens or spec.max_tokens
     result.settings = settings
+    return result
+
+
+def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
+    """classify --by head: the classification head of a `pocketlm finetune --task classify` folder labels each
+    text in one forward pass (no prompt, no generation)."""
+    from pocketlm.finetune.classify import Classifier
+
+    classifier = Classifier.load(model_ref)
+    spec = prepared.spec
+    unknown = sorted(set(prepared.labels) - set(classifier.labels))
+    if unknown:
+        raise PocketLMError(f"{prepared.data_path}: labels the head was not trained on: {', '.join(unknown[:5])} "
+                            f"(it knows {len(classifier.labels)}: {', '.join(classifier.labels[:5])}, ...)")
+    texts = [str(r["text"]) for r in prepared.records]  # the classify task's records: {text, label}
+    y_true = [str(r[spec.label_key]) for r in prepared.records]
+    y_pred, examples, batch = [], [], 32
+    with progress_bar("classify (head)", len(texts), cfg.progress) as advance:
+        for begin in range(0, len(texts), batch):
+            probs = classifier.predict_proba(texts[begin : begin + batch], batch_size=batch)  # (b, n_labels)
+            for text, truth, row in zip(texts[begin:], y_true[begin:], probs):
+                pred = classifier.labels[int(row.argmax())]
+                y_pred.append(pred)
+                examples.append({"text": text, "label": truth, "prediction": pred, "probability": round(float(row.max()), 4),
+                                 "correct": truth == pred})
+                advance()
+    result = classification_result(spec, str(model_ref), y_true, y_pred, sorted(set(classifier.labels)), examples)
+    result.settings = {"data": str(prepared.data_path), "limit": cfg.limit, "seed": cfg.seed, "scoring": "head",
+                       "template": classifier.template}
     return result
 
 

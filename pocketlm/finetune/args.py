@@ -23,6 +23,7 @@ FLAGS = [
     ("--eval-max", "eval_max", int, "held-out examples per evaluation (default 200)"),
     ("--seq-len", "seq_len", int, "tokens per example (longer ones are cut) or per packed block (default 512)"),
     ("--pack", "pack", "flag", "pack short examples into --seq-len blocks (causal attention across the block)"),
+    ("--group-by-length", "group_by_length", "flag", "batch examples of about one length together: less padding, faster steps"),
     ("--batch-size", "batch_size", int, "examples per micro-batch per process (default 8)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
     ("--steps", "steps", int, "optimizer steps (default: from --epochs)"),

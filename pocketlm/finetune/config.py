@@ -39,6 +39,7 @@ class FinetuneConfig:
 
     seq_len: int = 512  # tokens per example (truncated) or per packed block
     pack: bool = False  # several short examples per seq_len block (attention stays causal across the block)
+    group_by_length: bool = False  # batches of units of about one length: less padding (transformers' Trainer option)
     batch_size: int = 8  # examples (or packed blocks) per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
     steps: int = 0  # optimizer steps; 0 = from epochs

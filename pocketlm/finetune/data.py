@@ -236,16 +236,22 @@ def target_count(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
-def stream_indices(n_units: int, start: int, count: int, seed: int) -> list[int]:
+def stream_indices(n_units: int, start: int, count: int, seed: int, lengths: list[int] | None = None, batch: int = 0) -> list[int]:
     """Positions start..start+count-1 of the endless data stream: epoch e is a seeded permutation of the units.
 
     The stream depends only on (seed, position), so a resumed run continues from the step's position
-    with no data-loader state to save.
+    with no data-loader state to save. With `lengths` (group by length), each run of 50 global batches of
+    the permutation is sorted longest first, so a batch holds units of about one length and pads little
+    (transformers' LengthGroupedSampler: "megabatches" of 50 batches).
     """
     out, perms = [], {}
     for p in range(start, start + count):
         epoch = p // n_units
         if epoch not in perms:
-            perms[epoch] = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+            perm = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+            if lengths is not None:
+                mega = 50 * batch
+                perm = [i for m in range(0, n_units, mega) for i in sorted(perm[m : m + mega], key=lambda i: -lengths[i])]
+            perms[epoch] = perm
         out.append(perms[epoch][p % n_units])
     return out

@@ -43,7 +43,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_adapter(peft_model, folder: Path) -> None:
     """adapter_config.json + adapter_model.safetensors (PEFT's format) in `folder`."""
-    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    # save_embedding_layers=False: with "auto", PEFT looks the base model's name up on the Hugging Face hub to see
+    # whether its vocabulary grew, and warns twice when offline; LoRA here never targets the embeddings
+    peft_model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
 
 
 def merge(peft_model) -> nn.Module:

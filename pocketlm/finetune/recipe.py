@@ -186,6 +186,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + 2)).tolist()
         units = pack(examples, cfg.seq_len, order)
     unit_targets = [count(u) for u in units]
+    unit_lengths = [len(u.ids) for u in units] if cfg.group_by_length else None
     if sum(unit_targets) == 0:
         raise PocketLMError(f"{cfg.data}: no tokens to learn (every answer was cut off by --seq-len {cfg.seq_len}?)")
 
@@ -283,7 +284,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     # ---- 6. the loop
     while step < total_steps:
         t0 = time.perf_counter()
-        positions = stream_indices(len(units), step * global_batch, global_batch, cfg.seed)  # this step's units, all processes
+        positions = stream_indices(len(units), step * global_batch, global_batch, cfg.seed, unit_lengths, global_batch)  # this step's units, all processes
         n_targets = max(1, sum(unit_targets[i] for i in positions))  # every process knows the global count
         mine = positions[procs.rank :: procs.world]  # (batch_size * grad_accum,) this process's share
         loss_sum = torch.zeros((), device=procs.device)

@@ -97,6 +97,7 @@ def finish_loading(model: nn.Module) -> None:
         elif isinstance(module, Int8Linear):
             module.weight = aligned(module.weight)
             module.scales = aligned(module.scales.to(torch.bfloat16))
+            module.pack()
     _tie_embedding(model)
 
 
