@@ -24,9 +24,10 @@ from pocketlm.engine.generate import PREFILL_CHUNK, Sequence, prefill
 
 GROW_BY = 256  # cache positions are added in steps of this many: few reallocations, little waste
 # The output head runs on at most this many rows at a time: quantized Linears switch to their prompt path
-# (dequantize the weight, then a float matmul) from 16 rows (quant/int8.py), and for the head, the largest
-# matrix, that dequantization every step made a 16-row step of SmolLM2 1.7x slower (308 ms against 184, one
-# thread). In groups of 8 a row also gets the same head numbers as decoded alone.
+# (dequantize the weight, then a float matmul) from 16 rows on aten's int8 kernel (128 on fbgemm's, which
+# an x86 build's heads use: quant/int8.py), and for the head, the largest matrix, that dequantization every
+# step made a 16-row step of SmolLM2 1.7x slower (308 ms against 184, one thread, aten's kernel). In groups
+# of 8 a row also gets the same head numbers as decoded alone.
 HEAD_ROWS = 8
 
 

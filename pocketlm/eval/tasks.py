@@ -455,8 +455,9 @@ def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
     y_pred, examples, batch = [], [], 32
     with progress_bar("classify (head)", len(texts), cfg.progress) as advance:
         for begin in range(0, len(texts), batch):
-            probs = classifier.predict_proba(texts[begin : begin + batch], batch_size=batch)  # (b, n_labels)
-            for text, truth, row in zip(texts[begin:], y_true[begin:], probs):
+            chunk = texts[begin : begin + batch]
+            probs = classifier.predict_proba(chunk, batch_size=batch)  # (b, n_labels)
+            for text, truth, row in zip(chunk, y_true[begin : begin + batch], probs):
                 pred = classifier.labels[int(row.argmax())]
                 y_pred.append(pred)
                 examples.append({"text": text, "label": truth, "prediction": pred, "probability": round(float(row.max()), 4),
