@@ -1,7 +1,7 @@
 """Prompt and decode tokens/s: pocketlm against its peers on the same model file, in one run, as Markdown.
 
     .venv/bin/python bench/bench_generate.py [--models smollm2-135m-instruct gemma3-270m]
-        [--quants auto none] [--vs transformers llama.cpp] [--prompt-tokens 512] [--repeats 3]
+        [--quants auto none] [--vs transformers llama.cpp] [--prompt-tokens 512] [--repeats 3] [--rounds 1]
 
 Each row is `pocketlm bench` (pocketlm/bench.py): every engine in its own process, the same prompt ids,
 greedy, end tokens ignored so every engine decodes the same count, medians after a warm-up. A peer that
@@ -39,25 +39,36 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine this many times, interleaved (pocketlm, peers, pocketlm, peers, ...); rows "
+                             "are each engine's median round and the ratio column lists every round's ratio: a machine "
+                             "whose speed drifts moves a ratio taken within one round far less than either speed")
     args = parser.parse_args()
 
     print("| model | engine | weights | prompt tok/s | decode tok/s | first token | peak memory | roofline | decode vs transformers |")
     print("|---|---|---|---|---|---|---|---|---|")
     skipped = set()
     for name in args.models:
-        rows = []
-        for i, quant in enumerate(args.quants):
-            peers = args.vs if i == 0 else []  # peers once per model
-            result = run_bench(name, args.prompt_tokens, args.new_tokens, args.repeats, quant=quant, peers=peers)
-            rows += result["results"]
-            skipped |= {(s["engine"], s["reason"]) for s in result["skipped"]}
-        reference = next((r for r in rows if r["engine"] == "transformers"), None)
-        for r in rows:
-            vs = f"{r['decode_tok_s'] / reference['decode_tok_s']:.2f}x" if reference else "-"
+        rounds = []  # per round: {(engine, weights): row}
+        for _ in range(args.rounds):
+            rows = {}
+            for i, quant in enumerate(args.quants):
+                peers = args.vs if i == 0 else []  # peers once per model
+                result = run_bench(name, args.prompt_tokens, args.new_tokens, args.repeats, quant=quant, peers=peers)
+                rows |= {(r["engine"], r["weights"]): r for r in result["results"]}
+                skipped |= {(s["engine"], s["reason"]) for s in result["skipped"]}
+            rounds.append(rows)
+        reference = next((key for key in rounds[0] if key[0] == "transformers"), None)
+        for key in rounds[0]:
+            by_speed = sorted((rows[key] for rows in rounds), key=lambda row: row["decode_tok_s"])
+            r = by_speed[(len(by_speed) - 1) // 2]  # the median round (the lower one of an even count)
+            ratios = sorted(rows[key]["decode_tok_s"] / rows[reference]["decode_tok_s"] for rows in rounds) if reference else []
+            vs = " / ".join(f"{x:.2f}x" for x in ratios) or "-"
             print(f"| {name} | {r['engine']} | {r['weights']} | {r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                   f"{r['ttft_s'] * 1000:.0f} ms | {r['peak_rss_mb']:.0f} MB | "
                   f"{r['roofline_decode_tok_s']:.0f} ({r['fraction_of_roofline']:.0%}) | {vs} |")
     print(f"\n({args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}; "
+          f"{args.rounds} interleaved round(s): the median round's row, every round's ratio, lowest first; "
           f"read bandwidth {result['read_bandwidth_gb_s']} GB/s)")
     for engine, reason in sorted(skipped):
         print(f"skipped {engine}: {reason}")

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="also compare on an eval task: classify, summarize, translate or a .yaml task")
     p.add_argument("--task-data", help="the task's data: a JSONL file or a shared set (banking77, sst2, ...)")
     p.add_argument("--limit", type=int, help="the task's examples (a seeded subset)")
-    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood or generate (fine-tuned models)")
+    p.add_argument("--by", default="loglikelihood", help="classify: loglikelihood, generate (fine-tuned models) or head (a --task classify folder, also timed in texts/s)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed and memory runs")
     p.add_argument("--report", metavar="DIR", help="write report.md, compare.png, kl.png and results.json to DIR")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_arguments(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("distill", help="train a smaller student to match a teacher (knowledge distillation)", description="Knowledge distillation: the student learns the teacher's next-token distribution (forward KL, reverse KL or JSD at a temperature), mixed with the data's cross-entropy, optionally aligning hidden states. The teacher runs alongside, or --teacher-logits stores its top-k once for every later run. Same data formats, checkpoints, --resume, LoRA and torchrun as finetune; a plain-text file (.txt) is also data: every token is learned.")
+    p = sub.add_parser("distill", help="train a smaller student to match a teacher (knowledge distillation)", description="Knowledge distillation: the student learns the teacher's next-token distribution (forward KL, reverse KL or JSD at a temperature), mixed with the data's cross-entropy, optionally aligning hidden states. The teacher runs alongside, or --teacher-logits stores its top-k once for every later run. With --task classify the teacher is a classifier (a `finetune --task classify` folder) and the student's head learns its label distribution (DistilBERT's task distillation), starting from the teacher's head when their widths match. Same data formats, checkpoints, --resume, LoRA and torchrun as finetune; a plain-text file (.txt) is also data: every token is learned.")
     add_finetune_arguments(p, distill=True)
     p.set_defaults(func=cmd_finetune)
 

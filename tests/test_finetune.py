@@ -300,7 +300,7 @@ def test_classification_head_trains_saves_and_predicts(tiny_model, label_data, t
     assert main(["eval", str(out), "--task", "classify", "--by", "head", "--data", str(label_data), "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["accuracy"] == pytest.approx(expected)
-    assert report["n"] == len(rows) and report["settings"]["scoring"] == "head"
+    assert report["n"] == len(rows) and report["settings"]["scoring"] == "head" and report["metrics"]["texts_per_s"] > 0
 
 
 def test_classification_head_on_a_bert_encoder(tmp_path, label_data):

@@ -15,6 +15,15 @@ temperature T, and T^2 keeping the gradient's scale as T changes (Hinton). The h
 final hidden states through a learned projection W (DistilBERT's cosine loss, as MSE; TinyBERT), for a
 student narrower than its teacher; W is dropped when training ends.
 
+A classifier (`--task classify`, DistilBERT's task-specific distillation) learns the teacher classifier's
+label distribution instead, per example:
+
+    kd_weight * T^2 * D(p_teacher^T || q_student^T) + (1 - kd_weight) * CE(student, label)
+
+with p and q over the labels; the teacher's logits for every training example are computed once (one
+forward pass each) and kept beside the run, and the student's head starts as the teacher's when they
+have the same width. The teacher tokenizes the text itself, so the two need not share a tokenizer.
+
 Offline targets keep the teacher's top-k tokens and one bucket for all the rest, so each divergence is
 computed exactly on that coarser (k+1)-outcome distribution; with k = V it is the online loss.
 """
@@ -232,3 +241,63 @@ class StoredTeacher:
         parts = [self.unit(i) for i in units]  # in batch order = row-major order of the target positions
         return {"teacher_logp": torch.cat([p[0] for p in parts]), "teacher_idx": torch.cat([p[1] for p in parts])}
 
+
+# ------------------------------------------------------------------------------------ classifiers
+
+
+class ClassifyDistillLoss(nn.Module):
+    """The student classifier's summed loss over a batch of examples, given the teacher classifier's logits
+    for the same examples (B, C). Named like the recipe's ClassifyLoss (`classifier`), so checkpoints agree."""
+
+    def __init__(self, classifier: nn.Module, kd_loss: str, temperature: float, kd_weight: float):
+        super().__init__()
+        if kd_loss not in KD_LOSSES:
+            raise PocketLMError(f"unknown distillation loss {kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
+        self.classifier = classifier
+        self.kd_loss, self.temperature, self.kd_weight = kd_loss, temperature, kd_weight
+
+    def forward(self, ids, labels, lengths, teacher_logits) -> torch.Tensor:
+        # ids, labels (B, T) with the class index in labels[:, 0]; teacher_logits (B, C)
+        logits = self.classifier(ids, lengths)  # (B, C) fp32
+        loss = (1 - self.kd_weight) * F.cross_entropy(logits, labels[:, 0], reduction="sum")
+        logp = torch.log_softmax(teacher_logits.float() / self.temperature, dim=-1)  # (B, C)
+        logq = torch.log_softmax(logits / self.temperature, dim=-1)  # (B, C)
+        return loss + self.kd_weight * self.temperature**2 * divergence(self.kd_loss, logp, logq).sum()
+
+
+class ClassifierTeacher:
+    """A teacher classifier's logits for every training example, in the student's label order, computed
+    once and stored in one safetensors file (written whole, then renamed) that a resumed or repeated run
+    reads back when it was made by the same teacher for the same texts."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits  # (n_examples, C)
+
+    @classmethod
+    def open_or_build(cls, path: str | Path, teacher, teacher_name: str, texts: list[str], labels: list[str],
+                      on_progress=None) -> ClassifierTeacher:
+        """teacher: a pocketlm.finetune.classify.Classifier; labels: the student's, in its order."""
+        from safetensors.torch import load_file, save_file
+
+        missing = sorted(set(labels) - set(teacher.labels))
+        if missing:
+            raise PocketLMError(f"the teacher {teacher_name} does not know the label(s) {', '.join(missing[:5])}: "
+                                f"it was trained on {len(teacher.labels)} others ({', '.join(teacher.labels[:5])}, ...)")
+        digest = hashlib.sha256("\x00".join([teacher_name, teacher.template, *labels, *texts]).encode()).hexdigest()[:32]
+        path = Path(path).expanduser()
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == digest:
+                    return cls(load_file(path)["logits"])
+        columns = torch.tensor([teacher.labels.index(label) for label in labels])  # teacher column per student label
+        logits = teacher.logits(texts, on_progress=on_progress)[:, columns]  # (n, C)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"logits": logits.contiguous()}, tmp, metadata={"fingerprint": digest, "teacher": teacher_name})
+        os.replace(tmp, path)
+        return cls(logits)
+
+    def targets(self, batch: dict, units: list[int]) -> dict:
+        return {"teacher_logits": self.logits[units]}

@@ -17,6 +17,7 @@ LABELS = {
     "top1_agreement": "top-1 agreement", "reference_perplexity": "reference perplexity",
     "prompt_tok_s": "prompt tokens/s", "decode_tok_s": "decode tokens/s", "ttft_s": "time to first token (s)",
     "peak_rss_mb": "peak memory (MB)", "fraction_of_roofline": "decode / memory-bandwidth bound",
+    "texts_per_s": "texts/s",
 }
 FRACTIONS.add("fraction_of_roofline")
 

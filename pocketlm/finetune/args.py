@@ -53,12 +53,12 @@ FLAGS = [
 ]
 
 DISTILL_FLAGS = [
-    ("--teacher", "teacher", str, "the teacher: registry name or path; it must share the student's tokenizer"),
+    ("--teacher", "teacher", str, "the teacher: registry name or path; it must share the student's tokenizer (--task classify: a classifier folder, any tokenizer)"),
     ("--kd-loss", "kd_loss", str, f"{' | '.join(KD_LOSSES)} (default forward_kl)"),
     ("--kd-temperature", "kd_temperature", float, "softmax temperature of both distributions (default 1)"),
     ("--kd-weight", "kd_weight", float, "weight of the distillation term; the data's cross-entropy gets 1 - this (default 0.5)"),
     ("--hidden-weight", "hidden_weight", float, "also align final hidden states through a learned projection (default 0 = off; online teacher only)"),
-    ("--teacher-logits", "teacher_logits", str, "folder of the teacher's top-k log-probs: computed on first use, reused by later runs (offline distillation)"),
+    ("--teacher-logits", "teacher_logits", str, "folder of the teacher's top-k log-probs (--task classify: its label logits): computed on first use, reused by later runs (offline distillation)"),
     ("--teacher-top-k", "teacher_top_k", int, "tokens kept per position in --teacher-logits (default 32; the rest count as one)"),
 ]
 

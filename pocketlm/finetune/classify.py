@@ -97,17 +97,26 @@ class Classifier:
         return cls(model.eval(), lm.tokenizer, meta["labels"], meta.get("template", "{text}"), lm.context_length)
 
     @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        """(N, n_labels) probabilities."""
+    def logits(self, texts: list[str], batch_size: int = 32, on_progress=None) -> torch.Tensor:
+        """(N, n_labels) head logits, in the order of texts. Batches are made of texts of about one length
+        (sorted by token count), so little of each batch is padding."""
         from pocketlm.finetune.data import collate, Example
 
-        out = []
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        for begin in range(0, len(texts), batch_size):
-            ids = [encode_text(self.tokenizer, t, self.template, self.max_len, self.model.is_encoder) for t in texts[begin : begin + batch_size]]
-            batch = collate([Example(x, x) for x in ids], pad)
-            out.append(F.softmax(self.model(batch["ids"], batch["lengths"]), dim=-1))
-        return torch.cat(out)
+        ids = [encode_text(self.tokenizer, t, self.template, self.max_len, self.model.is_encoder) for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), len(self.labels))
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            batch = collate([Example(ids[i], ids[i]) for i in rows], pad)
+            out[rows] = self.model(batch["ids"], batch["lengths"]).float()
+            if on_progress is not None:
+                on_progress(len(rows))
+        return out
+
+    def predict_proba(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, n_labels) probabilities."""
+        return F.softmax(self.logits(texts, batch_size), dim=-1)
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         probs = self.predict_proba(texts)

@@ -105,7 +105,8 @@ class FinetuneConfig:
             (0 <= self.kd_weight <= 1, "kd_weight must be in [0, 1]"),
             (self.hidden_weight >= 0, "hidden_weight must be >= 0"),
             (self.teacher_top_k >= 1, "teacher_top_k must be >= 1"),
-            (not self.teacher or self.task == "sft", "distillation trains a generative model: task must be sft"),
+            (not (self.teacher and self.task == "classify" and self.hidden_weight),
+             "hidden_weight aligns next-token models' hidden states; a classifier learns the teacher's label distribution"),
             (not (self.hidden_weight and self.teacher_logits),
              "hidden_weight needs the teacher online: stored --teacher-logits hold no hidden states"),
         ]

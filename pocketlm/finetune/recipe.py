@@ -143,7 +143,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             p.data = p.data.clone()
     model.train()  # no dropout in the native models: train() only marks intent
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    teacher_lm = load_teacher(cfg, lm) if cfg.teacher else None
+    teacher_lm = load_teacher(cfg, lm) if cfg.teacher else None  # a Classifier for --task classify
 
     # ---- 3. data
     if not cfg.eval_data and cfg.eval_split > 0:  # a seeded split: the same held-out rows on every process and every resume
@@ -198,7 +198,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if teacher_lm is not None:
         from pocketlm.compress.distill import OnlineTeacher, StoredTeacher
 
-        if cfg.teacher_logits:
+        if cfg.task == "classify":  # the teacher's logits for every example, once; computed by process 0
+            from pocketlm.compress.distill import ClassifierTeacher
+
+            store = Path(cfg.teacher_logits or out / "teacher-logits").expanduser() / "classifier-logits.safetensors"
+            texts = [str(r["text"]) for _, _, r in rows]  # units are rows, in order (no packing for classify)
+            if procs.main:
+                from pocketlm.eval.tasks import progress_bar
+
+                with progress_bar("teacher logits", len(texts), not cfg.quiet) as advance:
+                    ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list, advance)
+            barrier(procs)
+            teacher = ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list)
+        elif cfg.teacher_logits:
             if procs.main:  # one process computes what is missing; the others open the finished store
                 from pocketlm.eval.tasks import progress_bar
 
@@ -215,6 +227,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.task == "classify":
         pooling = cfg.pooling or ("mean" if lm.is_encoder else "last")
         classifier = SequenceClassifier(model, len(labels_list), pooling, lm.is_encoder)
+        if teacher_lm is not None and teacher_lm.model.score.in_features == classifier.score.in_features:
+            # a student pruned from its teacher (same width) starts from the teacher's head, not from scratch
+            rows = torch.tensor([teacher_lm.labels.index(label) for label in labels_list])
+            with torch.no_grad():
+                classifier.score.weight.copy_(teacher_lm.model.score.weight[rows])
+                classifier.score.bias.copy_(teacher_lm.model.score.bias[rows])
         if not cfg.lora:
             # parameters the head never reaches (an untied lm_head, BERT's pooler) would stall DDP's reduction
             for name in ("lm_head", "pooler"):
@@ -225,7 +243,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model = unwrap(peft_model)  # the same native module, LoRA Linears inside, everything else frozen
     if cfg.grad_checkpoint:
         enable_grad_checkpointing(model)
-    if teacher is not None:
+    if teacher is not None and cfg.task == "classify":
+        from pocketlm.compress.distill import ClassifyDistillLoss
+
+        loss_module = ClassifyDistillLoss(classifier, cfg.kd_loss, cfg.kd_temperature, cfg.kd_weight)
+        eval_loss = ClassifyLoss(classifier)  # held out: the student's own cross-entropy on the labels
+    elif teacher is not None:
         from pocketlm.compress.distill import DistillLoss
 
         loss_module = DistillLoss(model, cfg.kd_loss, cfg.kd_temperature, cfg.kd_weight, cfg.hidden_weight, teacher_lm.model.cfg.dim)
@@ -387,8 +410,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def load_teacher(cfg: FinetuneConfig, student):
-    """The distillation teacher, in float32 and frozen; it must tokenize as the student does."""
+    """The distillation teacher, in float32 and frozen; it must tokenize as the student does. For --task
+    classify, a classifier (a `finetune --task classify` folder), which tokenizes the text itself."""
     from pocketlm.load import load
+
+    if cfg.task == "classify":
+        from pocketlm.finetune.classify import Classifier
+
+        return Classifier.load(cfg.teacher)
 
     teacher = load(cfg.teacher)
     if teacher.is_encoder or teacher.tokenizer is None:
