@@ -265,6 +265,15 @@ class ClassifyDistillLoss(nn.Module):
         return loss + self.kd_weight * self.temperature**2 * divergence(self.kd_loss, logp, logq).sum()
 
 
+def label_columns(teacher, teacher_name: str, labels: list[str]) -> torch.Tensor:
+    """(C,) the teacher classifier's column for each of the student's labels, in the student's order."""
+    missing = sorted(set(labels) - set(teacher.labels))
+    if missing:
+        raise PocketLMError(f"the teacher {teacher_name} does not know the label(s) {', '.join(missing[:5])}: "
+                            f"it was trained on {len(teacher.labels)} others ({', '.join(teacher.labels[:5])}, ...)")
+    return torch.tensor([teacher.labels.index(label) for label in labels])
+
+
 class ClassifierTeacher:
     """A teacher classifier's logits for every training example, in the student's label order, computed
     once and stored in one safetensors file (written whole, then renamed) that a resumed or repeated run
@@ -279,10 +288,7 @@ class ClassifierTeacher:
         """teacher: a pocketlm.finetune.classify.Classifier; labels: the student's, in its order."""
         from safetensors.torch import load_file, save_file
 
-        missing = sorted(set(labels) - set(teacher.labels))
-        if missing:
-            raise PocketLMError(f"the teacher {teacher_name} does not know the label(s) {', '.join(missing[:5])}: "
-                                f"it was trained on {len(teacher.labels)} others ({', '.join(teacher.labels[:5])}, ...)")
+        columns = label_columns(teacher, teacher_name, labels)
         digest = hashlib.sha256("\x00".join([teacher_name, teacher.template, *labels, *texts]).encode()).hexdigest()[:32]
         path = Path(path).expanduser()
         if path.is_file():
@@ -291,7 +297,6 @@ class ClassifierTeacher:
             with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}).get("fingerprint") == digest:
                     return cls(load_file(path)["logits"])
-        columns = torch.tensor([teacher.labels.index(label) for label in labels])  # teacher column per student label
         logits = teacher.logits(texts, on_progress=on_progress)[:, columns]  # (n, C)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

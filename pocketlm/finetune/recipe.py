@@ -207,9 +207,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 from pocketlm.eval.tasks import progress_bar
 
                 with progress_bar("teacher logits", len(texts), not cfg.quiet) as advance:
-                    ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list, advance)
+                    teacher = ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list, advance)
             barrier(procs)
-            teacher = ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list)
+            teacher = teacher or ClassifierTeacher.open_or_build(store, teacher_lm, cfg.teacher, texts, labels_list)
         elif cfg.teacher_logits:
             if procs.main:  # one process computes what is missing; the others open the finished store
                 from pocketlm.eval.tasks import progress_bar
@@ -229,10 +229,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         classifier = SequenceClassifier(model, len(labels_list), pooling, lm.is_encoder)
         if teacher_lm is not None and teacher_lm.model.score.in_features == classifier.score.in_features:
             # a student pruned from its teacher (same width) starts from the teacher's head, not from scratch
-            rows = torch.tensor([teacher_lm.labels.index(label) for label in labels_list])
+            from pocketlm.compress.distill import label_columns
+
+            columns = label_columns(teacher_lm, cfg.teacher, labels_list)  # (C,) the teacher's row per student label
             with torch.no_grad():
-                classifier.score.weight.copy_(teacher_lm.model.score.weight[rows])
-                classifier.score.bias.copy_(teacher_lm.model.score.bias[rows])
+                classifier.score.weight.copy_(teacher_lm.model.score.weight[columns])
+                classifier.score.bias.copy_(teacher_lm.model.score.bias[columns])
         if not cfg.lora:
             # parameters the head never reaches (an untied lm_head, BERT's pooler) would stall DDP's reduction
             for name in ("lm_head", "pooler"):
