@@ -99,3 +99,11 @@ def tiny_dir(request, small_llama_dir, tiny_gemma_dir):
 def throwaway_home(tmp_path_factory, monkeypatch):
     """Files a test writes (an exported .gguf) are converted into a throw-away cache, not the user's."""
     monkeypatch.setenv("POCKETLM_HOME", str(tmp_path_factory.getbasetemp() / "pocketlm-home"))
+
+
+@pytest.fixture
+def aten_kernels(monkeypatch):
+    """As on a machine where pocketlm's CPU kernels cannot be built: every layer takes its aten/fbgemm path."""
+    import pocketlm.kernels
+
+    monkeypatch.setattr(pocketlm.kernels, "_lib", False)

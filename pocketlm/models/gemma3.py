@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm import kernels
 from pocketlm.config import Gemma3Config
 from pocketlm.errors import PocketLMError
 from pocketlm.models.llama import (
@@ -31,6 +32,7 @@ from pocketlm.models.llama import (
     apply_rope,
     attend_rows,
     attention_spans,
+    decodes_alone,
     fuse_layer_projections,
     rope_at,
     rope_inv_freq,
@@ -49,6 +51,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:
+            if kernels.usable(x, self.weight):
+                return kernels.rms_norm(x, self.weight, self.eps, unit_offset=1.0)  # one call
             # the same arithmetic in one call (F.rms_norm: rsqrt(mean(x^2) + eps) * x * w) instead of ten
             # dispatched ops: a decode step runs 6 norms per layer
             return F.rms_norm(x, self.weight.shape, 1.0 + self.weight, self.eps)
@@ -84,6 +88,12 @@ class Attention(nn.Module):
         # slots (B,): row b is a sequence of its own in cache row slots[b] (Llama's Attention says more)
         B, T, _ = x.shape
         q, k, v = self.project(x)
+        if decodes_alone(x, input_pos, slots, self.kv_cache):
+            # one token of one sequence: q/k norms, RoPE, the cache write and attention in one call (pocketlm/kernels)
+            y = kernels.attend_decode(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin, self.q_norm.weight,
+                                      self.k_norm.weight, self.q_norm.eps, self.kv_cache, kv_span.stop - 1, kv_span.start,
+                                      self.scale)
+            return self.o_proj(y)  # (1, 1, D)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -119,7 +129,10 @@ class MLP(nn.Module):
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)  # (B, T, 2F)
+            if kernels.usable(gate_up):  # every row count, so a row's numbers never depend on its chunk
+                return self.down_proj(kernels.gated_act(gate_up, gelu=True))  # gelu_tanh(gate) * up in one call
+            gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 

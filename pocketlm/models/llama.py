@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm import kernels
 from pocketlm.config import LlamaConfig
 from pocketlm.errors import PocketLMError
 
@@ -80,6 +81,14 @@ def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, **sdpa) -> to
         for i, (s, span, mask) in enumerate(zip(slots.tolist(), spans, masks))
     ]  # n x (1, nh, T, hd)
     return torch.cat(out)
+
+
+def decodes_alone(x: torch.Tensor, input_pos, slots, cache: KVCache | None) -> bool:
+    """Whether an attention call is one token of one sequence with an fp32 cache: the case kernels.attend_decode fuses."""
+    return (
+        slots is None and input_pos is not None and x.shape[0] == x.shape[1] == 1 and cache.k.shape[0] == 1
+        and cache.k.dtype == torch.float32 and kernels.usable(x)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -150,6 +159,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype == torch.float32:
+            if kernels.usable(x, self.weight):
+                return kernels.rms_norm(x, self.weight, self.eps)  # one call, not aten's ten ops
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same arithmetic in one call
         dtype = x.dtype
         x = x.float()
@@ -180,6 +191,11 @@ class Attention(nn.Module):
         # cos, sin are then (B, 1, T, hd) and kv_span, mask one per row.
         B, T, _ = x.shape
         q, k, v = self.project(x)
+        if decodes_alone(x, input_pos, slots, self.kv_cache):
+            # one token of one sequence: RoPE, the cache write and attention in one call (pocketlm/kernels)
+            y = kernels.attend_decode(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin, None, None, 0.0,
+                                      self.kv_cache, kv_span.stop - 1, kv_span.start, self.head_dim**-0.5)
+            return self.o_proj(y)  # (1, 1, D)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -214,7 +230,10 @@ class MLP(nn.Module):
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)  # (B, T, 2F)
+            if kernels.usable(gate_up):  # every row count, so a row's numbers never depend on its chunk
+                return self.down_proj(kernels.gated_act(gate_up, gelu=False))  # silu(gate) * up in one call
+            gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

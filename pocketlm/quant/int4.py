@@ -7,7 +7,9 @@ Q4_0/Q4_1/Q4_K source) keeps it exactly; others round to nearest between their m
 `group_quantize_tensor` (see quantize_groups).
 
 The codes are stored plainly (two per byte, low nibble first, shape (out, in/2)) so a saved model does not
-depend on aten's packed layout; they are packed for the kernel when the layer is built.
+depend on aten's packed layout. A decode step (a few rows) multiplies them in place with pocketlm's int4 x int8
+kernel (pocketlm/kernels, llama.cpp's Q4 x Q8 scheme: 2-3x aten's kernel at one row); where that cannot be
+built, they are packed for aten's `_weight_int4pack_mm_for_cpu` when the layer is built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pocketlm import kernels
 
 GROUP_SIZES = (32, 64, 128)
 # From this many input rows on (a prompt chunk), multiply by the weight dequantized in float: the kernel
@@ -84,7 +88,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.kernel_weight: torch.Tensor | None = None  # aten's packed layout, made by pack()
+        self.kernel_weight: torch.Tensor | None = None  # aten's packed layout, made by pack() without pocketlm's kernels
+        self.scales = self.zeros = None  # (out, in/g) fp32 copies of scales_and_zeros for pocketlm's kernel
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, quantized=None) -> Int4Linear:
@@ -97,11 +102,22 @@ class Int4Linear(nn.Module):
         return q.pack()
 
     def pack(self) -> Int4Linear:
-        """Lay the codes out for aten's kernel (call again after loading a state dict)."""
-        codes = unpack_nibbles(self.qweight, torch.int32)  # (N, K)
-        self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.row_scales_and_zeros = self.scales_and_zeros.float().transpose(0, 1).contiguous()  # (N, K/g, 2)
+        """Make what the decode kernel reads (call again after loading a state dict): fp32 scales and zeros for
+        pocketlm's kernel, or, where it is not built, the codes in aten's packed layout."""
+        self.kernel_weight = self.scales = self.zeros = None
+        if kernels.has_vnni() and self.group_size in GROUP_SIZES and self.qweight.device.type == "cpu":
+            sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
+            self.scales, self.zeros = sz[..., 0].contiguous(), sz[..., 1].contiguous()  # (N, K/g) each
+        else:
+            self.aten_weight()
         return self
+
+    def aten_weight(self) -> torch.Tensor:
+        """The codes in aten's packed layout, made on first use: where pocketlm's kernel is not built, or for
+        inputs it does not take (bf16, or ones autograd records)."""
+        if self.kernel_weight is None:
+            self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.qweight, torch.int32), 1)
+        return self.kernel_weight
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K), made in a few vectorized passes (dequantize_groups' arithmetic)."""
@@ -110,7 +126,7 @@ class Int4Linear(nn.Module):
         pairs = q.view(N, K // g, g // 2, 2)
         packed = self.qweight.view(N, K // g, g // 2)
         pairs[..., 0], pairs[..., 1] = packed & 0xF, packed >> 4
-        sz = self.row_scales_and_zeros
+        sz = self.scales_and_zeros.float().transpose(0, 1).contiguous()  # (N, K/g, 2)
         return torch.addcmul(sz[..., 1:], q.sub_(8), sz[..., :1]).view(N, K)  # (q - 8) * scale + zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +136,10 @@ class Int4Linear(nn.Module):
             # many rows (a prompt): the kernel is made for a few rows at a time; a float matmul on the weight
             # dequantized for this call is faster (1.6x at 512 rows)
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if self.scales is not None and kernels.usable(x):
+            return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.kernel_weight, self.group_size, self.scales_and_zeros
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.aten_weight(), self.group_size, self.scales_and_zeros
         )
         y = y.view(*shape[:-1], self.out_features).to(x.dtype)
         return y + self.bias if self.bias is not None else y

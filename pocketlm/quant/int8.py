@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm import kernels
+
 # From this many input rows on, multiply by the weight dequantized in float (MKL). aten's int8 kernel costs
 # about 0.7 ms per row of a 3072 x 576 layer, converting the weight a few ms once; fbgemm breaks even with
 # the conversion at about 128 rows (4.2 ms against 3.4 ms there, 6.4 ms against 0.9 ms at 16 rows).
@@ -64,11 +66,12 @@ class Int8Linear(nn.Module):
         return q.pack()
 
     def pack(self) -> Int8Linear:
-        """Give fbgemm its packed copy of the weight (call again after loading a state dict). A small layer, or
-        one without an x86 quantized engine, keeps aten's kernel."""
+        """Give fbgemm its packed copy of the weight (call again after loading a state dict). A small layer, one
+        without an x86 quantized engine, or any layer where pocketlm's kernels are built (they read the int8
+        weight as it is, with exact fp32 activations) does without."""
         self.packed = None
         if (self.weight.device.type != "cpu" or "x86" not in torch.backends.quantized.supported_engines
-                or self.weight.numel() < FBGEMM_MIN_WEIGHTS):
+                or self.weight.numel() < FBGEMM_MIN_WEIGHTS or kernels.library() is not None):
             return self
 
         def pack_rows(begin: int):
@@ -112,6 +115,8 @@ class Int8Linear(nn.Module):
             # a prompt: float matmul on the dequantized weight (as Int4Linear)
             w = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             return F.linear(x, w, self.bias)
+        if kernels.usable(x):
+            return kernels.int8_linear(x, self.weight, self.scales, self.bias)  # fp32 throughout: no refining
         x2 = x.reshape(rows, shape[-1])  # (M, in)
         if fbgemm:
             y = self._fbgemm(x2).to(x.dtype)  # (M, out)

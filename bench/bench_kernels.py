@@ -1,0 +1,87 @@
+"""One decode step's layers, pocketlm's CPU kernels (pocketlm/kernels) against aten's, in one process.
+
+    .venv/bin/python bench/bench_kernels.py [--rounds 5] [--threads 2]
+
+Rows: SmolLM2-135M's int4 layers (fused q/k/v, o, fused gate/up, down) and its int8 output head, one input
+row each (a decode step), then attention over 640 cached positions. Each row is the median of interleaved
+rounds (aten, pocketlm, aten, ...), so a drift of the machine's speed moves both columns alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm import kernels
+from pocketlm.models.llama import KVCache, apply_rope
+from pocketlm.quant.int4 import Int4Linear
+from pocketlm.quant.int8 import Int8Linear
+
+INT4_LAYERS = {"q/k/v 576 -> 960": (576, 960), "o 576 -> 576": (576, 576), "gate/up 576 -> 3072": (576, 3072), "down 1536 -> 576": (1536, 576)}
+
+
+def time_us(fn, n: int) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def compare(aten, ours, rounds: int, n: int) -> tuple[float, float]:
+    times = [(time_us(aten, n), time_us(ours, n)) for _ in range(rounds)]
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["POCKETLM_INT4_KERNEL"] = "1"  # off by default (pocketlm/kernels: has_vnni)
+    if not kernels.has_vnni():
+        raise SystemExit(f"pocketlm's int4 kernel is not available here: {kernels.why_unavailable or 'no AVX-512 VNNI'}")
+    torch.manual_seed(0)
+    print("| layer | aten | pocketlm | speed-up |")
+    print("|---|---|---|---|")
+    rows = []
+    for name, (K, N) in INT4_LAYERS.items():
+        layer = Int4Linear.from_linear(nn.Linear(K, N, bias=False), 32)
+        x = torch.randn(1, K)
+        aten_weight = layer.aten_weight()
+        rows.append((f"int4 {name}", *compare(
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), aten_weight, 32, layer.scales_and_zeros).float(),
+            lambda: layer(x), args.rounds, 200)))
+    head = Int8Linear.from_linear(nn.Linear(576, 49152, bias=False))
+    x = torch.randn(1, 576)
+    rows.append(("int8 head 576 -> 49152", *compare(
+        lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), head.weight, head.scales).float(),
+        lambda: head(x), args.rounds, 20)))
+    cache = KVCache(1, 1024, 3, 64, torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    q, k, v = torch.randn(1, 1, 9 * 64), torch.randn(1, 1, 3 * 64), torch.randn(1, 1, 3 * 64)
+    cos, sin = torch.ones(1, 64), torch.zeros(1, 64)
+    pos = 640
+
+    def sdpa():
+        qh, kh = apply_rope(q.view(1, 9, 1, 64), cos, sin), apply_rope(k.view(1, 3, 1, 64), cos, sin)
+        cache.update(torch.tensor([pos]), kh, v.view(1, 3, 1, 64))
+        return F.scaled_dot_product_attention(qh, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1], enable_gqa=True)
+
+    rows.append(("attention, 9 heads / 3 KV heads, 641 positions", *compare(
+        sdpa, lambda: kernels.attend_decode(q, k, v, 9, 3, 64, cos, sin, None, None, 0.0, cache, pos, 0, 0.125),
+        args.rounds, 200)))
+    for name, aten_us, ours_us in rows:
+        print(f"| {name} | {aten_us:.0f} us | {ours_us:.0f} us | {aten_us / ours_us:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

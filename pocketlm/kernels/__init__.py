@@ -1,0 +1,172 @@
+"""The decode step's fused CPU kernels (cpu.cpp), built once with the system's C++ compiler and called through ctypes.
+
+    from pocketlm import kernels
+    if kernels.usable(x):                      # fp32 on the CPU, no gradient wanted, library built
+        y = kernels.int4_linear(x, codes, scales_and_zeros, group_size, bias)
+
+The library is compiled for this CPU (-O3 -march=native -fopenmp, a few seconds) the first time it is
+needed, or by `python -m pocketlm.kernels` (scripts/setup runs it), into pocketlm/kernels/build/ (or
+$POCKETLM_HOME/kernels when the package folder is read-only), under a name made of the source's and the CPU's
+fingerprint, so an edited source or another CPU builds afresh. Without a compiler, or with POCKETLM_KERNELS=0,
+everything runs on aten's kernels as before: `usable` is False and callers take their PyTorch path.
+
+OpenMP: the library links libgomp.so.1, which resolves to the copy torch already loaded (torch/lib/libgomp.so.1),
+so the kernels and aten share one thread pool instead of two pools spinning against each other on 2 cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+COMPILE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+
+
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+why_unavailable = ""
+
+P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "has_vnni": [],
+    "int4_linear": [P, I64, I64, P, P, P, I64, I64, P, P, I32],
+    "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
+    "rms_norm": [P, I64, I64, P, F32, F32, P],
+    "gated_act": [P, I64, I64, I32, P],
+    "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I64, I64, I64, F32, P, I32],
+}
+
+
+def compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def cpu_fingerprint() -> str:
+    """-march=native code runs only on CPUs with the same instruction sets: key the build on them."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + cpu_fingerprint().encode() + " ".join(COMPILE).encode()).hexdigest()[:16]
+    folder = SOURCE.parent / "build"
+    if not os.access(SOURCE.parent, os.W_OK):
+        from pocketlm.cache import home
+
+        folder = home() / "kernels"
+    return folder / f"cpu-{key}.so"
+
+
+def build() -> Path:
+    """Compile cpu.cpp unless this source for this CPU is built already; the file appears whole (renamed into place)."""
+    path = library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([compiler(), *COMPILE, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode:
+        tmp.unlink(missing_ok=True)
+        raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler()} failed")
+    os.replace(tmp, path)
+    return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None where it cannot be had (see why_unavailable)."""
+    global _lib, why_unavailable
+    if _lib is None:
+        _lib = False
+        if os.environ.get("POCKETLM_KERNELS", "1") == "0":
+            why_unavailable = "POCKETLM_KERNELS=0"
+        elif sys.platform != "linux":
+            why_unavailable = f"not built on {sys.platform}"
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))
+            except (OSError, FileNotFoundError) as e:
+                why_unavailable = f"could not build {SOURCE.name} with {compiler()}: {e}"
+            else:
+                for name, argtypes in SIGNATURES.items():
+                    getattr(lib, name).argtypes = argtypes
+                    getattr(lib, name).restype = ctypes.c_int if name == "has_vnni" else None
+                _lib = lib
+    return _lib or None
+
+
+def has_vnni() -> bool:
+    """Whether the int4 x int8 kernel is built (AVX-512 VNNI) and switched on (POCKETLM_INT4_KERNEL=1). It is off
+    by default: its 8-bit activations flip SmolLM2's near-tie first token on "What is the capital of France?"
+    (aten's bf16 activations and fp32 do not), so it waits for a two-pass (16-bit) activation rounding."""
+    lib = library()
+    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT4_KERNEL") == "1"
+
+
+def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether x (with the layer's params) can go through the kernels: fp32 on the CPU, no gradient to record
+    (training keeps PyTorch's ops), and the library built."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not grad and library() is not None
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias) -> torch.Tensor:
+    """x (..., K) fp32; codes (N, K/2) uint8; scales, zeros (N, K/g) fp32, w = (q - 8) * scale + zero -> (..., N)."""
+    N, K = codes.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    out = torch.empty(*x.shape[:-1], N)
+    library().int4_linear(ptr(x2), x2.shape[0], K, ptr(codes), ptr(scales), ptr(zeros), N, group_size, ptr(bias), ptr(out),
+                          torch.get_num_threads())
+    return out
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
+    """x (..., K) fp32; weight (N, K) int8; scales (N,) bf16 -> (..., N)."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    out = torch.empty(*x.shape[:-1], N)
+    library().int8_linear(ptr(x2), x2.shape[0], K, ptr(weight), ptr(scales), N, ptr(bias), ptr(out), torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: float = 0.0) -> torch.Tensor:
+    """x (..., D) -> x * rsqrt(mean(x^2) + eps) * (weight + unit_offset), in fp32."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().rms_norm(ptr(x), x.numel() // x.shape[-1], x.shape[-1], ptr(weight), eps, unit_offset, ptr(out))
+    return out
+
+
+def gated_act(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """gate_up (..., 2F) = [gate | up] -> act(gate) * up (..., F); act silu, or gelu-tanh with gelu=True."""
+    gate_up = gate_up.contiguous()
+    F = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], F)
+    library().gated_act(ptr(gate_up), gate_up.numel() // (2 * F), F, int(gelu), ptr(out))
+    return out
+
+
+def attend_decode(q, k, v, n_heads, n_kv_heads, head_dim, cos, sin, q_norm, k_norm, norm_eps, cache, pos, begin, scale):
+    """One token of one sequence (batch row 0 of the cache): q (1, 1, nh*hd), k, v (1, 1, n_kv*hd) fresh from the
+    projections (views of the fused one are fine); cos, sin (1, hd) at pos; q_norm, k_norm (hd,) weights or None.
+    Writes the token's key and value at pos and attends over positions begin..pos. -> (1, 1, nh * hd)"""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(1, 1, n_heads * head_dim)
+    library().attend_decode(
+        ptr(q), ptr(k), ptr(v), n_heads, n_kv_heads, head_dim, ptr(cos), ptr(sin), ptr(q_norm), ptr(k_norm), norm_eps,
+        ptr(cache.k), ptr(cache.v), cache.k.shape[2], pos, begin, scale, ptr(out), torch.get_num_threads(),
+    )
+    return out
