@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ["POCKETLM_INT4_KERNEL"] = "1"  # off by default (pocketlm/kernels: has_vnni)
-    if not kernels.has_vnni():
+    os.environ["POCKETLM_INT4_KERNEL"] = "1"  # off by default (pocketlm/kernels: int4_kernel_on)
+    if not kernels.int4_kernel_on():
         raise SystemExit(f"pocketlm's int4 kernel is not available here: {kernels.why_unavailable or 'no AVX-512 VNNI'}")
     torch.manual_seed(0)
     print("| layer | aten | pocketlm | speed-up |")

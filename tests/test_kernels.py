@@ -24,7 +24,7 @@ if kernels.library() is None:
 @pytest.mark.parametrize("K", [256, 320, 576])  # 320 and 576: rows of codes that end in a partial 64-byte chunk
 def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_size, K, monkeypatch):
     monkeypatch.setenv("POCKETLM_INT4_KERNEL", "1")
-    if not kernels.has_vnni():
+    if not kernels.int4_kernel_on():
         pytest.skip("the int4 kernel needs AVX-512 VNNI")
     if K % group_size:
         pytest.skip("K is not a multiple of the group")

@@ -1,8 +1,8 @@
 """The decode step's fused CPU kernels (cpu.cpp), built once with the system's C++ compiler and called through ctypes.
 
     from pocketlm import kernels
-    if kernels.usable(x):                      # fp32 on the CPU, no gradient wanted, library built
-        y = kernels.int4_linear(x, codes, scales_and_zeros, group_size, bias)
+    if kernels.usable(x, layer.weight):        # fp32 on the CPU, no gradient wanted, library built
+        y = kernels.int8_linear(x, layer.weight, layer.scales, layer.bias)
 
 The library is compiled for this CPU (-O3 -march=native -fopenmp, a few seconds) the first time it is
 needed, or by `python -m pocketlm.kernels` (scripts/setup runs it), into pocketlm/kernels/build/ (or
@@ -104,7 +104,7 @@ def library() -> ctypes.CDLL | None:
     return _lib or None
 
 
-def has_vnni() -> bool:
+def int4_kernel_on() -> bool:
     """Whether the int4 x int8 kernel is built (AVX-512 VNNI) and switched on (POCKETLM_INT4_KERNEL=1). It is off
     by default: its 8-bit activations flip SmolLM2's near-tie first token on "What is the capital of France?"
     (aten's bf16 activations and fp32 do not), so it waits for a two-pass (16-bit) activation rounding."""

@@ -150,7 +150,7 @@ static void int4_row(const Int8Rows &xq, int64_t m0, int64_t K2, int64_t G, int6
 #endif
 
 // out (M, N) = x (M, K) @ w^T + bias. codes (N, K/2); scales, zeros (N, K/g) fp32; g 32, 64 or 128.
-// Only with has_vnni() (pocketlm/kernels/__init__.py checks).
+// Only with has_vnni() (pocketlm/kernels/__init__.py's int4_kernel_on checks).
 extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales,
                             const float *zeros, int64_t N, int64_t g, const float *bias, float *out, int nthreads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -252,8 +252,14 @@ extern "C" void gated_act(const float *gate_up, int64_t M, int64_t F, int gelu, 
 
 // ------------------------------------------------------------------------------------------ attention
 
-// RoPE, NeoX half-split layout (HF's apply_rotary_pos_emb): y = x * cos + rotate_half(x) * sin.
-static void rope(const float *x, const float *cos, const float *sin, int64_t hd, float *y) {
+// RoPE, NeoX half-split layout (HF's apply_rotary_pos_emb): y = x * cos + rotate_half(x) * sin; a query or key
+// head is first normalized when norm (hd) is given (Gemma 3's q_norm/k_norm, unit offset 1). scratch: hd floats.
+static void norm_rope(const float *x, const float *norm, float eps, const float *cos, const float *sin, int64_t hd,
+                      float *scratch, float *y) {
+    if (norm) {
+        rms_norm_row(x, hd, norm, eps, 1.f, scratch);
+        x = scratch;
+    }
     const int64_t half = hd / 2;
     for (int64_t i = 0; i < half; i++) {
         y[i] = x[i] * cos[i] - x[i + half] * sin[i];
@@ -354,24 +360,12 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
                               const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
                               float *k_cache, float *v_cache, int64_t S, int64_t pos, int64_t begin, float scale,
                               float *out, int nthreads) {
-    std::vector<float> normed(hd), qr(nh * hd);
+    std::vector<float> scratch(hd), qr(nh * hd);
     for (int64_t h = 0; h < n_kv; h++) {
-        const float *k = k_new + h * hd;
-        if (k_norm) {
-            rms_norm_row(k, hd, k_norm, norm_eps, 1.f, normed.data());
-            k = normed.data();
-        }
-        rope(k, cos, sin, hd, k_cache + (h * S + pos) * hd);
+        norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, scratch.data(), k_cache + (h * S + pos) * hd);
         std::memcpy(v_cache + (h * S + pos) * hd, v_new + h * hd, hd * sizeof(float));
     }
-    for (int64_t h = 0; h < nh; h++) {
-        const float *x = q + h * hd;
-        if (q_norm) {
-            rms_norm_row(x, hd, q_norm, norm_eps, 1.f, normed.data());
-            x = normed.data();
-        }
-        rope(x, cos, sin, hd, qr.data() + h * hd);
-    }
+    for (int64_t h = 0; h < nh; h++) norm_rope(q + h * hd, q_norm, norm_eps, cos, sin, hd, scratch.data(), qr.data() + h * hd);
     const int64_t L = pos + 1 - begin;
     const float *K = k_cache + begin * hd, *V = v_cache + begin * hd;
     nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, L / 64)));  // a short context is not worth a split

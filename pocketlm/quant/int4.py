@@ -7,9 +7,9 @@ Q4_0/Q4_1/Q4_K source) keeps it exactly; others round to nearest between their m
 `group_quantize_tensor` (see quantize_groups).
 
 The codes are stored plainly (two per byte, low nibble first, shape (out, in/2)) so a saved model does not
-depend on aten's packed layout. A decode step (a few rows) multiplies them in place with pocketlm's int4 x int8
-kernel (pocketlm/kernels, llama.cpp's Q4 x Q8 scheme: 2-3x aten's kernel at one row); where that cannot be
-built, they are packed for aten's `_weight_int4pack_mm_for_cpu` when the layer is built.
+depend on aten's packed layout. A decode step (a few rows) multiplies them with aten's
+`_weight_int4pack_mm_for_cpu` (packed for it when the layer is built), or, with POCKETLM_INT4_KERNEL=1, in place
+with pocketlm's int4 x int8 kernel (pocketlm/kernels, llama.cpp's Q4 x Q8 scheme; bench/bench_kernels.py).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Int4Linear(nn.Module):
         """Make what the decode kernel reads (call again after loading a state dict): fp32 scales and zeros for
         pocketlm's kernel, or, where it is not built, the codes in aten's packed layout."""
         self.kernel_weight = self.scales = self.zeros = None
-        if kernels.has_vnni() and self.group_size in GROUP_SIZES and self.qweight.device.type == "cpu":
+        if kernels.int4_kernel_on() and self.group_size in GROUP_SIZES and self.qweight.device.type == "cpu":
             sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
             self.scales, self.zeros = sz[..., 0].contiguous(), sz[..., 1].contiguous()  # (N, K/g) each
         else:
