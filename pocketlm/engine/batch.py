@@ -21,6 +21,7 @@ import time
 import torch
 
 from pocketlm.engine.generate import PREFILL_CHUNK, Sequence, prefill
+from pocketlm.models.fused_step import fused_logits
 
 GROW_BY = 256  # cache positions are added in steps of this many: few reallocations, little waste
 # The output head runs on at most this many rows at a time: quantized Linears switch to their prompt path
@@ -119,8 +120,13 @@ class Batch:
             return []
         tokens = torch.tensor([[int(s.seq.context[-1])] for s in seated])  # (n, 1)
         pos = torch.tensor([[len(s.tokens)] for s in seated])  # (n, 1): the next position of each row
-        h = self.model.hidden(tokens, pos, torch.tensor([s.index for s in seated]))  # (n, 1, D)
-        logits = torch.cat([self.model.logits(h[i : i + HEAD_ROWS, -1]) for i in range(0, len(h), HEAD_ROWS)])  # (n, V)
+        slots = torch.tensor([s.index for s in seated])
+        logits = fused_logits(self.model, tokens, pos, slots)  # every layer and the head in one call into the kernels
+        if logits is not None:
+            logits = logits[:, -1]  # (n, V)
+        else:
+            h = self.model.hidden(tokens, pos, slots)  # (n, 1, D)
+            logits = torch.cat([self.model.logits(h[i : i + HEAD_ROWS, -1]) for i in range(0, len(h), HEAD_ROWS)])  # (n, V)
         for s, token in zip(seated, tokens[:, 0].tolist()):
             s.tokens.append(token)
         return [(s.seq, logits[i : i + 1]) for i, s in enumerate(seated)]

@@ -4,10 +4,13 @@
     if kernels.usable(x, layer.weight):        # fp32 on the CPU, no gradient wanted, library built
         y = kernels.int8_linear(x, layer.weight, layer.scales, layer.bias)
 
+A whole decoded token goes through `decode_step` in one call (pocketlm/models/fused_step.py points it at a
+model's tensors); the per-layer functions serve the module path (prompt chunks, batches of sequences).
+
 The library is compiled for this CPU (-O3 -march=native -fopenmp, a few seconds) the first time it is
 needed, or by `python -m pocketlm.kernels` (scripts/setup runs it), into pocketlm/kernels/build/ (or
 $POCKETLM_HOME/kernels when the package folder is read-only), under a name made of the source's and the CPU's
-fingerprint, so an edited source or another CPU builds afresh. Without a compiler, or with POCKETLM_KERNELS=0,
+fingerprint, so an edited source or another CPU builds afresh (the builds it replaces are removed). Without a compiler, or with POCKETLM_KERNELS=0,
 everything runs on aten's kernels as before: `usable` is False and callers take their PyTorch path.
 
 OpenMP: the library links libgomp.so.1, which resolves to the copy torch already loaded (torch/lib/libgomp.so.1),
@@ -36,12 +39,17 @@ why_unavailable = ""
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "has_vnni": [],
-    "int4_linear": [P, I64, I64, P, P, P, I64, I64, P, P, I32],
+    "int4_packed_bytes": [I64, I64, I64],
+    "int4_pack": [P, P, I64, I64, I64, P],
+    "int4_linear": [P, I64, I64, P, I64, I64, P, P, I32],
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
     "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I64, I64, I64, F32, P, I32],
+    "decode_step": [P, I64, P, P, P, P, I32],  # pocketlm/models/fused_step.py
 }
+
+RESTYPES = {"has_vnni": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64}
 
 
 def compiler() -> str:
@@ -79,6 +87,9 @@ def build() -> Path:
         tmp.unlink(missing_ok=True)
         raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler()} failed")
     os.replace(tmp, path)
+    for old in path.parent.glob("cpu-*.so"):  # an earlier source's build (a process that loaded it keeps its mapping)
+        if old != path:
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -99,17 +110,15 @@ def library() -> ctypes.CDLL | None:
             else:
                 for name, argtypes in SIGNATURES.items():
                     getattr(lib, name).argtypes = argtypes
-                    getattr(lib, name).restype = ctypes.c_int if name == "has_vnni" else None
+                    getattr(lib, name).restype = RESTYPES.get(name)
                 _lib = lib
     return _lib or None
 
 
 def int4_kernel_on() -> bool:
-    """Whether the int4 x int8 kernel is built (AVX-512 VNNI) and switched on (POCKETLM_INT4_KERNEL=1). It is off
-    by default: its 8-bit activations flip SmolLM2's near-tie first token on "What is the capital of France?"
-    (aten's bf16 activations and fp32 do not), so it waits for a two-pass (16-bit) activation rounding."""
+    """Whether the int4 kernel is built (it needs AVX-512 VNNI) and not switched off (POCKETLM_INT4_KERNEL=0)."""
     lib = library()
-    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT4_KERNEL") == "1"
+    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT4_KERNEL", "1") != "0"
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -123,13 +132,22 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bias) -> torch.Tensor:
-    """x (..., K) fp32; codes (N, K/2) uint8; scales, zeros (N, K/g) fp32, w = (q - 8) * scale + zero -> (..., N)."""
-    N, K = codes.shape[0], x.shape[-1]
+def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16 (Int4Linear's buffers) -> the kernel's layout
+    (cpu.cpp: 16 output rows per block, each group's scales and zeros before its codes), uint8."""
+    N, K = codes.shape[0], codes.shape[1] * 2
+    codes, scales_and_zeros = codes.contiguous(), scales_and_zeros.contiguous()
+    out = torch.empty(library().int4_packed_bytes(N, K, group_size), dtype=torch.uint8)
+    library().int4_pack(ptr(codes), ptr(scales_and_zeros), N, K, group_size, ptr(out))
+    return out
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int, bias) -> torch.Tensor:
+    """x (..., K) fp32; packed: int4_pack's layout of an (N, K) weight -> (..., N)."""
+    K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     out = torch.empty(*x.shape[:-1], N)
-    library().int4_linear(ptr(x2), x2.shape[0], K, ptr(codes), ptr(scales), ptr(zeros), N, group_size, ptr(bias), ptr(out),
-                          torch.get_num_threads())
+    library().int4_linear(ptr(x2), x2.shape[0], K, ptr(packed), N, group_size, ptr(bias), ptr(out), torch.get_num_threads())
     return out
 
 

@@ -1,15 +1,17 @@
 // The decode step's CPU kernels: pocketlm/kernels/__init__.py builds this file once with the system compiler
 // (-O3 -march=native -fopenmp) and calls it through ctypes. Every function takes fp32 activations and writes
-// fp32 results, so a layer's output equals the PyTorch reference up to the order of summation.
+// fp32 results, so a layer's output equals the PyTorch reference up to the order of summation (and, for int4,
+// the activations' rounding to 16 bits).
 //
 // Why hand-written: one decoded token is about 10 small matrix-vector products per layer, and aten's int4 CPU
-// kernel (_weight_int4pack_mm_for_cpu) streams 4 GB/s at one row, a third of what the memory gives; the
-// dozen dispatched ops of attention, RoPE and the norms cost more than their arithmetic. llama.cpp's ggml
-// does the same: one fused function per operation of the graph (ggml-cpu/ops.cpp).
+// kernel (_weight_int4pack_mm_for_cpu) streams 4 GB/s at one row, a quarter of what the memory gives; the
+// dozen dispatched ops of attention, RoPE and the norms cost more than their arithmetic, and so do the Python
+// calls between them. llama.cpp's ggml does the same: one fused function per operation of the graph
+// (ggml-cpu/ops.cpp), run through the whole graph per token without an interpreter (decode_step, at the end).
 //
 // Layouts (all row-major, contiguous):
-//   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales and zeros (N, K/g) fp32;
-//         w[n, k] = (q - 8) * scale + zero  (pocketlm/quant/int4.py)
+//   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16;
+//         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack
 //   int8: weight (N, K) int8, scales (N) bf16; w[n, k] = q * scale  (pocketlm/quant/int8.py)
 //   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32  (pocketlm/models/llama.py's KVCache)
 
@@ -24,6 +26,10 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+// The weight kernels ask for the cache line this many bytes ahead of the one they read: the hardware's own
+// prefetcher alone leaves a 2-core read at 10-12 GB/s, this at 16-18 (a 24-layer C++ harness, 2048 beat 1024 and 4096)
+static constexpr int64_t PREFETCH = 2048;
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
@@ -69,14 +75,22 @@ static void exp_inplace(float *x, int64_t n) {
 
 // ------------------------------------------------------------------------------------------ int4 x int8
 
-// As llama.cpp's Q4 x Q8 dot products (ggml_vec_dot_q4_1_q8_1): each block of 32 activations is rounded to
-// int8 with its own scale d = max|x| / 127, so 64 weights at a time multiply in one VNNI instruction
-// (vpdpbusd: 4 u8 codes x 4 s8 activations summed into each int32 lane) instead of three conversions and a
-// float FMA per 16 weights. With x' the rounded activations (x' = d x8 per 32-block):
-//   sum_k ((q - 8) s + z) x  ~  s sum_k q x'  -  8 s sum_k x'  +  z sum_k x
-// The -8 s term takes the rounded sum, so the rounding errors meet the signed codes q - 8 as in the exact
-// product (with the exact sum there, they would meet q in 0..15: twice the error). 0.3-0.6% of a layer's output
-// on random inputs, about 2x bf16 activations' (aten's kernel); llama.cpp's Q4_1 x Q8_1 rounds the same way.
+// The int4 weights are multiplied in integers, as llama.cpp's Q4 x Q8 dot products (ggml_vec_dot_q4_1_q8_1):
+// 4-bit codes times int8 activations, 64 products per VNNI instruction (vpdpbusd: 4 u8 codes x 4 s8
+// activations summed into each int32 lane), instead of three conversions and a float FMA per 16 weights.
+//
+// Activations in two passes: each block of 32 is rounded to int8 with its scale d = max|x| / 127, and what
+// that leaves (at most d/2) is rounded again with the scale d / 254, so x = d hi + d/254 lo within
+// max|x| / 64516 (16 bits; bf16, aten's kernel's activations, keeps 8). One pass (llama.cpp's Q8_1) flips
+// SmolLM2's near-tie first token on "What is the capital of France?"; two passes double only the integer
+// multiplies, which cost a fraction of reading the weights.
+//
+// Weights are laid out for the kernel once, when a layer is built (int4_pack): 16 output rows per block, so
+// one 64-byte load feeds 16 rows' dot products lane by lane and no row needs a horizontal sum. A block is a
+// stream of its groups, each [16 scales bf16 | 16 zeros bf16 | g/8 steps of 64 bytes], a step holding each
+// row's 8 codes for columns k..k+7 in its 4-byte lane: byte j = code[k + j] | code[k + 4 + j] << 4 (the low
+// nibbles meet activations k..k+3, the high ones k+4..k+7). Rows past N (the last block) are zero.
+//   w[n, k] = (q - 8) * scale + zero, so sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x per group.
 
 extern "C" int has_vnni() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -86,95 +100,142 @@ extern "C" int has_vnni() {
 #endif
 }
 
-// Activations of M rows prepared for the int4 kernel: the even and odd elements as int8 (M, C*64), zero padded
-// to whole 64-byte chunks; each 32-block's scale d repeated in the 4 int32 lanes its chunk's dot product leaves
-// it in (M, C, 16); each group's exact sum and rounded sum (M, G).
-struct Int8Rows {
-    int64_t C, stride;
-    std::vector<int8_t> even, odd;
-    std::vector<float> d, sum, rounded_sum;
+static constexpr int ROWS = 16;  // output rows per block: one per 32-bit lane of a 512-bit register
 
-    Int8Rows(const float *x, int64_t M, int64_t K, int64_t g) : C((K / 2 + 63) / 64), stride(C * 64) {
-        const int64_t G = K / g;
-        even.assign(M * stride, 0), odd.assign(M * stride, 0), d.assign(M * C * 16, 0.f);
-        sum.assign(M * G, 0.f), rounded_sum.assign(M * G, 0.f);
+static inline int64_t int4_group_bytes(int64_t g) { return 64 + g * 8; }  // scales, zeros, then codes
+
+extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g) {
+    return (N + ROWS - 1) / ROWS * (K / g) * int4_group_bytes(g);
+}
+
+// codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16
+// (pocketlm/quant/int4.py) -> out (int4_packed_bytes) in the layout above.
+extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros, int64_t N, int64_t K, int64_t g, uint8_t *out) {
+    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS;
+    std::memset(out, 0, int4_packed_bytes(N, K, g));
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            uint8_t *p = out + (b * G + gi) * int4_group_bytes(g);
+            uint16_t *sz = reinterpret_cast<uint16_t *>(p);
+            for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
+                const int64_t n = b * ROWS + r;
+                sz[r] = scales_and_zeros[(gi * N + n) * 2], sz[ROWS + r] = scales_and_zeros[(gi * N + n) * 2 + 1];
+                const uint8_t *row = codes + n * (K / 2);
+                for (int64_t step = 0; step < g / 8; step++)
+                    for (int j = 0; j < 4; j++) {
+                        const int64_t k = gi * g + step * 8 + j;
+                        const uint8_t lo = (row[k / 2] >> (4 * (k % 2))) & 0xF, hi = (row[(k + 4) / 2] >> (4 * ((k + 4) % 2))) & 0xF;
+                        p[64 + step * 64 + r * 4 + j] = uint8_t(lo | hi << 4);
+                    }
+            }
+        }
+}
+
+// Activations of M rows rounded for the kernel: hi and lo (M, K) int8, their scales d and d/254 per block of 32
+// (M, K/32), and each group's sum of the rounded values (M, K/g).
+struct Int8Rows {
+    std::vector<int8_t> hi, lo;
+    std::vector<float> d, d_lo, group_sum;
+
+    Int8Rows(const float *x, int64_t M, int64_t K, int64_t g) : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g, 0.f) {
         for (int64_t m = 0; m < M; m++)
             for (int64_t b = 0; b < K / 32; b++) {
                 const float *xb = x + m * K + b * 32;
-                float amax = 0.f, total = 0.f;
-                for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i])), total += xb[i];
-                const float inv = amax > 0.f ? 127.f / amax : 0.f;
-                int32_t total8 = 0;
-                for (int i = 0; i < 16; i++) {
-                    const int8_t e = int8_t(std::nearbyint(xb[2 * i] * inv)), o = int8_t(std::nearbyint(xb[2 * i + 1] * inv));
-                    even[m * stride + b * 16 + i] = e, odd[m * stride + b * 16 + i] = o;
-                    total8 += e + o;
+                float amax = 0.f;
+                for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+                const float step = amax / 127.f, step_lo = step / 254.f;
+                const float inv = amax > 0.f ? 127.f / amax : 0.f, inv_lo = amax > 0.f ? 254.f * 127.f / amax : 0.f;
+                int32_t total_hi = 0, total_lo = 0;
+                for (int i = 0; i < 32; i++) {
+                    const float h = std::nearbyint(xb[i] * inv);
+                    const float l = std::nearbyint((xb[i] - h * step) * inv_lo);
+                    hi[m * K + b * 32 + i] = int8_t(h), lo[m * K + b * 32 + i] = int8_t(std::clamp(l, -127.f, 127.f));
+                    total_hi += int32_t(h), total_lo += lo[m * K + b * 32 + i];
                 }
-                for (int lane = 0; lane < 4; lane++) d[(m * C + b / 4) * 16 + (b % 4) * 4 + lane] = amax / 127.f;
-                sum[m * G + b * 32 / g] += total;
-                rounded_sum[m * G + b * 32 / g] += amax / 127.f * float(total8);
+                d[m * (K / 32) + b] = step, d_lo[m * (K / 32) + b] = step_lo;
+                group_sum[m * (K / g) + b * 32 / g] += step * float(total_hi) + step_lo * float(total_lo);
             }
     }
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// MT input rows (from row m0 of xq) against one weight row: K/2 bytes of codes, G scales and zero points.
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))), 16));
+}
+
+static inline __m512i bcast4(const int8_t *p) {  // 4 activations into every lane
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// MT activation rows (from row m0) against one block of 16 weight rows -> res[m] lane r = row b*16 + r's output
 template <int MT>
-static void int4_row(const Int8Rows &xq, int64_t m0, int64_t K2, int64_t G, int64_t g, const __m512i group_of_lane,
-                     const uint8_t *codes, const float *scales, const float *zeros, float *res) {
+static void int4_block(const Int8Rows &xq, int64_t m0, int64_t K, int64_t g, const uint8_t *p, __m512 *res) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const int64_t groups_per_chunk = 128 / g, C = xq.C, stride = xq.stride;
-    const int8_t *even = xq.even.data() + m0 * stride, *odd = xq.odd.data() + m0 * stride;
-    const float *d = xq.d.data() + m0 * C * 16;
-    __m512 acc[MT];
-    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
-    // 64 bytes of codes (128 weights) per step; the last step of a row whose K/2 is not a multiple of 64 loads
-    // fewer bytes and scales, the rest zero (the activations' padding is zero too)
-    for (int64_t c = 0; c < C; c++) {
-        const int64_t j = c * 64, g0 = c * groups_per_chunk;
-        const bool whole = j + 64 <= K2;
-        const __m512i v = _mm512_maskz_loadu_epi8(whole ? ~0ULL : (1ULL << (K2 - j)) - 1, codes + j);
-        const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        const __mmask8 have = whole ? (1u << groups_per_chunk) - 1 : (1u << (G - g0)) - 1;
-        const __m512 s = _mm512_permutexvar_ps(group_of_lane, _mm512_castps128_ps512(_mm_maskz_loadu_ps(have, scales + g0)));
-        for (int m = 0; m < MT; m++) {
-            __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(even + m * stride + j));
-            isum = _mm512_dpbusd_epi32(isum, hi, _mm512_loadu_si512(odd + m * stride + j));
-            const __m512 dm = _mm512_loadu_ps(d + (m * C + c) * 16);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(s, dm), acc[m]);
+    const int64_t G = K / g, B = K / 32;
+    for (int m = 0; m < MT; m++) res[m] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++, p += 64) {
+        const __m512 s = bf16x16(reinterpret_cast<const uint16_t *>(p)), z = bf16x16(reinterpret_cast<const uint16_t *>(p) + ROWS);
+        __m512 group[MT];
+        for (int m = 0; m < MT; m++) group[m] = _mm512_setzero_ps();
+        for (int64_t blk = gi * g / 32; blk < (gi + 1) * g / 32; blk++) {
+            // four independent sums per row (pass x nibble), so the VNNI instructions' 5-cycle latency overlaps
+            __m512i acc[MT][4];
+            for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_si512();
+            for (int step = 0; step < 4; step++) {
+                const uint8_t *codes = p + 64 + (blk % (g / 32)) * 256 + step * 64;
+                _mm_prefetch(reinterpret_cast<const char *>(codes + PREFETCH), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(codes);
+                const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                for (int m = 0; m < MT; m++) {
+                    const int64_t k = (m0 + m) * K + blk * 32 + step * 8;
+                    acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], lo, bcast4(&xq.hi[k]));
+                    acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], hi, bcast4(&xq.hi[k + 4]));
+                    acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], lo, bcast4(&xq.lo[k]));
+                    acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], hi, bcast4(&xq.lo[k + 4]));
+                }
+            }
+            for (int m = 0; m < MT; m++) {
+                const __m512i sum_hi = _mm512_add_epi32(acc[m][0], acc[m][1]), sum_lo = _mm512_add_epi32(acc[m][2], acc[m][3]);
+                group[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_hi), _mm512_set1_ps(xq.d[(m0 + m) * B + blk]), group[m]);
+                group[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lo), _mm512_set1_ps(xq.d_lo[(m0 + m) * B + blk]), group[m]);
+            }
         }
+        const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // zero - 8 scale
+        for (int m = 0; m < MT; m++) {
+            res[m] = _mm512_fmadd_ps(s, group[m], res[m]);
+            res[m] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xq.group_sum[(m0 + m) * G + gi]), res[m]);
+        }
+        p += g * 8;
     }
-    for (int m = 0; m < MT; m++)
-        res[m] = _mm512_reduce_add_ps(acc[m]) - 8.f * dot(scales, &xq.rounded_sum[(m0 + m) * G], G) + dot(zeros, &xq.sum[(m0 + m) * G], G);
 }
 #endif
 
-// out (M, N) = x (M, K) @ w^T + bias. codes (N, K/2); scales, zeros (N, K/g) fp32; g 32, 64 or 128.
-// Only with has_vnni() (pocketlm/kernels/__init__.py's int4_kernel_on checks).
-extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales,
-                            const float *zeros, int64_t N, int64_t g, const float *bias, float *out, int nthreads) {
+// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack; g 32, 64 or 128. Only with has_vnni()
+// (pocketlm/kernels/__init__.py's int4_kernel_on checks).
+extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g,
+                            const float *bias, float *out, int nthreads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    const int64_t K2 = K / 2, G = K / g;
     const Int8Rows xq(x, M, K, g);
-    alignas(64) int32_t lanes[16];
-    for (int l = 0; l < 16; l++) lanes[l] = 8 * l / g;  // int32 lane l sums elements 8l..8l+7 of its chunk
-    const __m512i group_of_lane = _mm512_load_si512(lanes);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * K2;
-        const float *s = scales + n * G, *o = zeros + n * G;
-        float res[4];
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *p = packed + b * (K / g) * int4_group_bytes(g);
+        const int64_t n0 = b * ROWS;
+        const __mmask16 keep = N - n0 >= ROWS ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
+        const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+        __m512 res[4];
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) {  // four input rows share each loaded weight vector
-            int4_row<4>(xq, m, K2, G, g, group_of_lane, row, s, o, res);
-            for (int i = 0; i < 4; i++) out[(m + i) * N + n] = res[i];
+            int4_block<4>(xq, m, K, g, p, res);
+            for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(out + (m + i) * N + n0, keep, _mm512_add_ps(res[i], bias_v));
         }
         for (; m < M; m++) {
-            int4_row<1>(xq, m, K2, G, g, group_of_lane, row, s, o, res);
-            out[m * N + n] = res[0];
+            int4_block<1>(xq, m, K, g, p, res);
+            _mm512_mask_storeu_ps(out + m * N + n0, keep, _mm512_add_ps(res[0], bias_v));
         }
-        if (bias)
-            for (int64_t i = 0; i < M; i++) out[i * N + n] += bias[n];
     }
 #endif
 }
@@ -186,13 +247,23 @@ static void int8_row(const float *x, int64_t K, const int8_t *w, float *res) {
     float tail[MT] = {};
     int64_t k = 0;
 #if defined(__AVX512F__)
-    __m512 acc[MT];
-    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+    // four sums per row over alternate 16-column steps: one chain of FMAs would wait out each one's 4-cycle latency
+    // (a single row then reads 11 GB/s per core, under what the memory gives two cores)
+    __m512 acc[MT][4];
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch(reinterpret_cast<const char *>(w + k + PREFETCH), _MM_HINT_T0);
+        for (int c = 0; c < 4; c++) {
+            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16 * c))));
+            for (int m = 0; m < MT; m++) acc[m][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * c), acc[m][c]);
+        }
+    }
     for (; k + 16 <= K; k += 16) {
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-        for (int m = 0; m < MT; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);
+        for (int m = 0; m < MT; m++) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
     }
-    for (int m = 0; m < MT; m++) tail[m] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < MT; m++)
+        tail[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
 #endif
     for (; k < K; k++)
         for (int m = 0; m < MT; m++) tail[m] += float(w[k]) * x[m * K + k];
@@ -217,6 +288,14 @@ extern "C" void int8_linear(const float *x, int64_t M, int64_t K, const int8_t *
             out[m * N + n] = res[0] * s + b;
         }
     }
+}
+
+// out (M, N) = x (M, K) @ w^T + bias for a float model's weight (N, K) fp32 (decode_step's few rows: each weight
+// row is read once for all of them)
+static void fp32_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) out[m * N + n] = dot(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.f);
 }
 
 // ------------------------------------------------------------------------------------------ norms, MLP
@@ -375,4 +454,108 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
         case 256: return attend<16>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
         default: return attend<0>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
     }
+}
+
+
+// ------------------------------------------------------------------------------------------ the decode step
+
+// One decoded token of each of n sequences through the whole model in one call: what pocketlm/models/llama.py
+// and gemma3.py compute for an (n, 1) input with a cache, op for op with the kernels above, without a Python
+// call per layer (about 200 of them per token, 8 ms of SmolLM2's 18). The n rows share each weight read (the
+// linear kernels' tiles of 4 rows do each row's own arithmetic, so a sequence's numbers do not depend on its
+// neighbours); attention is per sequence, in its own cache row at its own position.
+// pocketlm/models/fused_step.py fills these structs from a model's modules and keeps their tensors alive.
+
+struct Linear {  // one (N, K) weight: kind 0 fp32 (N, K); 1 int8 (N, K) with bf16 scales (N); 2 int4_pack's layout
+    int64_t kind, N, K, g;
+    const void *weight;
+    const uint16_t *scales;
+    const float *bias;  // or null
+};
+
+// out (M, N) = x (M, K) @ w^T + bias, for out rows `stride` floats apart (linears' side-by-side outputs)
+static void linear(const Linear &l, const float *x, int64_t M, float *out, int64_t stride, std::vector<float> &tmp, int nthreads) {
+    float *y = stride == l.N ? out : (tmp.resize(M * l.N), tmp.data());
+    if (l.kind == 0) fp32_linear(x, M, l.K, static_cast<const float *>(l.weight), l.N, l.bias, y, nthreads);
+    else if (l.kind == 1) int8_linear(x, M, l.K, static_cast<const int8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
+    else int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.bias, y, nthreads);
+    if (y != out)
+        for (int64_t m = 0; m < M; m++) std::memcpy(out + m * stride, y + m * l.N, l.N * sizeof(float));
+}
+
+// Linears whose outputs lie side by side (q, k, v unfused: 3 of them; fused by fuse_projections: 1)
+static void linears(const Linear *ls, int64_t count, const float *x, int64_t M, float *out, std::vector<float> &tmp, int nthreads) {
+    int64_t stride = 0;
+    for (int64_t i = 0; i < count; i++) stride += ls[i].N;
+    for (int64_t i = 0, col = 0; i < count; col += ls[i].N, i++) linear(ls[i], x, M, out + col, stride, tmp, nthreads);
+}
+
+struct Layer {
+    const float *attn_norm, *mlp_norm;             // input_layernorm; post_attention_layernorm (Llama) or pre_feedforward_layernorm (Gemma 3)
+    const float *post_attn_norm, *post_mlp_norm;  // Gemma 3's post_attention_layernorm, post_feedforward_layernorm; else null
+    const float *q_norm, *k_norm;                 // Gemma 3's; else null
+    Linear qkv[3], gate_up[2], o, down;
+    int64_t n_qkv, n_gate_up;                     // 1 when fused (fuse_projections), else 3 and 2
+    float *k_cache, *v_cache;                     // (B, n_kv, S, hd): the layer's KVCache
+    const float *cos, *sin;                       // RoPE tables (positions, hd) of the layer's kind
+    int64_t window;                               // sliding window in positions; 0: full causal attention
+};
+
+struct Model {
+    int64_t n_layers, D, nh, n_kv, hd, F, S;  // F: MLP width; S: cache positions
+    float eps, norm_offset;                   // RMSNorm: weight + norm_offset (Gemma 3: 1)
+    float attn_scale, embed_scale;
+    int64_t gelu;                             // MLP activation: 0 silu, 1 gelu-tanh
+    const void *embed;                        // (V, D) fp32, or int8 with embed_scales (V) bf16 (Int8Embedding)
+    const uint16_t *embed_scales;
+    const float *final_norm;
+    Linear head;
+    const Layer *layers;
+};
+
+// logits (n, V) of tokens[i] at position pos[i] of cache row rows[i]; each layer's keys and values at those
+// positions are written into its cache.
+extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, const int64_t *pos, const int64_t *rows,
+                            float *logits, int nthreads) {
+    const int64_t D = m->D, F = m->F, q_dim = m->nh * m->hd, kv_dim = m->n_kv * m->hd, qkv_dim = q_dim + 2 * kv_dim;
+    std::vector<float> x(n * D), h(n * D), qkv(n * qkv_dim), y(n * q_dim), gate_up(n * 2 * F), act(n * F), out(n * D), tmp;
+    for (int64_t i = 0; i < n; i++) {
+        float *xi = x.data() + i * D;
+        if (m->embed_scales) {
+            const int8_t *row = static_cast<const int8_t *>(m->embed) + tokens[i] * D;
+            const float s = bf16_to_float(m->embed_scales[tokens[i]]);
+            for (int64_t j = 0; j < D; j++) xi[j] = float(row[j]) * s * m->embed_scale;
+        } else {
+            const float *row = static_cast<const float *>(m->embed) + tokens[i] * D;
+            for (int64_t j = 0; j < D; j++) xi[j] = row[j] * m->embed_scale;
+        }
+    }
+    auto norm = [&](const float *w, const float *in, float *o) {
+        for (int64_t i = 0; i < n; i++) rms_norm_row(in + i * D, D, w, m->eps, m->norm_offset, o + i * D);
+    };
+    // Gemma 3 normalizes a block's output before adding it; Llama adds it as it is
+    auto add = [&](const float *post_norm, float *v) {
+        if (post_norm) norm(post_norm, v, v);
+        for (int64_t j = 0; j < n * D; j++) x[j] += v[j];
+    };
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const Layer &L = m->layers[l];
+        norm(L.attn_norm, x.data(), h.data());
+        linears(L.qkv, L.n_qkv, h.data(), n, qkv.data(), tmp, nthreads);
+        for (int64_t i = 0; i < n; i++) {
+            const float *qi = qkv.data() + i * qkv_dim;
+            const int64_t p = pos[i], begin = L.window ? std::max<int64_t>(0, p - L.window + 1) : 0, row = rows[i] * m->n_kv * m->S * m->hd;
+            attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->hd, L.sin + p * m->hd, L.q_norm,
+                          L.k_norm, m->eps, L.k_cache + row, L.v_cache + row, m->S, p, begin, m->attn_scale, y.data() + i * q_dim, nthreads);
+        }
+        linear(L.o, y.data(), n, out.data(), D, tmp, nthreads);
+        add(L.post_attn_norm, out.data());
+        norm(L.mlp_norm, x.data(), h.data());
+        linears(L.gate_up, L.n_gate_up, h.data(), n, gate_up.data(), tmp, nthreads);
+        gated_act(gate_up.data(), n, F, int(m->gelu), act.data());
+        linear(L.down, act.data(), n, out.data(), D, tmp, nthreads);
+        add(L.post_mlp_norm, out.data());
+    }
+    norm(m->final_norm, x.data(), h.data());
+    linear(m->head, h.data(), n, logits, m->head.N, tmp, nthreads);
 }

@@ -26,6 +26,7 @@ from torch import nn
 from pocketlm import kernels
 from pocketlm.config import Gemma3Config
 from pocketlm.errors import PocketLMError
+from pocketlm.models.fused_step import FusedStep, fused_logits
 from pocketlm.models.llama import (
     ROPE_TABLE_LEN,
     KVCache,
@@ -217,6 +218,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = Gemma3TextModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.decode_step: FusedStep | bool | None = None  # built at the first decoded token after setup_cache
         self.tie_weights()
 
     def tie_weights(self):
@@ -244,6 +246,7 @@ class Gemma3ForCausalLM(nn.Module):
             old = layer.self_attn.kv_cache if keep else None
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
         self.model.has_cache = True
+        self.decode_step = None  # points at the caches: built again for the new ones
         if self.model.global_cos.shape[0] < max_seq_len:
             self.model.build_buffers(max_seq_len, ref.device)
 
@@ -255,6 +258,7 @@ class Gemma3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.model.has_cache = False
+        self.decode_step = None
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, D); slots as Llama's."""
@@ -268,4 +272,7 @@ class Gemma3ForCausalLM(nn.Module):
         return logits
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        logits = fused_logits(self, idx, input_pos, slots)  # decoded tokens: one call into the kernels
+        if logits is not None:
+            return logits  # (B, T, V)
         return self.logits(self.hidden(idx, input_pos, slots))

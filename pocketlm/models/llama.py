@@ -32,6 +32,7 @@ from torch import nn
 from pocketlm import kernels
 from pocketlm.config import LlamaConfig
 from pocketlm.errors import PocketLMError
+from pocketlm.models.fused_step import FusedStep, fused_logits
 
 # RoPE tables cover this many positions until a cache or a longer input asks for more: a table for the full
 # max_position_embeddings would cost 67 MB for Llama 3.2's 131k positions.
@@ -325,6 +326,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.decode_step: FusedStep | bool | None = None  # built at the first decoded token after setup_cache
         self.tie_weights()
 
     def tie_weights(self):
@@ -352,6 +354,7 @@ class LlamaForCausalLM(nn.Module):
             old = layer.self_attn.kv_cache if keep else None
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
         self.model.has_cache = True
+        self.decode_step = None  # points at the caches: built again for the new ones
         if self.model.rope_cos.shape[0] < max_seq_len:
             self.model.build_rope(max_seq_len, ref.device)
 
@@ -363,6 +366,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
         self.model.has_cache = False
+        self.decode_step = None
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, D). With slots (B,), row b is its own sequence in cache
@@ -373,6 +377,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(h)  # (B, T, V)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        logits = fused_logits(self, idx, input_pos, slots)  # decoded tokens: one call into the kernels
+        if logits is not None:
+            return logits  # (B, T, V)
         return self.logits(self.hidden(idx, input_pos, slots))
 
 

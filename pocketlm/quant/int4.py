@@ -7,9 +7,10 @@ Q4_0/Q4_1/Q4_K source) keeps it exactly; others round to nearest between their m
 `group_quantize_tensor` (see quantize_groups).
 
 The codes are stored plainly (two per byte, low nibble first, shape (out, in/2)) so a saved model does not
-depend on aten's packed layout. A decode step (a few rows) multiplies them with aten's
-`_weight_int4pack_mm_for_cpu` (packed for it when the layer is built), or, with POCKETLM_INT4_KERNEL=1, in place
-with pocketlm's int4 x int8 kernel (pocketlm/kernels, llama.cpp's Q4 x Q8 scheme; bench/bench_kernels.py).
+depend on a kernel's layout. A decode step (a few rows) multiplies them with pocketlm's int4 kernel
+(pocketlm/kernels/cpu.cpp: AVX-512 VNNI, llama.cpp's integer dot products with activations rounded to 16
+bits; bench/bench_kernels.py), laid out for it when the layer is built, or, on a CPU without VNNI or with
+POCKETLM_INT4_KERNEL=0, with aten's `_weight_int4pack_mm_for_cpu` (bf16 activations).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel_weight: torch.Tensor | None = None  # aten's packed layout, made by pack() without pocketlm's kernels
-        self.scales = self.zeros = None  # (out, in/g) fp32 copies of scales_and_zeros for pocketlm's kernel
+        self.packed: torch.Tensor | None = None  # pocketlm's kernel's layout (kernels.int4_pack), made by pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, quantized=None) -> Int4Linear:
@@ -102,12 +103,11 @@ class Int4Linear(nn.Module):
         return q.pack()
 
     def pack(self) -> Int4Linear:
-        """Make what the decode kernel reads (call again after loading a state dict): fp32 scales and zeros for
-        pocketlm's kernel, or, where it is not built, the codes in aten's packed layout."""
-        self.kernel_weight = self.scales = self.zeros = None
+        """Make what the decode kernel reads (call again after loading a state dict): the codes, scales and zeros
+        laid out for pocketlm's kernel, or, where it is not built, the codes in aten's packed layout."""
+        self.kernel_weight = self.packed = None
         if kernels.int4_kernel_on() and self.group_size in GROUP_SIZES and self.qweight.device.type == "cpu":
-            sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
-            self.scales, self.zeros = sz[..., 0].contiguous(), sz[..., 1].contiguous()  # (N, K/g) each
+            self.packed = kernels.int4_pack(self.qweight, self.scales_and_zeros, self.group_size)
         else:
             self.aten_weight()
         return self
@@ -136,8 +136,8 @@ class Int4Linear(nn.Module):
             # many rows (a prompt): the kernel is made for a few rows at a time; a float matmul on the weight
             # dequantized for this call is faster (1.6x at 512 rows)
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
-        if self.scales is not None and kernels.usable(x):
-            return kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        if self.packed is not None and kernels.usable(x):
+            return kernels.int4_linear(x, self.packed, self.out_features, self.group_size, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).to(torch.bfloat16), self.aten_weight(), self.group_size, self.scales_and_zeros
         )

@@ -1,0 +1,191 @@
+"""A decoded token (of one sequence, or of each of a batch's) as a single call into pocketlm's kernels
+(cpu.cpp's decode_step).
+
+A SmolLM2 token through the modules is about 200 Python calls (norms, projections, attention, per layer)
+that cost about 8 ms of its 18 on this machine's 2 cores; the arithmetic itself is the same kernels either way.
+`FusedStep` points cpu.cpp's Model and Layer structs at a model's tensors once; each token is then one call.
+llama.cpp does the same with its graph: built once, computed per token with no interpreter in between.
+
+    logits = fused_logits(model, idx, input_pos, slots)  # None where the modules must run
+    if logits is None:
+        logits = model.logits(model.hidden(idx, input_pos, slots))
+
+The step reads the layers as they are when it is built (at the first decoded token after setup_cache, which
+drops it) and holds on to every tensor it points at, so a pointer never outlives its memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from pocketlm import kernels
+
+I64, F32, P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+# Tokens of one sequence per call (a speculative verify pass is k + 1); a prompt chunk runs as matrices through the
+# modules (float matmuls on dequantized weights from 128 rows on, quant/int4.py)
+MAX_TOKENS = 16
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", I64), ("N", I64), ("K", I64), ("g", I64), ("weight", P), ("scales", P), ("bias", P)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", P), ("mlp_norm", P), ("post_attn_norm", P), ("post_mlp_norm", P), ("q_norm", P), ("k_norm", P),
+        ("qkv", Linear * 3), ("gate_up", Linear * 2), ("o", Linear), ("down", Linear), ("n_qkv", I64), ("n_gate_up", I64),
+        ("k_cache", P), ("v_cache", P), ("cos", P), ("sin", P), ("window", I64),
+    ]  # fmt: skip
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", I64), ("D", I64), ("nh", I64), ("n_kv", I64), ("hd", I64), ("F", I64), ("S", I64),
+        ("eps", F32), ("norm_offset", F32), ("attn_scale", F32), ("embed_scale", F32), ("gelu", I64),
+        ("embed", P), ("embed_scales", P), ("final_norm", P), ("head", Linear), ("layers", P),
+    ]  # fmt: skip
+
+
+class Unsupported(Exception):
+    """A part the fused step has no kernel for (a LoRA wrapper, bf16 weights, ...): the modules run instead."""
+
+
+class FusedStep:
+    def __init__(self, model: nn.Module):
+        from pocketlm.models.gemma3 import Gemma3ForCausalLM
+
+        self.keep: list[torch.Tensor] = []  # every tensor a struct points at
+        self.rope_len = 1 << 62  # positions the RoPE tables cover (the shortest of them)
+        cfg, inner = model.cfg, model.model
+        gemma = isinstance(model, Gemma3ForCausalLM)
+        layers = inner.layers
+        if not len(layers):
+            raise Unsupported("no layers")  # a layer-truncated draft cut to its embedding
+        cache = layers[0].self_attn.kv_cache
+        self.rows, self.S = cache.k.shape[0], cache.k.shape[2]
+        self.vocab = model.lm_head.out_features
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.layers = (Layer * len(layers))(*(self.layer(layer, inner, gemma) for layer in layers))
+        embed, embed_scales = self.embedding(inner.embed_tokens)
+        attn = layers[0].self_attn
+        self.model = Model(
+            n_layers=len(layers), D=cfg.dim, nh=cfg.n_heads, n_kv=cfg.n_kv_heads, hd=cfg.head_dim, F=cfg.intermediate_size,
+            S=self.S, eps=inner.norm.eps, norm_offset=1.0 if gemma else 0.0,
+            attn_scale=attn.scale if gemma else cfg.head_dim**-0.5,
+            embed_scale=float(inner.embed_scale) if gemma else 1.0, gelu=int(gemma),
+            embed=embed, embed_scales=embed_scales, final_norm=self.vector(inner.norm.weight),
+            head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers),
+        )  # fmt: skip
+
+    def pointer(self, t: torch.Tensor) -> int:
+        if t.dtype not in (torch.float32, torch.int8, torch.uint8, torch.bfloat16) or t.device.type != "cpu" or not t.is_contiguous():
+            raise Unsupported(f"a {t.dtype} tensor on {t.device}")
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def vector(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if t.dtype != torch.float32:
+            raise Unsupported(f"a {t.dtype} norm")
+        return self.pointer(t.detach())
+
+    def linear(self, module: nn.Module) -> Linear:
+        from pocketlm.quant.int4 import Int4Linear
+        from pocketlm.quant.int8 import Int8Linear
+
+        bias = self.vector(module.bias)
+        if isinstance(module, Int4Linear):
+            if module.packed is None:
+                raise Unsupported("an int4 layer without pocketlm's kernel layout")
+            return Linear(2, module.out_features, module.in_features, module.group_size, self.pointer(module.packed), None, bias)
+        if isinstance(module, Int8Linear):
+            return Linear(1, module.out_features, module.in_features, 0, self.pointer(module.weight), self.pointer(module.scales), bias)
+        if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+            return Linear(0, module.out_features, module.in_features, 0, self.pointer(module.weight.detach()), None, bias)
+        raise Unsupported(f"a {type(module).__name__} layer")
+
+    def embedding(self, module: nn.Module) -> tuple[int, int | None]:
+        from pocketlm.quant.int8 import Int8Embedding
+
+        if isinstance(module, Int8Embedding):
+            head = module.head[0]
+            return self.pointer(head.weight), self.pointer(head.scales)
+        if type(module) is nn.Embedding and module.weight.dtype == torch.float32:
+            return self.pointer(module.weight.detach()), None
+        raise Unsupported(f"a {type(module).__name__} embedding")
+
+    def layer(self, layer: nn.Module, inner: nn.Module, gemma: bool) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        cache, cfg = attn.kv_cache, inner.cfg
+        if cache.k.dtype != torch.float32:
+            raise Unsupported(f"a {cache.k.dtype} cache")
+        shapes = [sum(l.out_features for l in qkv), attn.o_proj.in_features, sum(l.out_features for l in gate_up), mlp.down_proj.in_features]
+        shapes += [l.in_features for l in qkv + gate_up] + [attn.o_proj.out_features, mlp.down_proj.out_features]
+        expected = [(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim, 2 * cfg.intermediate_size, cfg.intermediate_size]
+        if shapes != expected + [cfg.dim] * (len(qkv) + len(gate_up) + 2):
+            raise Unsupported("layers whose shapes differ from the config's")  # decode_step sizes its buffers by the config
+        if gemma:
+            cos, sin = (inner.local_cos, inner.local_sin) if layer.sliding else (inner.global_cos, inner.global_sin)
+            norms = dict(mlp_norm=layer.pre_feedforward_layernorm.weight, post_attn_norm=layer.post_attention_layernorm.weight,
+                         post_mlp_norm=layer.post_feedforward_layernorm.weight, q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight)
+        else:
+            cos, sin = inner.rope_cos, inner.rope_sin
+            norms = dict(mlp_norm=layer.post_attention_layernorm.weight)
+        self.rope_len = min(self.rope_len, cos.shape[0])
+        return Layer(
+            attn_norm=self.vector(layer.input_layernorm.weight), **{k: self.vector(v) for k, v in norms.items()},
+            qkv=(Linear * 3)(*map(self.linear, qkv)), gate_up=(Linear * 2)(*map(self.linear, gate_up)),
+            o=self.linear(attn.o_proj), down=self.linear(mlp.down_proj), n_qkv=len(qkv), n_gate_up=len(gate_up),
+            k_cache=self.pointer(cache.k), v_cache=self.pointer(cache.v), cos=self.pointer(cos), sin=self.pointer(sin),
+            window=cfg.sliding_window if layer.sliding else 0,
+        )  # fmt: skip
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V). Rows run in
+        order, each attending to its cache row as the rows before it left it."""
+        tokens, pos, rows = (t.to(torch.int64).contiguous() for t in (tokens, pos, rows))
+        logits = torch.empty(len(tokens), self.vocab)
+        kernels.library().decode_step(ctypes.byref(self.model), len(tokens), tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(),
+                                      logits.data_ptr(), torch.get_num_threads())
+        if self.softcap is not None:  # Gemma3ForCausalLM.logits' final softcapping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None) -> torch.Tensor | None:
+    """model(idx, input_pos, slots)'s logits (B, T, V) through the fused step, for the calls it takes: one token
+    per sequence (a decode step, of one sequence or of the server's batch), or a few tokens of one sequence
+    (a speculative verify pass), with no gradient and an fp32 cache; the step is built on first use after
+    setup_cache. None otherwise (a prompt chunk, training, bf16): the modules run, and raise their own errors."""
+    if input_pos is None or idx.dim() != 2 or torch.is_grad_enabled() or not model.model.has_cache:
+        return None
+    B, T = idx.shape
+    if slots is not None:  # one token per sequence, each at its own position in its own cache row
+        if T != 1 or input_pos.shape != (B, 1) or slots.shape != (B,):
+            return None
+        rows, pos = slots, input_pos[:, 0]
+    elif T == 1 and input_pos.shape == (1,):  # one token per cache row, all at one position
+        rows, pos = torch.arange(B), input_pos.expand(B)
+    elif B == 1 and T <= MAX_TOKENS and input_pos.shape == (T,):  # consecutive tokens of one sequence
+        rows, pos = torch.zeros(T, dtype=torch.int64), input_pos
+    else:
+        return None
+    if model.decode_step is None:
+        if kernels.library() is None:
+            return None
+        try:
+            model.decode_step = FusedStep(model)
+        except Unsupported:
+            model.decode_step = False
+    step = model.decode_step
+    if not step or (slots is None and B != step.rows) or int(rows.min()) < 0 or int(rows.max()) >= step.rows:
+        return None
+    if int(pos.min()) < 0 or int(pos.max()) >= min(step.S, step.rope_len):
+        return None
+    return step(idx.reshape(-1), pos, rows).view(B, T, -1)
