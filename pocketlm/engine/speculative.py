@@ -106,6 +106,8 @@ def layer_draft(model, n_layers: int):
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     for module in model.modules():  # tensors kept as plain attributes (an int4 layer's kernel layout)
         shared.update({id(v): v for v in vars(module).values() if isinstance(v, torch.Tensor)})
+    if getattr(model, "decode_step", None):
+        shared[id(model.decode_step)] = None  # the target's fused step points at the target's caches: not the draft's
     draft = copy.deepcopy(model, memo=shared)  # new modules (and KV caches), the same weight tensors
     draft.model.layers = draft.model.layers[:n_layers]
     return draft

@@ -141,20 +141,39 @@ struct Int8Rows {
     Int8Rows(const float *x, int64_t M, int64_t K, int64_t g) : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g, 0.f) {
         for (int64_t m = 0; m < M; m++)
             for (int64_t b = 0; b < K / 32; b++) {
-                const float *xb = x + m * K + b * 32;
-                float amax = 0.f;
-                for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+                const int64_t at = m * K + b * 32;
+                float amax = 0.f, total_hi = 0.f, total_lo = 0.f;
+#if defined(__AVX512F__)
+                // 16 lanes at a time: the rounding is the scalar loop's (round to nearest even), once per call of
+                // every layer, for every input row (the scalar loop cost 2 ms of a batch of 8's 31 ms step)
+                const __m512 x0 = _mm512_loadu_ps(x + at), x1 = _mm512_loadu_ps(x + at + 16);
+                amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+#else
+                for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[at + i]));
+#endif
                 const float step = amax / 127.f, step_lo = step / 254.f;
                 const float inv = amax > 0.f ? 127.f / amax : 0.f, inv_lo = amax > 0.f ? 254.f * 127.f / amax : 0.f;
-                int32_t total_hi = 0, total_lo = 0;
-                for (int i = 0; i < 32; i++) {
-                    const float h = std::nearbyint(xb[i] * inv);
-                    const float l = std::nearbyint((xb[i] - h * step) * inv_lo);
-                    hi[m * K + b * 32 + i] = int8_t(h), lo[m * K + b * 32 + i] = int8_t(std::clamp(l, -127.f, 127.f));
-                    total_hi += int32_t(h), total_lo += lo[m * K + b * 32 + i];
+#if defined(__AVX512F__)
+                const __m512 xs[2] = {x0, x1};
+                for (int half = 0; half < 2; half++) {
+                    constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                    const __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(xs[half], _mm512_set1_ps(inv)), nearest);
+                    __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_fnmadd_ps(h, _mm512_set1_ps(step), xs[half]), _mm512_set1_ps(inv_lo)), nearest);
+                    l = _mm512_min_ps(_mm512_max_ps(l, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(&hi[at + 16 * half]), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+                    _mm_storeu_si128(reinterpret_cast<__m128i *>(&lo[at + 16 * half]), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
+                    total_hi += _mm512_reduce_add_ps(h), total_lo += _mm512_reduce_add_ps(l);
                 }
+#else
+                for (int i = 0; i < 32; i++) {
+                    const float h = std::nearbyint(x[at + i] * inv);
+                    const float l = std::clamp(std::nearbyint((x[at + i] - h * step) * inv_lo), -127.f, 127.f);
+                    hi[at + i] = int8_t(h), lo[at + i] = int8_t(l);
+                    total_hi += h, total_lo += l;
+                }
+#endif
                 d[m * (K / 32) + b] = step, d_lo[m * (K / 32) + b] = step_lo;
-                group_sum[m * (K / g) + b * 32 / g] += step * float(total_hi) + step_lo * float(total_lo);
+                group_sum[m * (K / g) + b * 32 / g] += step * total_hi + step_lo * total_lo;
             }
     }
 };
@@ -170,22 +189,25 @@ static inline __m512i bcast4(const int8_t *p) {  // 4 activations into every lan
     return _mm512_set1_epi32(v);
 }
 
-// MT activation rows (from row m0) against one block of 16 weight rows -> res[m] lane r = row b*16 + r's output
-template <int MT>
-static void int4_block(const Int8Rows &xq, int64_t m0, int64_t K, int64_t g, const uint8_t *p, __m512 *res) {
+// MT activation rows (from row m0) against one block of 16 weight rows -> res[m] lane r = row b*16 + r's output.
+// BPG: blocks of 32 columns per group (g / 32), a constant so no division runs in the loops (a 64-bit idiv per
+// block had made a batch of 8 rows 3x slower than its arithmetic)
+template <int MT, int BPG>
+static void int4_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, __m512 *res) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const int64_t G = K / g, B = K / 32;
+    const int64_t g = BPG * 32, G = K / g, B = K / 32;
     for (int m = 0; m < MT; m++) res[m] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++, p += 64) {
         const __m512 s = bf16x16(reinterpret_cast<const uint16_t *>(p)), z = bf16x16(reinterpret_cast<const uint16_t *>(p) + ROWS);
         __m512 group[MT];
         for (int m = 0; m < MT; m++) group[m] = _mm512_setzero_ps();
-        for (int64_t blk = gi * g / 32; blk < (gi + 1) * g / 32; blk++) {
+        for (int j = 0; j < BPG; j++) {
+            const int64_t blk = gi * BPG + j;
             // four independent sums per row (pass x nibble), so the VNNI instructions' 5-cycle latency overlaps
             __m512i acc[MT][4];
             for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_si512();
             for (int step = 0; step < 4; step++) {
-                const uint8_t *codes = p + 64 + (blk % (g / 32)) * 256 + step * 64;
+                const uint8_t *codes = p + 64 + j * 256 + step * 64;
                 _mm_prefetch(reinterpret_cast<const char *>(codes + PREFETCH), _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(codes);
                 const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
@@ -211,6 +233,13 @@ static void int4_block(const Int8Rows &xq, int64_t m0, int64_t K, int64_t g, con
         p += g * 8;
     }
 }
+
+template <int MT>
+static void int4_block_g(const Int8Rows &xq, int64_t m0, int64_t K, int64_t g, const uint8_t *p, __m512 *res) {
+    if (g == 32) int4_block<MT, 1>(xq, m0, K, p, res);
+    else if (g == 64) int4_block<MT, 2>(xq, m0, K, p, res);
+    else int4_block<MT, 4>(xq, m0, K, p, res);
+}
 #endif
 
 // out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack; g 32, 64 or 128. Only with has_vnni()
@@ -229,11 +258,11 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
         __m512 res[4];
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) {  // four input rows share each loaded weight vector
-            int4_block<4>(xq, m, K, g, p, res);
+            int4_block_g<4>(xq, m, K, g, p, res);
             for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(out + (m + i) * N + n0, keep, _mm512_add_ps(res[i], bias_v));
         }
         for (; m < M; m++) {
-            int4_block<1>(xq, m, K, g, p, res);
+            int4_block_g<1>(xq, m, K, g, p, res);
             _mm512_mask_storeu_ps(out + m * N + n0, keep, _mm512_add_ps(res[0], bias_v));
         }
     }

@@ -113,8 +113,10 @@ class FusedStep:
 
         if isinstance(module, Int8Embedding):
             head = module.head[0]
+            self.tokens = head.out_features
             return self.pointer(head.weight), self.pointer(head.scales)
         if type(module) is nn.Embedding and module.weight.dtype == torch.float32:
+            self.tokens = module.num_embeddings
             return self.pointer(module.weight.detach()), None
         raise Unsupported(f"a {type(module).__name__} embedding")
 
@@ -186,6 +188,6 @@ def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | 
     step = model.decode_step
     if not step or (slots is None and B != step.rows) or int(rows.min()) < 0 or int(rows.max()) >= step.rows:
         return None
-    if int(pos.min()) < 0 or int(pos.max()) >= min(step.S, step.rope_len):
-        return None
+    if int(pos.min()) < 0 or int(pos.max()) >= min(step.S, step.rope_len) or int(idx.min()) < 0 or int(idx.max()) >= step.tokens:
+        return None  # the modules raise their errors (cpu.cpp would read past the tables)
     return step(idx.reshape(-1), pos, rows).view(B, T, -1)
