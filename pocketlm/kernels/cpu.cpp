@@ -559,6 +559,9 @@ extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, co
             for (int64_t j = 0; j < D; j++) xi[j] = row[j] * m->embed_scale;
         }
     }
+    bool distinct_rows = n > 1;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < i; j++) distinct_rows &= rows[i] != rows[j];
     auto norm = [&](const float *w, const float *in, float *o) {
         for (int64_t i = 0; i < n; i++) rms_norm_row(in + i * D, D, w, m->eps, m->norm_offset, o + i * D);
     };
@@ -571,11 +574,17 @@ extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, co
         const Layer &L = m->layers[l];
         norm(L.attn_norm, x.data(), h.data());
         linears(L.qkv, L.n_qkv, h.data(), n, qkv.data(), tmp, nthreads);
-        for (int64_t i = 0; i < n; i++) {
+        auto attend_row = [&](int64_t i, int threads) {
             const float *qi = qkv.data() + i * qkv_dim;
             const int64_t p = pos[i], begin = L.window ? std::max<int64_t>(0, p - L.window + 1) : 0, row = rows[i] * m->n_kv * m->S * m->hd;
             attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->hd, L.sin + p * m->hd, L.q_norm,
-                          L.k_norm, m->eps, L.k_cache + row, L.v_cache + row, m->S, p, begin, m->attn_scale, y.data() + i * q_dim, nthreads);
+                          L.k_norm, m->eps, L.k_cache + row, L.v_cache + row, m->S, p, begin, m->attn_scale, y.data() + i * q_dim, threads);
+        };
+        if (distinct_rows) {  // sequences of a batch: one per thread (a short context leaves attend_decode one thread)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+            for (int64_t i = 0; i < n; i++) attend_row(i, 1);
+        } else {  // tokens of one sequence: each attends to the keys the ones before it wrote, so in order
+            for (int64_t i = 0; i < n; i++) attend_row(i, nthreads);
         }
         linear(L.o, y.data(), n, out.data(), D, tmp, nthreads);
         add(L.post_attn_norm, out.data());
