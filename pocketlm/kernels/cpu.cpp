@@ -488,11 +488,12 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
 
 // ------------------------------------------------------------------------------------------ the decode step
 
-// One decoded token of each of n sequences through the whole model in one call: what pocketlm/models/llama.py
-// and gemma3.py compute for an (n, 1) input with a cache, op for op with the kernels above, without a Python
-// call per layer (about 200 of them per token, 8 ms of SmolLM2's 18). The n rows share each weight read (the
-// linear kernels' tiles of 4 rows do each row's own arithmetic, so a sequence's numbers do not depend on its
-// neighbours); attention is per sequence, in its own cache row at its own position.
+// One decoded token of each of n sequences (or n consecutive tokens of one sequence: a speculative verify pass)
+// through the whole model in one call: what pocketlm/models/llama.py and gemma3.py compute for the same input
+// with a cache, op for op with the kernels above, without a Python call per layer (about 200 of them per token,
+// 8 ms of SmolLM2's 18). The n rows share each weight read (the linear kernels' tiles of 4 rows do each row's
+// own arithmetic, so a sequence's numbers do not depend on its neighbours); attention is per row, in its cache
+// row at its own position.
 // pocketlm/models/fused_step.py fills these structs from a model's modules and keeps their tensors alive.
 
 struct Linear {  // one (N, K) weight: kind 0 fp32 (N, K); 1 int8 (N, K) with bf16 scales (N); 2 int4_pack's layout
