@@ -181,12 +181,13 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def convert_gguf(path: Path) -> Path:
     """Dequantize a .gguf once into a Hugging Face folder in the cache; return that folder."""
-    from pocketlm.formats.gguf import gguf_to_hf, read_gguf
-    from pocketlm.formats.hf import write_model_folder
-
     folder = cache.converted_dir(path)
     if (folder / "config.json").exists():
         return folder
+    # imported only to convert: the gguf package (with numpy and yaml) costs 0.15 s of every warm start otherwise
+    from pocketlm.formats.gguf import gguf_to_hf, read_gguf
+    from pocketlm.formats.hf import write_model_folder
+
     gguf_file = read_gguf(path)
     hf_config, state_dict = gguf_to_hf(gguf_file)
     tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
