@@ -149,8 +149,9 @@ class FusedStep:
         )  # fmt: skip
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V). Rows run in
-        order, each attending to its cache row as the rows before it left it."""
+        """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V). Rows in
+        distinct cache rows attend in parallel; rows sharing one (a verify pass) attend in order, each to the
+        keys the ones before it wrote."""
         tokens, pos, rows = (t.to(torch.int64).contiguous() for t in (tokens, pos, rows))
         logits = torch.empty(len(tokens), self.vocab)
         kernels.library().decode_step(ctypes.byref(self.model), len(tokens), tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(),
