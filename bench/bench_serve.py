@@ -5,8 +5,9 @@
 
 Each server runs in its own process and is driven by the official `openai` client, one thread per stream,
 every stream a streamed chat completion with its own question and the end tokens banned (logit_bias), so
-every stream decodes exactly --new-tokens tokens. Aggregate tokens/s: all streams' completion tokens over
-the wall time from the first request to the last stream's end. Then time to first token with 8 streams at
+every stream decodes exactly --new-tokens tokens. Aggregate tokens/s, two ways: end to end (all streams'
+completion tokens over the wall time from the first request to the last stream's end, prompts included), and
+decoding (tokens after each stream's first over the time streams were decoding: no prompts). Then time to first token with 8 streams at
 once, 3 rounds: every stream with a system prompt of its own (nothing to reuse), and all streams sharing
 one system prompt that an earlier request already sent (the prefix cache's case).
 pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given).
@@ -51,20 +52,19 @@ def server(cmd: list[str], port: int):
         process.wait(timeout=30)
 
 
-def stream_once(client, model: str, messages: list[dict], new_tokens: int, no_end: dict) -> tuple[float, int]:
-    """One streamed chat completion -> (seconds to its first text, completion tokens)."""
-    start, first, tokens = time.perf_counter(), None, 0
+def stream_once(client, model: str, messages: list[dict], new_tokens: int, no_end: dict) -> tuple[float, list[float]]:
+    """One streamed chat completion -> (seconds to its first text, the clock time of each token's chunk)."""
+    start, arrivals = time.perf_counter(), []
     chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=new_tokens, temperature=0,
                                             logit_bias=no_end, stream=True)
     for chunk in chunks:
         if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter() - start
-            tokens += 1  # both servers send one chunk per token
-    return first, tokens
+            arrivals.append(time.perf_counter())  # both servers send one chunk per token
+    return arrivals[0] - start, arrivals
 
 
 def concurrent(client, model: str, conversations: list[list[dict]], new_tokens: int, no_end: dict):
-    """Every conversation as its own stream, all at once -> (wall seconds, [(first-token seconds, tokens)])."""
+    """Every conversation as its own stream, all at once -> (wall seconds, [(first-token seconds, chunk times)])."""
     results = [None] * len(conversations)
 
     def run(i):
@@ -94,11 +94,12 @@ def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: d
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
     stream_once(client, model, question(0), 4, no_end)  # loads the model, fills the caches
-    out = {"throughput": {}, "ttft": {}}
+    out = {"throughput": {}, "decode": {}, "ttft": {}}
     for n in streams:
         wall, results = concurrent(client, model, [question(i, n) for i in range(n)], new_tokens, no_end)
-        out["throughput"][n] = sum(tokens for _, tokens in results) / wall
-        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s", file=sys.stderr)
+        out["throughput"][n] = sum(len(arrivals) for _, arrivals in results) / wall
+        out["decode"][n] = decode_rate([arrivals for _, arrivals in results])
+        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s, decoding {out['decode'][n]:.1f}", file=sys.stderr)
     shared = system_prompt("shared")
     stream_once(client, model, [shared, *question(0)], 4, no_end)  # the system prompt was seen before
     for case in ("own system prompt", "shared system prompt"):
@@ -109,6 +110,18 @@ def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: d
         out["ttft"][case] = (statistics.median(firsts), percentile(firsts, 99))
         print(f"  8 streams, {case}: first token p50 {out['ttft'][case][0]:.2f} s", file=sys.stderr)
     return out
+
+
+def decode_rate(arrivals: list[list[float]]) -> float:
+    """Tokens/s while decoding: every stream's tokens after its first, over the time at least one stream was
+    between its first token and its last (the union of those spans). Prompts, and the first tokens that come out
+    of them, fall outside (they are in the end-to-end column); a server that runs one request at a time gets the
+    rate of one stream, as it should."""
+    spans, covered, reach = sorted((a[0], a[-1]) for a in arrivals), 0.0, float("-inf")
+    for begin, end in spans:
+        covered += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    return sum(len(a) - 1 for a in arrivals) / covered if covered else float("nan")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -167,14 +180,17 @@ def importable(module: str) -> bool:
 
 def report(engines: dict, streams: list[int], new_tokens: int) -> None:
     ours, peer = engines["pocketlm"], engines.get("llama.cpp")
-    print(f"| streams | pocketlm tok/s | vs pocketlm 1 stream |{' llama.cpp tok/s | pocketlm / llama.cpp |' if peer else ''}")
-    print(f"|---|---|---|{'---|---|' if peer else ''}")
-    for n in streams:
-        row = f"| {n} | {ours['throughput'][n]:.1f} | {ours['throughput'][n] / ours['throughput'][streams[0]]:.2f}x |"
-        if peer:
-            row += f" {peer['throughput'][n]:.1f} | {ours['throughput'][n] / peer['throughput'][n]:.2f}x |"
-        print(row)
-    print(f"\n(aggregate completion tokens/s over wall time, {new_tokens} tokens per stream)\n")
+    for key, what in (("throughput", f"end to end: all completion tokens over the wall time, prompts included, "
+                                     f"{new_tokens} tokens per stream"),
+                      ("decode", "decoding: tokens after each stream's first, over the time some stream decoded (decode_rate)")):
+        print(f"| streams | pocketlm tok/s | vs pocketlm 1 stream |{' llama.cpp tok/s | pocketlm / llama.cpp |' if peer else ''}")
+        print(f"|---|---|---|{'---|---|' if peer else ''}")
+        for n in streams:
+            row = f"| {n} | {ours[key][n]:.1f} | {ours[key][n] / ours[key][streams[0]]:.2f}x |"
+            if peer:
+                row += f" {peer[key][n]:.1f} | {ours[key][n] / peer[key][n]:.2f}x |"
+            print(row)
+        print(f"\n(aggregate tokens/s, {what})\n")
     print("| 8 streams | engine | first token p50 | p99 |")
     print("|---|---|---|---|")
     for engine, result in engines.items():

@@ -102,7 +102,7 @@ def test_a_batch_of_sequences_that_start_at_different_times_equals_each_alone(ti
 
     batch = Batch(tiny.model, max_batch=3, context_length=tiny.context_length)
     seqs = [Sequence(tiny.tokenizer, i, p, tiny.context_length) for i, p in zip(ids, params)]
-    texts, cached, waiting = [""] * 4, [None] * 4, list(range(4))
+    texts, waiting = [""] * 4, list(range(4))
     steps_during_last_prompt = 0
 
     def advance(i, logits):
@@ -116,7 +116,7 @@ def test_a_batch_of_sequences_that_start_at_different_times_equals_each_alone(ti
     while waiting or len(batch):
         if waiting and batch.has_room() and step >= 2 * waiting[0]:  # one new sequence every other step
             i = waiting.pop(0)
-            cached[i] = batch.add(seqs[i])
+            batch.add(seqs[i])
         for run in (batch.prefill_step, batch.step):
             stepped = run()
             for seq, logits in stepped:
@@ -124,5 +124,36 @@ def test_a_batch_of_sequences_that_start_at_different_times_equals_each_alone(ti
         steps_during_last_prompt += any(s.todo for s in batch.slots) and bool(stepped)
         step += 1
     assert texts == alone
-    assert cached[2] == len(ids[0]) and cached[3] == 0
+    assert seqs[2].stats.cached_tokens == len(ids[0]) and seqs[3].stats.cached_tokens == 0
     assert len(ids[3]) > 16 and steps_during_last_prompt >= 2  # its chunks alternated with decode steps
+
+
+def test_prompts_seated_together_compute_their_shared_start_once(tiny):
+    """Three prompts with one start arrive in the same step (eight clients with one system prompt, n choices):
+    the first prefills it, the others copy those positions from its row, and each still gets its text alone."""
+    from pocketlm.engine.batch import Batch
+    from pocketlm.engine.generate import Sequence
+
+    start = "You are a helpful assistant. Answer briefly and kindly."
+    prompts = [start + " First question?", start + " Second one?", start + " First question?"]
+    ids = [encode_raw(tiny.tokenizer, p) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, **GREEDY)
+    alone = [generate(tiny, i, params).text() for i in ids]
+
+    batch = Batch(tiny.model, max_batch=3, context_length=tiny.context_length)
+    seqs = [Sequence(tiny.tokenizer, i, params, tiny.context_length) for i in ids]
+    for seq in seqs:
+        batch.add(seq)
+    texts = [""] * 3
+    while len(batch):
+        for run in (batch.prefill_step, batch.step):
+            for seq, logits in run():
+                i = seqs.index(seq)
+                token, logits = seq.choose(logits)
+                texts[i] += seq.accept(token, logits)
+                if seq.done:
+                    texts[i] += seq.finish()
+                    batch.remove(seq)
+    assert texts == alone
+    assert [s.stats.cached_tokens for s in seqs] == [0, shared, len(ids[2]) - 1]

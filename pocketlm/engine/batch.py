@@ -8,8 +8,10 @@ Sequence (engine/generate.py): its own params, processors, seed and stop strings
 
 Prefix cache (as llama.cpp's server): a slot remembers the token ids its cache row holds, also after its
 sequence ends. A new prompt takes the free slot whose tokens share the longest prefix with it and prefills
-only the rest; when a busy slot holds a longer shared prefix (the same system prompt arriving twice at
-once, or n choices of one prompt), those positions are copied from its row instead of computed.
+only the rest. Just before a prompt's chunk runs, positions another slot's row already holds for a longer
+shared prefix are copied from that row instead of computed: a busy slot's, or those of a prompt that came
+in the same burst and was prefilled a moment earlier (eight clients with one system prompt, n choices of
+one prompt).
 """
 
 from __future__ import annotations
@@ -65,16 +67,16 @@ class Batch:
     def has_room(self) -> bool:
         return len(self) < len(self.slots)
 
-    def add(self, seq: Sequence) -> int:
-        """Seat seq in a free slot; prefill_step() computes what its cache row does not hold yet.
-        -> how many prompt tokens came from the cache"""
+    def add(self, seq: Sequence) -> None:
+        """Seat seq in a free slot; prefill_step() computes what its cache row does not hold yet (and counts
+        the prompt tokens that came from the cache in seq.stats.cached_tokens)."""
         prompt = seq.prompt_ids
         slot, cached = self.place(prompt)
         # positions written: the prompt, then every new token but the last (it is never fed back)
         self.reserve(len(prompt) + seq.max_new - 1)
         slot.seq, slot.todo = seq, prompt[cached:]
+        seq.stats.cached_tokens = cached
         seq.started = time.perf_counter()  # its time to first token counts from here
-        return cached
 
     @torch.inference_mode()
     def prefill_step(self) -> list[tuple[Sequence, torch.Tensor]]:
@@ -84,6 +86,7 @@ class Batch:
         for slot in sorted((s for s in self.slots if s.todo), key=lambda s: s.last_used):
             if spent >= PREFILL_CHUNK:
                 break
+            self.borrow(slot)
             chunk = slot.todo[:PREFILL_CHUNK]  # the boundaries a run of its own (generate.prefill) has
             logits = prefill(self.model, torch.tensor([chunk]), start=len(slot.tokens), slot=slot.index)
             slot.tokens, slot.todo, spent = slot.tokens + chunk, slot.todo[len(chunk) :], spent + len(chunk)
@@ -95,16 +98,22 @@ class Batch:
         """A free slot for prompt, and how many of its first positions already hold the prompt's start."""
         free = [s for s in self.slots if s.seq is None]
         slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-        cached = common_prefix(slot.tokens, prompt)
-        donor = max(self.slots, key=lambda s: common_prefix(s.tokens, prompt))
-        shared = common_prefix(donor.tokens, prompt)
-        if shared > cached:  # positions below len(tokens) never change while a slot decodes: safe to copy
-            self.model.copy_cache_prefix(donor.index, slot.index, shared)
-            cached = shared
-        cached = min(cached, len(prompt) - 1)  # the last prompt token runs again: its logits start the answer
+        # the last prompt token runs again: its logits start the answer
+        cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
         self.clock += 1
         slot.tokens, slot.last_used = prompt[:cached], self.clock
         return slot, cached
+
+    def borrow(self, slot: Slot) -> None:
+        """Copy from another slot's row the positions of slot's prompt it holds beyond slot's own. Positions
+        below len(tokens) never change while a slot decodes or prefills on: safe to copy at any step."""
+        prompt = slot.tokens + slot.todo
+        donor = max((s for s in self.slots if s is not slot), key=lambda s: common_prefix(s.tokens, prompt), default=None)
+        shared = min(common_prefix(donor.tokens, prompt), len(prompt) - 1) if donor else 0
+        if shared > len(slot.tokens):
+            self.model.copy_cache_prefix(donor.index, slot.index, shared)
+            slot.seq.stats.cached_tokens += shared - len(slot.tokens)
+            slot.tokens, slot.todo = prompt[:shared], prompt[shared:]
 
     def reserve(self, positions: int) -> None:
         if positions > self.length:

@@ -73,6 +73,7 @@ class StopStrings:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a server's prefix cache held (pocketlm.engine.batch): not computed
     completion_tokens: int = 0
     finish_reason: str = ""  # "stop" (end token or stop string), "length" (max_new_tokens or context full)
     time_to_first_token_s: float = 0.0
@@ -148,6 +149,7 @@ class Sequence:
         """(1, N) the tokens the repetition penalty looks at."""
         return self.context[-self.window :][None] if self.window else self.context[:0][None]
 
+    @torch.inference_mode()  # the processors change the step's logits, inference tensors, in place
     def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
         """logits (1, V) of the next position -> (token id, the logits after the processors)."""
         for process in self.processors:

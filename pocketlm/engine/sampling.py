@@ -73,6 +73,9 @@ def sample(
 
 # Logits processors: callables (logits (B, V), generated ids so far) -> logits, handed to Generation.
 # They carry per-request state (a bias table, a grammar), which SamplingParams, plain values, does not.
+# The two below change fp32 logits in place, at the few ids they touch: a step's logits are its own, and a
+# copy of the whole row for each token cost more than the rest of sampling (0.35 ms of a server's 0.75 ms per
+# token for logit_bias, SmolLM2's 49k vocabulary, 8 streams).
 
 
 def logit_bias_processor(bias: dict[int, float]):
@@ -81,7 +84,7 @@ def logit_bias_processor(bias: dict[int, float]):
     values = torch.tensor(list(bias.values()), dtype=torch.float32)
 
     def process(logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
-        return logits.float().index_add(-1, ids, values.expand(logits.size(0), -1))
+        return logits.float().index_add_(-1, ids, values.expand(logits.size(0), -1))
 
     return process
 
@@ -95,6 +98,6 @@ def presence_frequency_processor(presence: float, frequency: float):
             return logits
         ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
         penalty = presence + frequency * counts.float()  # (N,)
-        return logits.float().index_add(-1, ids, -penalty.expand(logits.size(0), -1))
+        return logits.float().index_add_(-1, ids, -penalty.expand(logits.size(0), -1))
 
     return process

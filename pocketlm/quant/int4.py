@@ -22,11 +22,13 @@ from torch import nn
 from pocketlm import kernels
 
 GROUP_SIZES = (32, 64, 128)
-# From this many input rows on (a prompt chunk), multiply by the weight dequantized in float. Set when aten's
-# kernel cost about 0.35 ms per row of a 3072 x 576 layer (break-even near 110 rows); pocketlm's VNNI kernel
-# costs about 20 us per row there (5.2 ms for 256 rows against 9.4 ms dequantized), so the break-even now lies
-# past 256 rows: moving it changes prompt numerics and is left for a measured change of its own.
-DEQUANTIZE_ROWS = 128
+# From this many input rows on, multiply by the weight dequantized in float. pocketlm's VNNI kernel costs about
+# 20 us per row of a 3072 x 576 layer, linear in rows; dequantizing costs a fixed ~0.5 s per SmolLM2 forward
+# before the float matmul. Whole SmolLM2 prompts, finetune paused, best of 3 (the two paths alternated twice):
+# 128 tokens 175-270 ms with the kernel against 580-710 ms dequantized, 512 tokens 825-990 ms against
+# 890-1135 ms. So every prompt chunk (generate.PREFILL_CHUNK, 512) takes the kernel; long training and
+# evaluation batches still dequantize (break-even near 1,000 rows by the same numbers).
+DEQUANTIZE_ROWS = 1024
 
 
 def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -112,7 +112,6 @@ class Choice:
     seq: object  # pocketlm.engine.generate.Sequence
     lm: object
     seated: bool = False
-    cached_tokens: int = 0
     sent: int = 0  # logprob entries already sent
 
 
@@ -196,7 +195,7 @@ class Scheduler:
         self.choices += [Choice(job, i, seq, lm) for i, seq in enumerate(choices)]
 
     def _seat(self, choice: Choice) -> None:
-        choice.cached_tokens = batch_of(choice.lm, self.max_batch).add(choice.seq)
+        batch_of(choice.lm, self.max_batch).add(choice.seq)
         choice.seated = True
 
     def _advance(self, choice: Choice, logits) -> None:
@@ -215,7 +214,7 @@ class Scheduler:
         if seq.done:
             self._remove(choice)
             choice.job.emit(Finished(choice.index, stats.finish_reason, stats.completion_tokens,
-                                     stats.time_to_first_token_s, stats.decode_tokens_per_s, choice.cached_tokens))
+                                     stats.time_to_first_token_s, stats.decode_tokens_per_s, stats.cached_tokens))
             choice.job.open_choices -= 1
             if not choice.job.open_choices:
                 self._done(choice.job)
