@@ -438,22 +438,30 @@ template <int H16>
 static void attend(const float *q, const float *K, const float *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
                    int64_t L, float scale, float *out, int nthreads) {
     std::vector<float> p(nh * L), partial(int64_t(nthreads) * nh * hd, 0.f), inv(nh);
+    auto softmax = [&](int64_t h) {  // one head's scores: exponentials in place, 1 / sum kept
+        float *ph = p.data() + h * L, best = -INFINITY, total = 0.f;
+        for (int64_t s = 0; s < L; s++) best = std::max(best, ph[s]);
+        for (int64_t s = 0; s < L; s++) ph[s] -= best;
+        exp_inplace(ph, L);
+        for (int64_t s = 0; s < L; s++) total += ph[s];
+        inv[h] = 1.f / total;
+    };
+    if (nthreads == 1) {  // a batch's row inside decode_step's parallel loop, or a short context: no team of one
+        // (opening one cost about as much as the arithmetic at SmolLM2's 100 positions); the same arithmetic
+        scores_range<H16>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
+        for (int64_t h = 0; h < nh; h++) softmax(h);
+        values_range<H16>(p.data(), V, S, hd, nh, n_kv, L, 0, L, partial.data());
+    } else {
 #pragma omp parallel num_threads(nthreads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        const int64_t s0 = L * t / T, s1 = L * (t + 1) / T;
-        scores_range<H16>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
+        {
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t s0 = L * t / T, s1 = L * (t + 1) / T;
+            scores_range<H16>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < nh; h++) {  // softmax per head (exponentials in place, 1 / sum kept)
-            float *ph = p.data() + h * L, best = -INFINITY, total = 0.f;
-            for (int64_t s = 0; s < L; s++) best = std::max(best, ph[s]);
-            for (int64_t s = 0; s < L; s++) ph[s] -= best;
-            exp_inplace(ph, L);
-            for (int64_t s = 0; s < L; s++) total += ph[s];
-            inv[h] = 1.f / total;
+            for (int64_t h = 0; h < nh; h++) softmax(h);
+            values_range<H16>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
         }
-        values_range<H16>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
     }
     for (int64_t i = 0; i < nh * hd; i++) {
         float total = 0.f;
