@@ -1,13 +1,14 @@
 """`pocketlm serve` under concurrent clients, against llama-cpp-python's server on the same GGUF file, as Markdown.
 
     .venv/bin/python bench/bench_serve.py [--model smollm2] [--streams 1 4 8 16] [--new-tokens 64]
-        [--threads 2] [--vs llama.cpp | --vs none]
+        [--threads 2] [--rounds 3] [--vs llama.cpp | --vs none]
 
 Each server runs in its own process and is driven by the official `openai` client, one thread per stream,
 every stream a streamed chat completion with its own question and the end tokens banned (logit_bias), so
 every stream decodes exactly --new-tokens tokens. Aggregate tokens/s, two ways: end to end (all streams'
 completion tokens over the wall time from the first request to the last stream's end, prompts included), and
-decoding (tokens after each stream's first over the time streams were decoding: no prompts). Then time to first token with 8 streams at
+decoding (tokens after each stream's first over the time streams were decoding: no prompts); the median of
+--rounds runs per stream count. Then time to first token with 8 streams at
 once, 3 rounds: every stream with a system prompt of its own (nothing to reuse), and all streams sharing
 one system prompt that an earlier request already sent (the prefix cache's case).
 pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given).
@@ -89,17 +90,21 @@ def system_prompt(tag: str) -> dict:
     return {"role": "system", "content": f"[{tag}] You are a poet who writes for children. {rules}"}
 
 
-def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: dict) -> dict:
+def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: dict, rounds: int) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
     stream_once(client, model, question(0), 4, no_end)  # loads the model, fills the caches
     out = {"throughput": {}, "decode": {}, "ttft": {}}
     for n in streams:
-        wall, results = concurrent(client, model, [question(i, n) for i in range(n)], new_tokens, no_end)
-        out["throughput"][n] = sum(len(arrivals) for _, arrivals in results) / wall
-        out["decode"][n] = decode_rate([arrivals for _, arrivals in results])
-        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s, decoding {out['decode'][n]:.1f}", file=sys.stderr)
+        ends, decodes = [], []
+        for r in range(rounds):  # new questions each round; their common start (template, "Write a short poem") is reused
+            wall, results = concurrent(client, model, [question(i, 100 * n + r) for i in range(n)], new_tokens, no_end)
+            ends.append(sum(len(arrivals) for _, arrivals in results) / wall)
+            decodes.append(decode_rate([arrivals for _, arrivals in results]))
+        out["throughput"][n], out["decode"][n] = statistics.median(ends), statistics.median(decodes)
+        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s, decoding {out['decode'][n]:.1f} (medians of "
+              f"{', '.join(f'{e:.1f}' for e in ends)} and {', '.join(f'{d:.1f}' for d in decodes)})", file=sys.stderr)
     shared = system_prompt("shared")
     stream_once(client, model, [shared, *question(0)], 4, no_end)  # the system prompt was seen before
     for case in ("own system prompt", "shared system prompt"):
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per stream count; the table gives their median")
     parser.add_argument("--max-batch", type=int, default=None, help="pocketlm serve --max-batch (default: its own)")
     parser.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"])
     parser.add_argument("--port", type=int, default=8765)
@@ -153,7 +159,7 @@ def main() -> None:
     cmd += ["--max-batch", str(args.max_batch)] if args.max_batch else []
     print(f"pocketlm serve {name} ({path.name})", file=sys.stderr)
     with server(cmd, args.port) as url:
-        engines["pocketlm"] = measure(url, name, args.streams, args.new_tokens, no_end)
+        engines["pocketlm"] = measure(url, name, args.streams, args.new_tokens, no_end, args.rounds)
     skipped = None
     if args.vs == "llama.cpp":
         missing = [m for m in ("llama_cpp", *LLAMA_SERVER_EXTRAS) if not importable(m)]
@@ -166,7 +172,7 @@ def main() -> None:
                    str(args.port + 1), "--n_threads", str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False"]
             print("llama-cpp-python server", file=sys.stderr)
             with server(cmd, args.port + 1) as url:
-                engines["llama.cpp"] = measure(url, name, args.streams, args.new_tokens, no_end)
+                engines["llama.cpp"] = measure(url, name, args.streams, args.new_tokens, no_end, args.rounds)
     report(engines, args.streams, args.new_tokens)
     if skipped:
         print(f"\n{skipped}")

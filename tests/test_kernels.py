@@ -85,9 +85,12 @@ def test_gated_act(gelu):
         (4, 2, 16, 5, 0, False),  # a head size without a vector path
     ],
 )
-def test_attend_decode_matches_sdpa(nh, n_kv, hd, pos, begin, norms):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_attend_decode_matches_sdpa(nh, n_kv, hd, pos, begin, norms, kv_dtype):
+    """An fp16 cache (a quantized model's): the kernel rounds the new key and value as torch's .half() does, and
+    attends in fp32 over what the cache holds."""
     torch.manual_seed(0)
-    cache = KVCache(1, 512, n_kv, hd, torch.float32)
+    cache = KVCache(1, 512, n_kv, hd, kv_dtype)
     cache.k.normal_(), cache.v.normal_()
     keys, values = cache.k.clone(), cache.v.clone()
     q, k, v = torch.randn(1, 1, nh * hd), torch.randn(1, 1, n_kv * hd), torch.randn(1, 1, n_kv * hd)
@@ -101,9 +104,12 @@ def test_attend_decode_matches_sdpa(nh, n_kv, hd, pos, begin, norms):
     if norms:
         q, k = F.rms_norm(q, (hd,), 1 + q_norm, 1e-6), F.rms_norm(k, (hd,), 1 + k_norm, 1e-6)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys[:, :, pos], values[:, :, pos] = k[:, :, 0], v.view(1, n_kv, hd)
-    ref = F.scaled_dot_product_attention(q, keys[:, :, begin : pos + 1], values[:, :, begin : pos + 1], scale=scale, enable_gqa=True)
+    keys[:, :, pos], values[:, :, pos] = k[:, :, 0].to(kv_dtype), v.view(1, n_kv, hd).to(kv_dtype)
+    window = slice(begin, pos + 1)
+    ref = F.scaled_dot_product_attention(q, keys[:, :, window].float(), values[:, :, window].float(), scale=scale, enable_gqa=True)
     torch.testing.assert_close(out, ref.reshape(1, 1, nh * hd), rtol=1e-5, atol=1e-5)
+    if kv_dtype == torch.float16:  # the same rounding: nothing depends on which path wrote a position
+        assert torch.equal(cache.k, keys)
     torch.testing.assert_close(cache.k, keys, rtol=1e-6, atol=1e-6)  # the new key written, rotated, at pos
     assert torch.equal(cache.v, values)
 
@@ -152,6 +158,28 @@ def test_fused_decode_step_equals_the_modules(tiny_dir, quant):
         torch.testing.assert_close(steps["fused"], steps["modules"], rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(steps["fused"], steps["modules"])
+
+
+def test_quantized_models_keep_an_fp16_cache_close_to_fp32(tiny_dir, monkeypatch):
+    """A quantized model's keys and values are kept in fp16 (as llama.cpp's f16 cache; half the bytes a decoded token
+    reads); a float model's stay fp32 (equal to transformers'), and POCKETLM_KV_FP16=0 keeps fp32 everywhere. The
+    fp16 cache moves logits by about fp16's rounding, not by a quantization's."""
+    assert load(str(tiny_dir)).meta["kv_cache"] == "float32"
+    logits = {}
+    for fp16 in ("1", "0"):
+        monkeypatch.setenv("POCKETLM_KV_FP16", fp16)
+        lm = load(str(tiny_dir), quant="int4")
+        assert lm.meta["kv_cache"] == ("float16" if fp16 == "1" else "float32")
+        ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
+        T = ids.shape[1]
+        lm.model.setup_cache(1, T + 30)
+        assert lm.model.model.layers[0].self_attn.kv_cache.k.dtype == (torch.float16 if fp16 == "1" else torch.float32)
+        with torch.inference_mode():
+            steps = [lm.model(ids, torch.arange(T))[:, -1]]
+            steps += [lm.model(ids[:, (t * 7) % T, None], torch.tensor([t]))[:, -1] for t in range(T, T + 24)]
+        logits[fp16] = torch.stack(steps)
+    assert not torch.equal(logits["1"], logits["0"])
+    torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-3, atol=5e-3)
 
 
 def test_fused_decode_step_is_for_decoded_tokens_only(small_llama_dir):

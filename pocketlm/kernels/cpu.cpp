@@ -13,12 +13,14 @@
 //   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16;
 //         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack
 //   int8: weight (N, K) int8, scales (N) bf16; w[n, k] = q * scale  (pocketlm/quant/int8.py)
-//   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32  (pocketlm/models/llama.py's KVCache)
+//   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32, or fp16 (kv_half; a quantized model's cache holds
+//         half the bytes a decoded token reads, as llama.cpp's f16 cache)  (pocketlm/models/llama.py's KVCache)
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -30,6 +32,52 @@
 // The weight kernels ask for the cache line this many bytes ahead of the one they read: the hardware's own
 // prefetcher alone leaves a 2-core read at 10-12 GB/s, this at 16-18 (a 24-layer C++ harness, 2048 beat 1024 and 4096)
 static constexpr int64_t PREFETCH = 2048;
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// IEEE fp16 <-> fp32, rounding to nearest even: c10::Half's conversions (Marat Dukhan's FP16 library,
+// fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value), so a key the kernels write equals the one torch writes
+static inline float half_to_float(uint16_t h) {
+    const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized)));
+}
+
+static inline uint16_t float_to_half(float f) {
+    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = float_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = float_to_bits(base), nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// A KV cache element: fp32, or fp16 as its bits
+static inline float kv_float(float x) { return x; }
+static inline float kv_float(uint16_t h) { return half_to_float(h); }
+
+// n floats into the cache
+static inline void kv_store(const float *x, int64_t n, float *out) { std::memcpy(out, x, n * sizeof(float)); }
+static inline void kv_store(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) out[i] = float_to_half(x[i]);
+}
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
@@ -382,38 +430,56 @@ static void norm_rope(const float *x, const float *norm, float eps, const float 
 // key/value head still uses every core); within a thread, each query head holds its query and output in
 // registers while it streams its key/value head's rows, which stay in L2 for the next query head of the group.
 
-// scores p[h * L + s] = q_h . K_{h / group}[s] * scale for s in [s0, s1)
-template <int H16>
-static void scores_range(const float *q, const float *K, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
+#if defined(__AVX512F__)
+static inline __m512 kv_load16(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 kv_load16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
+#endif
+
+template <typename C>
+static inline float dot_kv(const float *q, const C *k, int64_t n) {
+    if constexpr (std::is_same_v<C, float>) {
+        return dot(q, k, n);
+    } else {
+        float total = 0.f;
+        for (int64_t i = 0; i < n; i++) total += q[i] * kv_float(k[i]);
+        return total;
+    }
+}
+
+// scores p[h * L + s] = q_h . K_{h / group}[s] * scale for s in [s0, s1); C: the cache's element (float, or fp16 bits)
+template <int H16, typename C>
+static void scores_range(const float *q, const C *K, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
                          int64_t s0, int64_t s1, float scale, float *p) {
     for (int64_t h = 0; h < nh; h++) {
-        const float *Kh = K + (h / (nh / n_kv)) * S * hd, *qh = q + h * hd;
+        const C *Kh = K + (h / (nh / n_kv)) * S * hd;
+        const float *qh = q + h * hd;
         float *ph = p + h * L;
 #if defined(__AVX512F__)
         if (H16) {
             __m512 qv[H16 ? H16 : 1];
             for (int i = 0; i < H16; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
             for (int64_t s = s0; s < s1; s++) {
-                const float *row = Kh + s * hd;
-                __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row)), b = _mm512_setzero_ps();  // two chains
+                const C *row = Kh + s * hd;
+                __m512 a = _mm512_mul_ps(qv[0], kv_load16(row)), b = _mm512_setzero_ps();  // two chains
                 for (int i = 1; i < H16; i++)
-                    if (i % 2) b = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(row + 16 * i), b);
-                    else a = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(row + 16 * i), a);
+                    if (i % 2) b = _mm512_fmadd_ps(qv[i], kv_load16(row + 16 * i), b);
+                    else a = _mm512_fmadd_ps(qv[i], kv_load16(row + 16 * i), a);
                 ph[s] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
             }
             continue;
         }
 #endif
-        for (int64_t s = s0; s < s1; s++) ph[s] = dot(qh, Kh + s * hd, hd) * scale;
+        for (int64_t s = s0; s < s1; s++) ph[s] = dot_kv(qh, Kh + s * hd, hd) * scale;
     }
 }
 
 // o[h] = sum_s p[h * L + s] V_{h / group}[s] for s in [s0, s1); o (nh, hd)
-template <int H16>
-static void values_range(const float *p, const float *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
+template <int H16, typename C>
+static void values_range(const float *p, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
                          int64_t s0, int64_t s1, float *o) {
     for (int64_t h = 0; h < nh; h++) {
-        const float *Vh = V + (h / (nh / n_kv)) * S * hd, *ph = p + h * L;
+        const C *Vh = V + (h / (nh / n_kv)) * S * hd;
+        const float *ph = p + h * L;
         float *oh = o + h * hd;
 #if defined(__AVX512F__)
         if (H16) {
@@ -421,7 +487,7 @@ static void values_range(const float *p, const float *V, int64_t S, int64_t hd, 
             for (int i = 0; i < H16; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t s = s0; s < s1; s++) {
                 const __m512 w = _mm512_set1_ps(ph[s]);
-                for (int i = 0; i < H16; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(Vh + s * hd + 16 * i), acc[i]);
+                for (int i = 0; i < H16; i++) acc[i] = _mm512_fmadd_ps(w, kv_load16(Vh + s * hd + 16 * i), acc[i]);
             }
             for (int i = 0; i < H16; i++) _mm512_storeu_ps(oh + 16 * i, acc[i]);
             continue;
@@ -430,12 +496,12 @@ static void values_range(const float *p, const float *V, int64_t S, int64_t hd, 
         std::fill(oh, oh + hd, 0.f);
         for (int64_t s = s0; s < s1; s++)
 #pragma omp simd
-            for (int64_t i = 0; i < hd; i++) oh[i] += ph[s] * Vh[s * hd + i];
+            for (int64_t i = 0; i < hd; i++) oh[i] += ph[s] * kv_float(Vh[s * hd + i]);
     }
 }
 
-template <int H16>
-static void attend(const float *q, const float *K, const float *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
+template <int H16, typename C>
+static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
                    int64_t L, float scale, float *out, int nthreads) {
     std::vector<float> p(nh * L), partial(int64_t(nthreads) * nh * hd, 0.f), inv(nh);
     auto softmax = [&](int64_t h) {  // one head's scores: exponentials in place, 1 / sum kept
@@ -448,19 +514,19 @@ static void attend(const float *q, const float *K, const float *V, int64_t S, in
     };
     if (nthreads == 1) {  // a batch's row inside decode_step's parallel loop, or a short context: no team of one
         // (opening one cost about as much as the arithmetic at SmolLM2's 100 positions); the same arithmetic
-        scores_range<H16>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
+        scores_range<H16, C>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
         for (int64_t h = 0; h < nh; h++) softmax(h);
-        values_range<H16>(p.data(), V, S, hd, nh, n_kv, L, 0, L, partial.data());
+        values_range<H16, C>(p.data(), V, S, hd, nh, n_kv, L, 0, L, partial.data());
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
             const int t = omp_get_thread_num(), T = omp_get_num_threads();
             const int64_t s0 = L * t / T, s1 = L * (t + 1) / T;
-            scores_range<H16>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
+            scores_range<H16, C>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t h = 0; h < nh; h++) softmax(h);
-            values_range<H16>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
+            values_range<H16, C>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
         }
     }
     for (int64_t i = 0; i < nh * hd; i++) {
@@ -470,30 +536,43 @@ static void attend(const float *q, const float *K, const float *V, int64_t S, in
     }
 }
 
-// One decoded token of one sequence, all heads: q (nh * hd), k, v (n_kv * hd) from the projections; q_norm,
-// k_norm (hd) or null (Gemma 3's per-head RMSNorm, unit offset 1, before RoPE); cos, sin (hd) at position pos.
-// Writes the new key and value into the cache (n_kv, S, hd) at pos, then attends over cache positions
-// begin..pos (a sliding window starts after 0). out (nh * hd). Matches SDPA with enable_gqa: query head h
-// reads key/value head h / (nh / n_kv).
-extern "C" void attend_decode(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
-                              const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
-                              float *k_cache, float *v_cache, int64_t S, int64_t pos, int64_t begin, float scale,
-                              float *out, int nthreads) {
-    std::vector<float> scratch(hd), qr(nh * hd);
+template <typename C>
+static void attend_decode_kv(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
+                             const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
+                             C *k_cache, C *v_cache, int64_t S, int64_t pos, int64_t begin, float scale, float *out, int nthreads) {
+    std::vector<float> scratch(hd), rotated(hd), qr(nh * hd);
     for (int64_t h = 0; h < n_kv; h++) {
-        norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, scratch.data(), k_cache + (h * S + pos) * hd);
-        std::memcpy(v_cache + (h * S + pos) * hd, v_new + h * hd, hd * sizeof(float));
+        norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, scratch.data(), rotated.data());
+        kv_store(rotated.data(), hd, k_cache + (h * S + pos) * hd);
+        kv_store(v_new + h * hd, hd, v_cache + (h * S + pos) * hd);
     }
     for (int64_t h = 0; h < nh; h++) norm_rope(q + h * hd, q_norm, norm_eps, cos, sin, hd, scratch.data(), qr.data() + h * hd);
     const int64_t L = pos + 1 - begin;
-    const float *K = k_cache + begin * hd, *V = v_cache + begin * hd;
+    const C *K = k_cache + begin * hd, *V = v_cache + begin * hd;
     nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, L / 64)));  // a short context is not worth a split
     switch (hd) {
-        case 64: return attend<4>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 128: return attend<8>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 256: return attend<16>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        default: return attend<0>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 64: return attend<4, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 128: return attend<8, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 256: return attend<16, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        default: return attend<0, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
     }
+}
+
+// One decoded token of one sequence, all heads: q (nh * hd), k, v (n_kv * hd) from the projections; q_norm,
+// k_norm (hd) or null (Gemma 3's per-head RMSNorm, unit offset 1, before RoPE); cos, sin (hd) at position pos.
+// Writes the new key and value into the cache (n_kv, S, hd; fp32, or fp16 with kv_half) at pos, then attends
+// over cache positions begin..pos (a sliding window starts after 0). out (nh * hd). Matches SDPA with enable_gqa:
+// query head h reads key/value head h / (nh / n_kv).
+extern "C" void attend_decode(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
+                              const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
+                              void *k_cache, void *v_cache, int kv_half, int64_t S, int64_t pos, int64_t begin, float scale,
+                              float *out, int nthreads) {
+    if (kv_half)
+        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<uint16_t *>(k_cache),
+                         static_cast<uint16_t *>(v_cache), S, pos, begin, scale, out, nthreads);
+    else
+        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<float *>(k_cache),
+                         static_cast<float *>(v_cache), S, pos, begin, scale, out, nthreads);
 }
 
 
@@ -537,7 +616,7 @@ struct Layer {
     const float *q_norm, *k_norm;                 // Gemma 3's; else null
     Linear qkv[3], gate_up[2], o, down;
     int64_t n_qkv, n_gate_up;                     // 1 when fused (fuse_projections), else 3 and 2
-    float *k_cache, *v_cache;                     // (B, n_kv, S, hd): the layer's KVCache
+    void *k_cache, *v_cache;                      // (B, n_kv, S, hd): the layer's KVCache, fp32 or fp16 (Model's kv_half)
     const float *cos, *sin;                       // RoPE tables (positions, hd) of the layer's kind
     int64_t window;                               // sliding window in positions; 0: full causal attention
 };
@@ -552,6 +631,7 @@ struct Model {
     const float *final_norm;
     Linear head;
     const Layer *layers;
+    int64_t kv_half;                          // the caches hold fp16
 };
 
 // logits (n, V) of tokens[i] at position pos[i] of cache row rows[i]; each layer's keys and values at those
@@ -588,9 +668,11 @@ extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, co
         linears(L.qkv, L.n_qkv, h.data(), n, qkv.data(), tmp, nthreads);
         auto attend_row = [&](int64_t i, int threads) {
             const float *qi = qkv.data() + i * qkv_dim;
-            const int64_t p = pos[i], begin = L.window ? std::max<int64_t>(0, p - L.window + 1) : 0, row = rows[i] * m->n_kv * m->S * m->hd;
+            const int64_t p = pos[i], begin = L.window ? std::max<int64_t>(0, p - L.window + 1) : 0;
+            const int64_t row = rows[i] * m->n_kv * m->S * m->hd * (m->kv_half ? 2 : 4);  // bytes
             attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->hd, L.sin + p * m->hd, L.q_norm,
-                          L.k_norm, m->eps, L.k_cache + row, L.v_cache + row, m->S, p, begin, m->attn_scale, y.data() + i * q_dim, threads);
+                          L.k_norm, m->eps, static_cast<char *>(L.k_cache) + row, static_cast<char *>(L.v_cache) + row, int(m->kv_half),
+                          m->S, p, begin, m->attn_scale, y.data() + i * q_dim, threads);
         };
         if (distinct_rows) {  // sequences of a batch: one per thread (a short context leaves attend_decode one thread)
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)

@@ -45,7 +45,7 @@ class Model(ctypes.Structure):
     _fields_ = [
         ("n_layers", I64), ("D", I64), ("nh", I64), ("n_kv", I64), ("hd", I64), ("F", I64), ("S", I64),
         ("eps", F32), ("norm_offset", F32), ("attn_scale", F32), ("embed_scale", F32), ("gelu", I64),
-        ("embed", P), ("embed_scales", P), ("final_norm", P), ("head", Linear), ("layers", P),
+        ("embed", P), ("embed_scales", P), ("final_norm", P), ("head", Linear), ("layers", P), ("kv_half", I64),
     ]  # fmt: skip
 
 
@@ -77,11 +77,11 @@ class FusedStep:
             attn_scale=attn.scale if gemma else cfg.head_dim**-0.5,
             embed_scale=float(inner.embed_scale) if gemma else 1.0, gelu=int(gemma),
             embed=embed, embed_scales=embed_scales, final_norm=self.vector(inner.norm.weight),
-            head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers),
+            head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers), kv_half=int(cache.k.dtype == torch.float16),
         )  # fmt: skip
 
     def pointer(self, t: torch.Tensor) -> int:
-        if t.dtype not in (torch.float32, torch.int8, torch.uint8, torch.bfloat16) or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype not in (torch.float32, torch.float16, torch.int8, torch.uint8, torch.bfloat16) or t.device.type != "cpu" or not t.is_contiguous():
             raise Unsupported(f"a {t.dtype} tensor on {t.device}")
         self.keep.append(t)
         return t.data_ptr()
@@ -125,7 +125,7 @@ class FusedStep:
         qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
         cache, cfg = attn.kv_cache, inner.cfg
-        if cache.k.dtype != torch.float32:
+        if cache.k.dtype not in (torch.float32, torch.float16):
             raise Unsupported(f"a {cache.k.dtype} cache")
         shapes = [sum(l.out_features for l in qkv), attn.o_proj.in_features, sum(l.out_features for l in gate_up), mlp.down_proj.in_features]
         shapes += [l.in_features for l in qkv + gate_up] + [attn.o_proj.out_features, mlp.down_proj.out_features]
@@ -164,7 +164,7 @@ class FusedStep:
 def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None) -> torch.Tensor | None:
     """model(idx, input_pos, slots)'s logits (B, T, V) through the fused step, for the calls it takes: one token
     per sequence (a decode step, of one sequence or of the server's batch), or a few tokens of one sequence
-    (a speculative verify pass), with no gradient and an fp32 cache; the step is built on first use after
+    (a speculative verify pass), with no gradient and an fp32 or fp16 cache; the step is built on first use after
     setup_cache. None otherwise (a prompt chunk, training, bf16): the modules run, and raise their own errors."""
     if input_pos is None or idx.dim() != 2 or torch.is_grad_enabled() or not model.model.has_cache:
         return None

@@ -106,7 +106,7 @@ class Attention(nn.Module):
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-            k, v = k[:, :, kv_span], v[:, :, kv_span]  # (B, n_kv, s, hd): only what the chunk can see
+            k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd): only what the chunk can see
         # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, scale=self.scale,
@@ -219,6 +219,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3TextModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.decode_step: FusedStep | bool | None = None  # built at the first decoded token after setup_cache
+        self.kv_dtype: torch.dtype | None = None  # a KV cache narrower than fp32 activations (load(): fp16 when quantized)
         self.tie_weights()
 
     def tie_weights(self):
@@ -234,14 +235,16 @@ class Gemma3ForCausalLM(nn.Module):
         self.model.build_buffers(self.model.global_cos.shape[0], device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, keep: bool = False):
-        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
-        activations' dtype: SDPA takes q, k, v of one dtype. keep: grow the caches there are, keeping what
+        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype: the activations' (default: the
+        parameters'); under fp32 activations, kv_dtype when set. keep: grow the caches there are, keeping what
         they hold.
 
         Sliding layers get a full-length cache too and attend to the window's slice of it: simpler than HF's
         ring buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
         cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
         dtype = dtype or ref.dtype
+        if dtype == torch.float32 and self.kv_dtype is not None:
+            dtype = self.kv_dtype
         for layer in self.model.layers:
             old = layer.self_attn.kv_cache if keep else None
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)

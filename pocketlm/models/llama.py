@@ -40,7 +40,9 @@ ROPE_TABLE_LEN = 4096
 
 
 class KVCache(nn.Module):
-    """Keys and values of one attention layer, preallocated for max_seq_len positions and written in place."""
+    """Keys and values of one attention layer, preallocated for max_seq_len positions and written in place. Its
+    dtype may be narrower than the activations' (fp16 under fp32 activations: a quantized model's cache, as
+    llama.cpp's f16 one): keys and values are rounded as they are written and widened as attention reads them."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None, keep=None):
         """keep: a smaller KVCache whose contents this one starts with (a cache that grows)."""
@@ -54,15 +56,15 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos (T,); k, v (B, n_kv, T, hd) -> the whole cache (B, n_kv, S, hd)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
     def update_rows(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots (n,) cache rows; pos (n, T) each row's positions; k, v (n, n_kv, T, hd)
         rows = slots[:, None]  # (n, 1), broadcast against pos
-        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed (n, T, n_kv, hd): the advanced indices' dims come first
-        self.v[rows, :, pos] = v.transpose(1, 2)
+        self.k[rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed (n, T, n_kv, hd): the advanced indices' dims come first
+        self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Row dst's first n positions := row src's (a shared prompt prefix is copied, not computed again)."""
@@ -78,17 +80,19 @@ def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, **sdpa) -> to
     # One SDPA call per row on a view of its own cache row: no gather copy, no padding to the longest row, and
     # each row computes exactly what the same sequence decoded alone computes.
     out = [
-        F.scaled_dot_product_attention(q[i : i + 1], cache.k[s : s + 1, :, span], cache.v[s : s + 1, :, span], attn_mask=mask, **sdpa)
+        F.scaled_dot_product_attention(q[i : i + 1], cache.k[s : s + 1, :, span].to(q.dtype), cache.v[s : s + 1, :, span].to(q.dtype),
+                                       attn_mask=mask, **sdpa)
         for i, (s, span, mask) in enumerate(zip(slots.tolist(), spans, masks))
     ]  # n x (1, nh, T, hd)
     return torch.cat(out)
 
 
 def decodes_alone(x: torch.Tensor, input_pos, slots, cache: KVCache | None) -> bool:
-    """Whether an attention call is one token of one sequence with an fp32 cache: the case kernels.attend_decode fuses."""
+    """Whether an attention call is one token of one sequence with an fp32 or fp16 cache: the case
+    kernels.attend_decode fuses."""
     return (
         slots is None and input_pos is not None and x.shape[0] == x.shape[1] == 1 and cache.k.shape[0] == 1
-        and cache.k.dtype == torch.float32 and kernels.usable(x)
+        and cache.k.dtype in (torch.float32, torch.float16) and kernels.usable(x)
     )
 
 
@@ -208,7 +212,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             # only the positions the chunk can see: attention over the whole preallocated cache with a
             # mask costs up to 30x more for one decoded token (docs/BENCHMARKS.md)
-            k, v = k[:, :, kv_span], v[:, :, kv_span]  # (B, n_kv, s, hd)
+            k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd)
         # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, enable_gqa=self.n_kv_heads != self.n_heads
@@ -327,6 +331,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.decode_step: FusedStep | bool | None = None  # built at the first decoded token after setup_cache
+        self.kv_dtype: torch.dtype | None = None  # a KV cache narrower than fp32 activations (load(): fp16 when quantized)
         self.tie_weights()
 
     def tie_weights(self):
@@ -345,11 +350,13 @@ class LlamaForCausalLM(nn.Module):
         self.model.build_rope(n, device)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, keep: bool = False):
-        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype (default: the parameters') must be the
-        activations' dtype: SDPA takes q, k, v of one dtype. keep: grow the caches there are, keeping what they
+        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype: the activations' (default: the
+        parameters'); under fp32 activations, kv_dtype when set. keep: grow the caches there are, keeping what they
         hold (the server's slots grow with their longest sequence)."""
         cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
         dtype = dtype or ref.dtype
+        if dtype == torch.float32 and self.kv_dtype is not None:
+            dtype = self.kv_dtype
         for layer in self.model.layers:
             old = layer.self_attn.kv_cache if keep else None
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
