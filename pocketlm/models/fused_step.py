@@ -25,7 +25,7 @@ from pocketlm import kernels
 
 I64, F32, P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 # Tokens of one sequence per call (a speculative verify pass is k + 1); a prompt chunk runs as matrices through the
-# modules (float matmuls on dequantized weights from 128 rows on, quant/int4.py)
+# modules (the int4 kernel up to 1,024 rows, float matmuls on dequantized weights beyond: quant/int4.py)
 MAX_TOKENS = 16
 
 
