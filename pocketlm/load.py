@@ -97,7 +97,8 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
         finish_loading(model)
     elif scheme is not None:
         quantize(model, scheme)
-    if (saved_quant or scheme is not None) and dtype == torch.float32 and os.environ.get("POCKETLM_KV_FP16", "1") != "0":
+    decoder = hasattr(model, "kv_dtype")  # an encoder (BERT) keeps no KV cache
+    if decoder and (saved_quant or scheme is not None) and dtype == torch.float32 and os.environ.get("POCKETLM_KV_FP16", "1") != "0":
         # Quantized weights: keys and values kept in fp16 too, as llama.cpp keeps them (its f16 cache). A decoded
         # token reads half the cache bytes: at 600 cached positions SmolLM2's fp32 cache is 27 MB a token beside
         # 81 MB of weights. Float models keep an fp32 cache, equal to transformers' (POCKETLM_KV_FP16=0: fp32 here too).
@@ -117,7 +118,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
             "runtime_quant": quant,
             # what the matmuls read: "int8", "int4", "int4-g64", ... or the float dtype
             "weights": QuantScheme.from_dict(saved_quant).name if saved_quant else scheme.name if scheme else str(dtype).removeprefix("torch."),
-            "kv_cache": str(model.kv_dtype or dtype).removeprefix("torch.") if hasattr(model, "kv_dtype") else None,
+            "kv_cache": str(model.kv_dtype or dtype).removeprefix("torch.") if decoder else None,
         },
         load_s=time.perf_counter() - start,
     )

@@ -182,6 +182,12 @@ def test_quantized_models_keep_an_fp16_cache_close_to_fp32(tiny_dir, monkeypatch
     torch.testing.assert_close(logits["1"], logits["0"], rtol=5e-3, atol=5e-3)
 
 
+def test_a_quantized_encoder_names_no_kv_cache():
+    """An encoder keeps no KV cache: quantized or not, load() gives it no cache dtype."""
+    lm = load("minilm-l6-v2", quant="int8")
+    assert lm.meta["kv_cache"] is None and not hasattr(lm.model, "kv_dtype")
+
+
 def test_fused_decode_step_is_for_decoded_tokens_only(small_llama_dir):
     model = load(str(small_llama_dir), quant="int4").model
     token = torch.tensor([[5]])
