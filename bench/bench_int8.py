@@ -1,5 +1,5 @@
 """The int8 matmul of a decode step, kernel against kernel: aten's `_weight_int8pack_mm` (bf16 activations:
-what Int8Linear runs for layers under FBGEMM_MIN_WEIGHTS), fbgemm's dynamically quantized linear as torch.ao
+what Int8Linear runs for layers under PACK_MIN_WEIGHTS), fbgemm's dynamically quantized linear as torch.ao
 runs it (8-bit activations, one grid per block), and Int8Linear's fbgemm path (each row sent as two rows on a
 fixed grid: what it runs for output heads), here forced on for every shape. The shapes are the fused
 projections and output heads of SmolLM2-135M and Gemma 3 270M.
@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    int8.FBGEMM_MIN_WEIGHTS = 0  # the fbgemm path for every shape, to compare
+    int8.PACK_MIN_WEIGHTS = 0  # the fbgemm path for every shape, to compare
     print(f"{args.threads} threads; microseconds per call (relative error against the exact int8 product)")
     print(f"{'layer':<16} {'rows':>4} {'aten int8pack':>20} {'fbgemm (torch.ao)':>20} {'fbgemm, two rows':>20} {'aten/two rows':>13}")
     for name, (n_out, n_in) in SHAPES.items():

@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_kernels.py [--rounds 5] [--threads 2]
 
 Rows: SmolLM2-135M's int4 layers (fused q/k/v, o, fused gate/up, down) and its int8 output head, one input
-row each (a decode step), then attention over 640 cached positions. An int4 row goes through 30 copies of its
+row each (a decode step), then attention over 640 cached positions; then an int8 output head (SmolLM2's,
+Gemma 3's) at 1 and 8 rows through pocketlm's two int8 kernels (exact fp32 products, and VNNI). An int4 row goes through 30 copies of its
 layer in turn, as a token goes through SmolLM2's 30 layers, so the weights come from memory as in a model
 (one layer alone would stay in the cache between calls). Each row is the median of interleaved rounds (aten,
 pocketlm, aten, ...), so a drift of the machine's speed moves both columns alike.
@@ -90,6 +91,18 @@ def main() -> None:
         args.rounds, 200)))
     for name, aten_us, ours_us in rows:
         print(f"| {name} | {aten_us:.0f} us | {ours_us:.0f} us | {aten_us / ours_us:.2f}x |")
+    if kernels.int8_kernel_on():  # an output head's two kernels: one row is a decode step, 8 a server's batch
+        print("\n| int8 output head | rows | exact fp32 products (`int8_linear`) | VNNI (`int8_vnni_linear`) | speed-up |")
+        print("|---|---|---|---|---|")
+        for name, (K, N) in {"SmolLM2 576 -> 49152": (576, 49152), "Gemma 3 640 -> 262144": (640, 262144)}.items():
+            weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+            scales = (torch.rand(N) / 100).to(torch.bfloat16)
+            packed = kernels.int8_pack(weight)
+            for M in (1, 8):
+                x = torch.randn(M, K)
+                fp32_us, vnni_us = compare(lambda: kernels.int8_linear(x, weight, scales, None),
+                                           lambda: kernels.int8_vnni_linear(x, packed, scales, None), args.rounds, 10)
+                print(f"| {name} | {M} | {fp32_us:.0f} us | {vnni_us:.0f} us | {fp32_us / vnni_us:.2f}x |")
 
 
 if __name__ == "__main__":

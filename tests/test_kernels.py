@@ -60,6 +60,31 @@ def test_int8_kernel_is_the_exact_product():
     assert layer.packed is None  # no fbgemm copy where the kernel is built
 
 
+@pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
+@pytest.mark.parametrize("M", [1, 3, 8, 13])  # the kernel's tiles: 8 rows, 4, then one at a time
+def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
+    """An output head's int8 weight multiplied in integers (int8_vnni_linear) with the int4 kernel's 16-bit
+    activations: close to the exact product, and a row's result is bit for bit its own, next to a row 50x larger."""
+    if not kernels.int8_kernel_on():
+        pytest.skip("the int8 VNNI kernel needs AVX-512 VNNI")
+    import pocketlm.quant.int8 as int8
+
+    monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)  # as large as a head
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(576, N, bias=True))
+    assert layer.vnni_weight is not None and layer.packed is None
+    x = torch.randn(M, 576)
+    x[:, 7] *= 40  # an outlier channel
+    exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
+    out = layer(x)
+    rel = ((out - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
+    assert rel < 1e-4, rel
+    x[M // 2] *= 50
+    assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+    monkeypatch.setenv("POCKETLM_INT8_KERNEL", "0")
+    assert layer.pack().vnni_weight is None  # the switch: int8_linear's exact fp32 product instead
+
+
 @pytest.mark.parametrize("unit_offset", [0.0, 1.0])  # Llama's weight, Gemma 3's (1 + weight)
 def test_rms_norm(unit_offset):
     torch.manual_seed(0)
@@ -136,12 +161,19 @@ def test_decoding_with_kernels_matches_aten(tiny_dir, quant, monkeypatch):
     torch.testing.assert_close(steps["pocketlm"], steps["aten"], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4", "int8"])
-def test_fused_decode_step_equals_the_modules(tiny_dir, quant):
+@pytest.mark.parametrize("quant", ["none", "int4", "int8", "int8-vnni"])
+def test_fused_decode_step_equals_the_modules(tiny_dir, quant, monkeypatch):
     """A whole decoded token in one call (pocketlm/models/fused_step.py) against the same model module by module,
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
-    same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu."""
-    lm = load(str(tiny_dir), quant=quant)
+    same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu.
+    int8-vnni: every int8 layer as large as a head, so on the VNNI kernel."""
+    vnni = quant == "int8-vnni"
+    if vnni:
+        import pocketlm.quant.int8 as int8
+
+        monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
+    lm = load(str(tiny_dir), quant="int8" if vnni else quant)
+    assert (getattr(lm.model.lm_head, "vnni_weight", None) is not None) == (vnni and kernels.int8_kernel_on())
     model, steps = lm.model, {}
     ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
     T = ids.shape[1]
@@ -191,7 +223,7 @@ def test_a_quantized_encoder_names_no_kv_cache():
 def test_fused_decode_step_is_for_decoded_tokens_only(small_llama_dir):
     model = load(str(small_llama_dir), quant="int4").model
     token = torch.tensor([[5]])
-    model.setup_cache(1, 64)
+    model.setup_cache(1, MAX_TOKENS + 8)
     model(token, torch.tensor([0]))  # autograd on: the modules
     assert model.decode_step is None
     with torch.inference_mode():
@@ -224,10 +256,47 @@ def test_fused_tokens_of_one_sequence_equal_one_at_a_time(tiny_dir):
     assert torch.equal(logits["together"], logits["one at a time"])
 
 
-def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir):
+def test_a_short_prompt_chunk_takes_the_fused_step(tiny_dir, monkeypatch):
+    """prefill() runs a short last chunk (the server's prompt after a shared prefix, a new chat turn) through the
+    fused step, the head on its last token only: the logits the whole step gives that token, bit for bit, and
+    what the modules give within float rounding; the cache row it writes holds what the modules write."""
+    from pocketlm.engine import generate
+
+    lm = load(str(tiny_dir), quant="int4")
+    model = lm.model
+    prompt = torch.tensor([encode_raw(lm.tokenizer, "hello world, the cat sat on the mat")])  # (1, T)
+    T = prompt.shape[1]
+    assert 1 < T - 3 <= MAX_TOKENS
+    logits, caches = {}, {}
+    with torch.inference_mode():
+        for path in ("fused", "whole step", "modules"):
+            if path == "modules":
+                monkeypatch.setattr(generate, "fused_logits", lambda *args, **kwargs: None)
+            model.setup_cache(3, 64)
+            generate.prefill(model, prompt[:, :3], slot=2)  # a prefix the row already holds
+            if path == "whole step":
+                logits[path] = model(prompt[:, 3:], torch.arange(3, T)[None], torch.tensor([2]))[0, -1:]
+            else:
+                logits[path] = generate.prefill(model, prompt[:, 3:], start=3, slot=2)  # (1, V)
+            if path != "modules":
+                assert isinstance(model.decode_step, FusedStep)
+            caches[path] = model.model.layers[-1].self_attn.kv_cache.k[2, :, :T].float()
+    assert torch.equal(logits["fused"], logits["whole step"])
+    torch.testing.assert_close(logits["fused"], logits["modules"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(caches["fused"], caches["modules"], rtol=2e-3, atol=2e-3)
+    assert caches["fused"][:, T - 1].abs().sum() > 0  # the chunk's last key was written
+
+
+@pytest.mark.parametrize("head", ["int8", "int8-vnni"])  # int8-vnni: the head as large as a real one's
+def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, head, monkeypatch):
     """Sequences at their own positions in their own cache rows (the server's continuous batching), decoded in one
     call, get bit for bit the logits each gets alone (the tests of 8 concurrent clients rest on this)."""
+    if head == "int8-vnni":
+        import pocketlm.quant.int8 as int8
+
+        monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
     lm = load(str(tiny_dir), quant="int4")
+    assert (lm.model.lm_head.vnni_weight is not None) == (head == "int8-vnni" and kernels.int8_kernel_on())
     model = lm.model
     prompts = [encode_raw(lm.tokenizer, text) for text in ("hello world", "the cat sat on the mat, and then", "a b c d")]
     fed = [[p[(t * 7) % len(p)] for t in range(20)] for p in prompts]  # the tokens each sequence is fed

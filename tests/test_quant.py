@@ -56,7 +56,7 @@ def test_int8_fbgemm_rows_are_exact_to_15_bits_and_independent_of_the_batch(monk
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(320, 200, bias=True))
     assert layer.packed is None  # a small layer stays on aten's kernel; output heads are large enough
-    monkeypatch.setattr(int8, "FBGEMM_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
     layer.pack()
     assert layer.packed is not None  # the x86 engine is in every x86 build of torch
     x = torch.randn(6, 320)

@@ -15,6 +15,7 @@ import torch
 
 from pocketlm.engine.sampling import SamplingParams, sample
 from pocketlm.errors import PocketLMError
+from pocketlm.models.fused_step import fused_logits
 from pocketlm.tokenizer import StreamDecoder
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the (T, S) attention mask and activations
@@ -27,6 +28,11 @@ def prefill(model, idx: torch.Tensor, start: int = 0, slot: int | None = None) -
     for begin in range(0, idx.size(1), PREFILL_CHUNK):
         chunk = idx[:, begin : begin + PREFILL_CHUNK]  # (B, t)
         input_pos = torch.arange(start + begin, start + begin + chunk.size(1))
+        if begin + PREFILL_CHUNK >= idx.size(1):  # the last chunk: a short one of one sequence takes the fused step
+            slots = None if slot is None else torch.tensor([slot])
+            logits = fused_logits(model, chunk, input_pos if slot is None else input_pos[None], slots, last_only=True)
+            if logits is not None:
+                return logits[:, -1]  # (1, V)
         if slot is None:
             h = model.hidden(chunk, input_pos)  # (B, t, D)
         else:

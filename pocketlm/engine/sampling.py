@@ -58,8 +58,11 @@ def token_distribution(logits: torch.Tensor, params: SamplingParams, recent: tor
 
 
 def greedy_token(logits: torch.Tensor, params: SamplingParams, recent: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits -> (B,) the most likely token after the repetition penalty."""
-    return apply_repetition_penalty(logits.float(), recent, params.repetition_penalty).argmax(-1)
+    """(B, V) logits -> (B,) the most likely token after the repetition penalty (the first of equals)."""
+    logits = apply_repetition_penalty(logits.float(), recent, params.repetition_penalty)
+    if logits.device.type == "cpu":  # numpy's argmax: 5 us for SmolLM2's 49k logits, torch's 70 (per token of every stream)
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def sample(

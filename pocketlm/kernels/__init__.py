@@ -43,13 +43,16 @@ SIGNATURES = {
     "int4_pack": [P, P, I64, I64, I64, P],
     "int4_linear": [P, I64, I64, P, I64, I64, P, P, I32],
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
+    "int8_packed_bytes": [I64, I64],
+    "int8_pack": [P, I64, I64, P],
+    "int8_vnni_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
     "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I32, I64, I64, I64, F32, P, I32],
-    "decode_step": [P, I64, P, P, P, P, I32],  # pocketlm/models/fused_step.py
+    "decode_step": [P, I64, P, P, P, P, I64, I32],  # pocketlm/models/fused_step.py
 }
 
-RESTYPES = {"has_vnni": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64}
+RESTYPES = {"has_vnni": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64, "int8_packed_bytes": ctypes.c_int64}
 
 
 def compiler() -> str:
@@ -121,6 +124,12 @@ def int4_kernel_on() -> bool:
     return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT4_KERNEL", "1") != "0"
 
 
+def int8_kernel_on() -> bool:
+    """Whether the int8 VNNI kernel (int8_vnni_linear) is built and not switched off (POCKETLM_INT8_KERNEL=0)."""
+    lib = library()
+    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT8_KERNEL", "1") != "0"
+
+
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether x (with the layer's params) can go through the kernels: fp32 on the CPU, no gradient to record
     (training keeps PyTorch's ops), and the library built."""
@@ -157,6 +166,25 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     out = torch.empty(*x.shape[:-1], N)
     library().int8_linear(ptr(x2), x2.shape[0], K, ptr(weight), ptr(scales), N, ptr(bias), ptr(out), torch.get_num_threads())
+    return out
+
+
+def int8_pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) int8 (Int8Linear's) -> the VNNI kernel's layout (cpu.cpp: 16 output rows per block, stored
+    + 128), uint8. K must be a multiple of 32."""
+    N, K = weight.shape
+    weight = weight.contiguous()
+    out = torch.empty(library().int8_packed_bytes(N, K), dtype=torch.uint8)
+    library().int8_pack(ptr(weight), N, K, ptr(out))
+    return out
+
+
+def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
+    """x (..., K) fp32; packed: int8_pack's layout of an (N, K) weight; scales (N,) bf16 -> (..., N)."""
+    K, N = x.shape[-1], scales.shape[0]
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    out = torch.empty(*x.shape[:-1], N)
+    library().int8_vnni_linear(ptr(x2), x2.shape[0], K, ptr(packed), ptr(scales), N, ptr(bias), ptr(out), torch.get_num_threads())
     return out
 
 

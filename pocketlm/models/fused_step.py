@@ -24,9 +24,11 @@ from torch import nn
 from pocketlm import kernels
 
 I64, F32, P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-# Tokens of one sequence per call (a speculative verify pass is k + 1); a prompt chunk runs as matrices through the
-# modules (the int4 kernel up to 1,024 rows, float matmuls on dequantized weights beyond: quant/int4.py)
-MAX_TOKENS = 16
+# Tokens of one sequence per call (a speculative verify pass is k + 1, a short prompt chunk); a longer prompt chunk
+# runs as matrices through the modules (the int4 kernel up to 1,024 rows, float matmuls on dequantized weights
+# beyond: quant/int4.py). SmolLM2 here, 2 threads: a 15-token chunk took 28-31 ms against 52-59 through the modules
+# (the server's prompts after a shared prefix), 64 tokens 84-121 against 98-107.
+MAX_TOKENS = 64
 
 
 class Linear(ctypes.Structure):
@@ -102,6 +104,8 @@ class FusedStep:
             if module.packed is None:
                 raise Unsupported("an int4 layer without pocketlm's kernel layout")
             return Linear(2, module.out_features, module.in_features, module.group_size, self.pointer(module.packed), None, bias)
+        if isinstance(module, Int8Linear) and module.vnni_weight is not None:
+            return Linear(3, module.out_features, module.in_features, 0, self.pointer(module.vnni_weight), self.pointer(module.scales), bias)
         if isinstance(module, Int8Linear):
             return Linear(1, module.out_features, module.in_features, 0, self.pointer(module.weight), self.pointer(module.scales), bias)
         if type(module) is nn.Linear and module.weight.dtype == torch.float32:
@@ -148,28 +152,37 @@ class FusedStep:
             window=cfg.sliding_window if layer.sliding else 0,
         )  # fmt: skip
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V). Rows in
-        distinct cache rows attend in parallel; rows sharing one (a verify pass) attend in order, each to the
-        keys the ones before it wrote."""
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V), or (1, V) of
+        the last token with last_only (a prompt chunk: the head's n - 1 other rows would be wasted). Rows in
+        distinct cache rows attend in parallel; rows sharing one (a verify pass, a prompt chunk) attend in
+        order, each to the keys the ones before it wrote."""
         tokens, pos, rows = (t.to(torch.int64).contiguous() for t in (tokens, pos, rows))
-        logits = torch.empty(len(tokens), self.vocab)
+        n_logits = 1 if last_only else len(tokens)
+        logits = torch.empty(n_logits, self.vocab)
         kernels.library().decode_step(ctypes.byref(self.model), len(tokens), tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(),
-                                      logits.data_ptr(), torch.get_num_threads())
+                                      logits.data_ptr(), n_logits, torch.get_num_threads())
         if self.softcap is not None:  # Gemma3ForCausalLM.logits' final softcapping
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
 
-def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None) -> torch.Tensor | None:
+def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None, last_only: bool = False) -> torch.Tensor | None:
     """model(idx, input_pos, slots)'s logits (B, T, V) through the fused step, for the calls it takes: one token
     per sequence (a decode step, of one sequence or of the server's batch), or a few tokens of one sequence
-    (a speculative verify pass), with no gradient and an fp32 or fp16 cache; the step is built on first use after
-    setup_cache. None otherwise (a prompt chunk, training, bf16): the modules run, and raise their own errors."""
+    (a speculative verify pass, a short prompt chunk: last_only gives (1, 1, V), the last token's), with no
+    gradient and an fp32 or fp16 cache; the step is built on first use after setup_cache. None otherwise (a
+    long prompt chunk, training, bf16): the modules run, and raise their own errors."""
     if input_pos is None or idx.dim() != 2 or torch.is_grad_enabled() or not model.model.has_cache:
         return None
     B, T = idx.shape
-    if slots is not None:  # one token per sequence, each at its own position in its own cache row
+    if last_only and B != 1:
+        return None
+    if slots is not None and B == 1 and 1 < T <= MAX_TOKENS:  # consecutive tokens of one sequence in its cache row
+        if input_pos.shape != (1, T) or slots.shape != (1,):
+            return None
+        rows, pos = slots.expand(T), input_pos[0]
+    elif slots is not None:  # one token per sequence, each at its own position in its own cache row
         if T != 1 or input_pos.shape != (B, 1) or slots.shape != (B,):
             return None
         rows, pos = slots, input_pos[:, 0]
@@ -191,4 +204,5 @@ def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | 
         return None
     if int(pos.min()) < 0 or int(pos.max()) >= min(step.S, step.rope_len) or int(idx.min()) < 0 or int(idx.max()) >= step.tokens:
         return None  # the modules raise their errors (cpu.cpp would read past the tables)
-    return step(idx.reshape(-1), pos, rows).view(B, T, -1)
+    logits = step(idx.reshape(-1), pos, rows, last_only)
+    return logits.view(1, 1, -1) if last_only else logits.view(B, T, -1)
