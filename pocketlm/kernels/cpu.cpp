@@ -324,8 +324,9 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
 
 // int8 weights multiplied in integers like the int4 weights above, with the same two-pass activations
 // (Int8Rows), where VNNI is built: a batch's rows then cost VNNI instructions, 64 products each, instead of a
-// float FMA per 16 (int8_linear below: SmolLM2's 49k x 576 head took 5.2 ms for 8 rows against 1.1 ms for one).
-// One row reads the same bytes as int8_linear's and runs as fast: the memory bounds both.
+// float FMA per 16 (int8_linear below: SmolLM2's 49k x 576 head, 8 rows 5.9 ms there against 3.6 here). One row
+// reads the same bytes as int8_linear's and is no slower (SmolLM2's head 0.85 against 1.19 ms; Gemma 3's 168 MB
+// alike within the noise); bench/bench_kernels.py's last table.
 //
 // Layout (int8_pack): blocks of 16 output rows, each K/4 steps of 64 bytes, a step holding each row's four
 // weights k..k+3 in its 4-byte lane, stored as q + 128 (vpdpbusd multiplies unsigned bytes by signed ones, and
