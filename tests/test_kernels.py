@@ -107,6 +107,7 @@ def test_gated_act(gelu):
     [
         (9, 3, 64, 300, 0, False),  # SmolLM2's heads; positions split between the threads
         (4, 1, 256, 40, 25, True),  # Gemma 3 270M's heads, a sliding window, q/k norms
+        (8, 2, 128, 150, 3, False),  # 128-wide heads; 148 positions: blocks of 16 scores and a tail
         (4, 2, 16, 5, 0, False),  # a head size without a vector path
     ],
 )
