@@ -320,6 +320,17 @@ def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, head,
     assert torch.equal(torch.stack(together, 1), torch.stack(alone))
 
 
+def test_pocketlm_ps_counts_the_kernel_layouts(small_llama_dir):
+    """The server's memory figure (`pocketlm ps`) includes the copies the kernels read (int4_pack's layout), which
+    are no buffers: a quantized model holds both."""
+    from pocketlm.serve.scheduler import model_bytes
+
+    model = load(str(small_llama_dir), quant="int4").model
+    saved = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    layouts = sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear) and m.packed is not None)
+    assert layouts > 0 and model_bytes(model) == sum(saved.values()) + layouts
+
+
 def test_training_keeps_pytorch_ops():
     """A norm whose weight wants a gradient, or an input that needs one, stays on autograd's ops."""
     x, w = torch.randn(2, 8), torch.randn(8, requires_grad=True)

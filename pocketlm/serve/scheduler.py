@@ -94,9 +94,13 @@ class ModelPool:
 
 
 def model_bytes(model) -> int:
-    """Bytes of parameters and buffers (tied weights counted once)."""
+    """Bytes of parameters and buffers (tied weights counted once), and of the copies quantized layers keep in their
+    kernels' layouts (Int4Linear.packed, Int8Linear.vnni_weight: not buffers, since they are never saved)."""
+    import torch
+
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    layouts = [getattr(m, name, None) for m in model.modules() for name in ("packed", "vnni_weight")]
+    for t in [*model.parameters(), *model.buffers(), *(t for t in layouts if isinstance(t, torch.Tensor))]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
