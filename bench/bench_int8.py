@@ -19,6 +19,7 @@ import warnings
 import torch
 
 import pocketlm.quant.int8 as int8
+from pocketlm import kernels
 from pocketlm.quant.int8 import Int8Linear
 
 SHAPES = {  # (out, in)
@@ -52,6 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     int8.PACK_MIN_WEIGHTS = 0  # the fbgemm path for every shape, to compare
+    kernels._lib = False  # as without pocketlm's kernels, which would take the layer instead (bench_kernels.py times them)
     print(f"{args.threads} threads; microseconds per call (relative error against the exact int8 product)")
     print(f"{'layer':<16} {'rows':>4} {'aten int8pack':>20} {'fbgemm (torch.ao)':>20} {'fbgemm, two rows':>20} {'aten/two rows':>13}")
     for name, (n_out, n_in) in SHAPES.items():

@@ -7,9 +7,8 @@ slow, see ../shared/docs/FINDINGS.md); its bf16 result needs the head's `refine`
 Where pocketlm's kernels are built (pocketlm/kernels), a few rows go through them instead: `int8_linear`
 multiplies the int8 weight by exact fp32 activations; a layer as large as an output head (PACK_MIN_WEIGHTS) on a
 CPU with AVX-512 VNNI gets a second copy of its weight laid out for `int8_vnni_linear`, which multiplies in
-integers with the int4 kernel's 16-bit activations: a batch of 8 rows through SmolLM2's head then costs 2.5-2.9 ms
-instead of 5.2-5.7 (one row 1.2-1.4 ms against 1.6; bench/bench_kernels.py), a server's batch of 8 streams being
-what it serves.
+integers with the int4 kernel's 16-bit activations: a batch of 8 rows through SmolLM2's head (a server's 8
+streams) then costs 3.6 ms instead of 5.9, one row 0.85 ms instead of 1.19 (bench/bench_kernels.py's last table).
 
 Without pocketlm's kernels, a layer as large as an output head uses fbgemm (`quantized::linear_dynamic`,
 the x86 engine of torch.ao's dynamic quantization): int8 weights times uint8 activations with VNNI, 1.3-1.5x
@@ -47,7 +46,8 @@ FINE = 254  # r's magnification: (v - round(v)) in [-0.5, 0.5] -> [-127, 127]
 # fbgemm's path costs 100-170 us a call beyond the matmul itself (its ten small ops, and the switch into and
 # out of its AVX-512 VNNI code: the ops right after it run slower), so it pays only where reading the weight
 # dominates: output heads (SmolLM2 28M weights: 1.3x, Gemma 3 168M: 1.5x at one row, 1.7x at eight).
-# Layers of 0.3-2.6M weights are 2-4x faster on aten's kernel (bench/bench_int8.py).
+# Layers of 0.3-2.6M weights are 2-4x faster on aten's kernel (bench/bench_int8.py). The same size decides where
+# pocketlm's VNNI kernel gets its copy: the heads, whose batches it speeds up.
 PACK_MIN_WEIGHTS = 8 * 2**20
 PACK_ROWS = 32768  # output rows per fbgemm block (see pack)
 
