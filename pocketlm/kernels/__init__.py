@@ -118,16 +118,20 @@ def library() -> ctypes.CDLL | None:
     return _lib or None
 
 
-def int4_kernel_on() -> bool:
-    """Whether the int4 kernel is built (it needs AVX-512 VNNI) and not switched off (POCKETLM_INT4_KERNEL=0)."""
+def vnni_kernel_on(switch: str) -> bool:
+    """Whether a VNNI kernel is built (the library, on a CPU with AVX-512 VNNI) and not switched off (switch=0)."""
     lib = library()
-    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT4_KERNEL", "1") != "0"
+    return lib is not None and bool(lib.has_vnni()) and os.environ.get(switch, "1") != "0"
+
+
+def int4_kernel_on() -> bool:
+    """Whether the int4 kernel (int4_linear) is on; POCKETLM_INT4_KERNEL=0 switches it off."""
+    return vnni_kernel_on("POCKETLM_INT4_KERNEL")
 
 
 def int8_kernel_on() -> bool:
-    """Whether the int8 VNNI kernel (int8_vnni_linear) is built and not switched off (POCKETLM_INT8_KERNEL=0)."""
-    lib = library()
-    return lib is not None and bool(lib.has_vnni()) and os.environ.get("POCKETLM_INT8_KERNEL", "1") != "0"
+    """Whether the int8 VNNI kernel (int8_vnni_linear) is on; POCKETLM_INT8_KERNEL=0 switches it off."""
+    return vnni_kernel_on("POCKETLM_INT8_KERNEL")
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:

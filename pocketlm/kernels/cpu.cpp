@@ -230,8 +230,8 @@ struct Int8Rows {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))), 16));
+static inline __m512 bf16x16(const uint16_t *p, __mmask16 keep = 0xFFFF) {  // lanes outside keep: 0
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
 }
 
 static inline __m512i bcast4(const int8_t *p) {  // 4 activations into every lane
@@ -385,7 +385,7 @@ extern "C" void int8_vnni_linear(const float *x, int64_t M, int64_t K, const uin
         const uint8_t *p = packed + b * ROWS * K;
         const int64_t n0 = b * ROWS;
         const __mmask16 keep = N - n0 >= ROWS ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, scales + n0)), 16));
+        const __m512 s = bf16x16(scales + n0, keep);
         const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
         auto store = [&](int64_t m, __m512 r) {  // (sum (q + 128) x - 128 sum x) * scale + bias
             r = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xq.group_sum[m]), r);

@@ -39,6 +39,7 @@ from pocketlm.models.llama import (
     rope_inv_freq,
     rope_tables,
     row_spans,
+    setup_caches,
 )
 
 
@@ -241,17 +242,9 @@ class Gemma3ForCausalLM(nn.Module):
 
         Sliding layers get a full-length cache too and attend to the window's slice of it: simpler than HF's
         ring buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
-        cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
-        dtype = dtype or ref.dtype
-        if dtype == torch.float32 and self.kv_dtype is not None:
-            dtype = self.kv_dtype
-        for layer in self.model.layers:
-            old = layer.self_attn.kv_cache if keep else None
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
-        self.model.has_cache = True
-        self.decode_step = None  # points at the caches: built again for the new ones
+        device = setup_caches(self, batch_size, max_seq_len, dtype, keep)
         if self.model.global_cos.shape[0] < max_seq_len:
-            self.model.build_buffers(max_seq_len, ref.device)
+            self.model.build_buffers(max_seq_len, device)
 
     def copy_cache_prefix(self, src: int, dst: int, n: int):
         for layer in self.model.layers:

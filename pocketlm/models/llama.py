@@ -72,6 +72,23 @@ class KVCache(nn.Module):
         self.v[dst, :, :n] = self.v[src, :, :n]
 
 
+def setup_caches(model: nn.Module, batch_size: int, max_seq_len: int, dtype, keep: bool) -> torch.device:
+    """A KVCache (B, n_kv, max_seq_len, hd) for each layer of model.model (LlamaForCausalLM's and
+    Gemma3ForCausalLM's setup_cache). dtype: the activations' (default: the norms', which stay floating point when
+    Linears are quantized); under fp32 activations, model.kv_dtype when set. keep: grow the caches there are,
+    keeping what they hold. -> the device, for the RoPE tables"""
+    cfg, ref = model.cfg, model.model.norm.weight
+    dtype = dtype or ref.dtype
+    if dtype == torch.float32 and model.kv_dtype is not None:
+        dtype = model.kv_dtype
+    for layer in model.model.layers:
+        old = layer.self_attn.kv_cache if keep else None
+        layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
+    model.model.has_cache = True
+    model.decode_step = None  # points at the caches: built again for the new ones
+    return ref.device
+
+
 def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, **sdpa) -> torch.Tensor:
     """Attention for n sequences at their own positions, each in its own cache row (continuous batching).
     q (n, nh, T, hd); k, v (n, n_kv, T, hd) new keys and values; slots (n,); pos (n, T); spans, masks: one per
@@ -353,17 +370,9 @@ class LlamaForCausalLM(nn.Module):
         """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype: the activations' (default: the
         parameters'); under fp32 activations, kv_dtype when set. keep: grow the caches there are, keeping what they
         hold (the server's slots grow with their longest sequence)."""
-        cfg, ref = self.cfg, self.model.norm.weight  # norms stay floating point when Linears are quantized
-        dtype = dtype or ref.dtype
-        if dtype == torch.float32 and self.kv_dtype is not None:
-            dtype = self.kv_dtype
-        for layer in self.model.layers:
-            old = layer.self_attn.kv_cache if keep else None
-            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, ref.device, old)
-        self.model.has_cache = True
-        self.decode_step = None  # points at the caches: built again for the new ones
+        device = setup_caches(self, batch_size, max_seq_len, dtype, keep)
         if self.model.rope_cos.shape[0] < max_seq_len:
-            self.model.build_rope(max_seq_len, ref.device)
+            self.model.build_rope(max_seq_len, device)
 
     def copy_cache_prefix(self, src: int, dst: int, n: int):
         for layer in self.model.layers:
