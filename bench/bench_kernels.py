@@ -8,11 +8,21 @@ Gemma 3's) at 1 and 8 rows through pocketlm's two int8 kernels (exact fp32 produ
 layer in turn, as a token goes through SmolLM2's 30 layers, so the weights come from memory as in a model
 (one layer alone would stay in the cache between calls). Each row is the median of interleaved rounds (aten,
 pocketlm, aten, ...), so a drift of the machine's speed moves both columns alike.
+
+Last, SmolLM2's whole fused decode step (int4, --quant auto) for 1, 2, 4 and 8 rows at position 80, the
+server's batch. `--vs-build SO` times another build of cpu.cpp alongside, in turns in the same process (the
+machine's speed drifts by up to 2x within minutes here, so two processes cannot be compared), e.g. the
+source of an earlier commit:
+
+    git show HEAD~1:pocketlm/kernels/cpu.cpp > /tmp/old.cpp
+    g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC /tmp/old.cpp -o /tmp/old.so
+    .venv/bin/python bench/bench_kernels.py --vs-build /tmp/old.so
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -47,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vs-build", metavar="SO", help="another build of cpu.cpp to time the decode step against")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.int4_kernel_on():
@@ -103,6 +114,34 @@ def main() -> None:
                 fp32_us, vnni_us = compare(lambda: kernels.int8_linear(x, weight, scales, None),
                                            lambda: kernels.int8_vnni_linear(x, packed, scales, None), args.rounds, 10)
                 print(f"| {name} | {M} | {fp32_us:.0f} us | {vnni_us:.0f} us | {fp32_us / vnni_us:.2f}x |")
+    decode_steps(args)
+
+
+def decode_steps(args) -> None:
+    """SmolLM2's fused decode step for a batch of n rows, each in its own cache row at position 80."""
+    from pocketlm.load import load
+    from pocketlm.models.fused_step import FusedStep
+
+    model = load("smollm2", quant="auto").model
+    model.setup_cache(8, 1024)
+    step = FusedStep(model)
+    builds = {"this build": kernels.library()}
+    if args.vs_build:
+        builds[args.vs_build] = kernels.open_library(args.vs_build)
+    names = list(builds)
+    print(f"\n| SmolLM2 decode step, rows at position 80 | {' | '.join(names)} |" + (" speed-up |" if len(names) > 1 else ""))
+    print("|---|" + "---|" * (len(names) + (len(names) > 1)))
+    for n in (1, 2, 4, 8):
+        tokens, pos, rows, logits = torch.randint(0, 1000, (n,)), torch.full((n,), 80), torch.arange(n), torch.empty(n, step.vocab)
+        times = {name: [] for name in names}
+        for _ in range(5 * args.rounds):  # the builds in turns
+            for name, lib in builds.items():
+                start = time.perf_counter()
+                lib.decode_step(ctypes.byref(step.model), n, tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(), logits.data_ptr(), n, args.threads)
+                times[name].append(time.perf_counter() - start)
+        ms = [statistics.median(times[name]) * 1e3 for name in names]
+        cells = " | ".join(f"{t:.2f} ms ({n / t * 1e3:.0f} tok/s)" for t in ms)
+        print(f"| {n} | {cells} |" + (f" {ms[1] / ms[0]:.2f}x |" if len(ms) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ if kernels.library() is None:
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
+# blocks of 16 output rows, taken two at a time for several rows: 24, a pair whose second block is partly padding;
+# 40, a pair and a last block of its own that is; 64, two pairs
+@pytest.mark.parametrize("N", [24, 40, 64])
 @pytest.mark.parametrize("K", [256, 576])
 def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_size, K, N):
     if not kernels.int4_kernel_on():
@@ -38,8 +40,9 @@ def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_
     rel = ((out - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
     # activations rounded in two passes of 8 bits per block of 32: 2e-5 here (one pass, llama.cpp's Q8: 0.3-0.6%)
     assert rel < 1e-4, rel
-    # each row has its own grids, and tiles of 4 rows do a single row's arithmetic: a row's result is bit for
-    # bit its own, next to a row 50x larger too
+    # each row has its own grids, and the tiles (2 rows x 2 blocks for a batch, 4 rows x 1 block) do a single
+    # row's arithmetic: a row's result is bit for bit its own (one row alone takes one block at a time), next to
+    # a row 50x larger too
     x[4] *= 50
     out = kernels.int4_linear(x, layer.packed, N, group_size, layer.bias)
     assert torch.equal(out, torch.cat([layer(row[None]) for row in x]))

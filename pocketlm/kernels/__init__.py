@@ -107,15 +107,20 @@ def library() -> ctypes.CDLL | None:
             why_unavailable = f"not built on {sys.platform}"
         else:
             try:
-                lib = ctypes.CDLL(str(build()))
+                _lib = open_library(build())
             except (OSError, FileNotFoundError) as e:
                 why_unavailable = f"could not build {SOURCE.name} with {compiler()}: {e}"
-            else:
-                for name, argtypes in SIGNATURES.items():
-                    getattr(lib, name).argtypes = argtypes
-                    getattr(lib, name).restype = RESTYPES.get(name)
-                _lib = lib
     return _lib or None
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A build of cpu.cpp with its functions' signatures set: this source's (library()), or another's
+    (bench/bench_kernels.py --vs-build times two builds in one process)."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = RESTYPES.get(name)
+    return lib
 
 
 def vnni_kernel_on(switch: str) -> bool:
