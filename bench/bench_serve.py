@@ -9,8 +9,9 @@ chat completion with its own question and the end tokens banned (logit_bias), so
 (http.client, json.loads per chunk), since the official `openai` client's parsing costs about 0.64 ms of CPU
 per chunk, which at 8 streams took 15-25% of pocketlm's aggregate here; `--client openai` uses it. Aggregate tokens/s, two ways: end to end (all streams'
 completion tokens over the wall time from the first request to the last stream's end, prompts included), and
-decoding (tokens after each stream's first over the time streams were decoding: no prompts); the median of
---rounds runs per stream count. Then time to first token with 8 streams at
+decoding (tokens after each stream's first over the time streams were decoding: no prompts); the medians of
+--rounds rounds, each round running every stream count in turn (a count's scaling is the median of its ratios
+to the first count of the same round, so the machine's drift between rounds leaves it). Then time to first token with 8 streams at
 once, 3 rounds: every stream with a system prompt of its own (nothing to reuse), and all streams sharing
 one system prompt that an earlier request already sent (the prefix cache's case).
 pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given).
@@ -137,16 +138,21 @@ def system_prompt(tag: str) -> dict:
 def measure(url: str, model: str, streams: list[int], new_tokens: int, no_end: dict, rounds: int, client_kind: str) -> dict:
     client = CLIENTS[client_kind](url)
     stream_once(client, model, question(0), 4, no_end)  # loads the model, fills the caches
-    out = {"throughput": {}, "decode": {}, "ttft": {}}
-    for n in streams:
-        ends, decodes = [], []
-        for r in range(rounds):  # new questions each round; their common start (template, "Write a short poem") is reused
+    out = {"throughput": {}, "decode": {}, "ttft": {}, "scaling": {"throughput": {}, "decode": {}}}
+    ends, decodes = {n: [] for n in streams}, {n: [] for n in streams}
+    # Rounds outermost: each round runs every stream count once, so the machine's drift (up to 2x within minutes
+    # here) moves a round's counts alike, and each count's scaling is taken against the first count of its own round
+    for r in range(rounds):
+        for n in streams:  # new questions each round; their common start (template, "Write a short poem") is reused
             wall, results = concurrent(client, model, [question(i, 100 * n + r) for i in range(n)], new_tokens, no_end)
-            ends.append(sum(len(arrivals) for _, arrivals in results) / wall)
-            decodes.append(decode_rate([arrivals for _, arrivals in results]))
-        out["throughput"][n], out["decode"][n] = statistics.median(ends), statistics.median(decodes)
-        print(f"  {n} streams: {out['throughput'][n]:.1f} tok/s, decoding {out['decode'][n]:.1f} (medians of "
-              f"{', '.join(f'{e:.1f}' for e in ends)} and {', '.join(f'{d:.1f}' for d in decodes)})", file=sys.stderr)
+            ends[n].append(sum(len(arrivals) for _, arrivals in results) / wall)
+            decodes[n].append(decode_rate([arrivals for _, arrivals in results]))
+        print(f"  round {r + 1}: " + ", ".join(f"{n} streams {ends[n][-1]:.1f} tok/s (decoding {decodes[n][-1]:.1f})"
+                                               for n in streams), file=sys.stderr)
+    for key, values in (("throughput", ends), ("decode", decodes)):
+        for n in streams:
+            out[key][n] = statistics.median(values[n])
+            out["scaling"][key][n] = statistics.median(v / first for v, first in zip(values[n], values[streams[0]]))
     shared = system_prompt("shared")
     stream_once(client, model, [shared, *question(0)], 4, no_end)  # the system prompt was seen before
     for case in ("own system prompt", "shared system prompt"):
@@ -182,7 +188,7 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="runs per stream count; the table gives their median")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every stream count in turn; the table gives medians")
     parser.add_argument("--max-batch", type=int, default=None, help="pocketlm serve --max-batch (default: its own)")
     parser.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"])
     parser.add_argument("--port", type=int, default=8765)
@@ -237,11 +243,12 @@ def report(engines: dict, streams: list[int], new_tokens: int, client: str) -> N
         print(f"| streams | pocketlm tok/s | vs pocketlm 1 stream |{' llama.cpp tok/s | pocketlm / llama.cpp |' if peer else ''}")
         print(f"|---|---|---|{'---|---|' if peer else ''}")
         for n in streams:
-            row = f"| {n} | {ours[key][n]:.1f} | {ours[key][n] / ours[key][streams[0]]:.2f}x |"
+            row = f"| {n} | {ours[key][n]:.1f} | {ours['scaling'][key][n]:.2f}x |"
             if peer:
                 row += f" {peer[key][n]:.1f} | {ours[key][n] / peer[key][n]:.2f}x |"
             print(row)
-        print(f"\n(aggregate tokens/s, {what}; the {client} client)\n")
+        print(f"\n(aggregate tokens/s, {what}; the {client} client; medians of the rounds, and of each round's "
+              f"ratio to its own {streams[0]} stream{'s' if streams[0] > 1 else ''})\n")
     print("| 8 streams | engine | first token p50 | p99 |")
     print("|---|---|---|---|")
     for engine, result in engines.items():
