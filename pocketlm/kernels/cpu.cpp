@@ -315,8 +315,9 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     const int64_t block_bytes = (K / g) * int4_group_bytes(g);
     const uint8_t *p = packed + b * block_bytes;
     // One block (a single row): prefetch PREFETCH bytes ahead in its stream. Two blocks (several rows, tile after
-    // tile over the same weights): the next two blocks, so that their reads from memory overlap this tile's
-    // arithmetic instead of following it
+    // tile over the same weights): the same place in the next pair. At 4-8 rows the model's step still waits on
+    // memory and arithmetic in turn; 2048 bytes ahead, 2 or 4 blocks ahead, into L1 or L2, or spread over the
+    // tiles all measured alike (docs/BENCHMARKS.md). Past the last pair it names no memory: prefetches never fault.
     const int64_t ahead = NB == 1 ? PREFETCH : NB * block_bytes;
     __m512 res[MT * NB];
     auto tile = [&](auto rows, int64_t m) {
