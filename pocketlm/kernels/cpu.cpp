@@ -121,6 +121,33 @@ static void exp_inplace(float *x, int64_t n) {
     for (; i < n; i++) x[i] = std::exp(x[i]);
 }
 
+// x = exp(x - max x) in place (softmax's numerators) -> their sum. The max and the sum 16 lanes at a time: as
+// scalar loops, chains of dependent float operations (4 cycles a position), they cost a decode row's attention
+// (SmolLM2's 9 heads at 300 positions, one thread, a C++ harness) 30 -> 24 us a layer with the cache in L2, 49-57
+// -> 42-51 us with 240 layers' caches read from memory
+static float exp_shifted_sum(float *x, int64_t n) {
+    float best = -INFINITY, total = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + i));
+    best = _mm512_reduce_max_ps(top);
+#endif
+    for (; i < n; i++) best = std::max(best, x[i]);
+    i = 0;
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(best)));
+        _mm512_storeu_ps(x + i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; i < n; i++) total += x[i] = std::exp(x[i] - best);
+    return total;
+}
+
 // ------------------------------------------------------------------------------------------ int4 x int8
 
 // The int4 weights are multiplied in integers, as llama.cpp's Q4 x Q8 dot products (ggml_vec_dot_q4_1_q8_1):
@@ -652,14 +679,7 @@ template <int H16, typename C>
 static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
                    int64_t L, float scale, float *out, int nthreads) {
     std::vector<float> p(nh * L), partial(int64_t(nthreads) * nh * hd, 0.f), inv(nh);
-    auto softmax = [&](int64_t h) {  // one head's scores: exponentials in place, 1 / sum kept
-        float *ph = p.data() + h * L, best = -INFINITY, total = 0.f;
-        for (int64_t s = 0; s < L; s++) best = std::max(best, ph[s]);
-        for (int64_t s = 0; s < L; s++) ph[s] -= best;
-        exp_inplace(ph, L);
-        for (int64_t s = 0; s < L; s++) total += ph[s];
-        inv[h] = 1.f / total;
-    };
+    auto softmax = [&](int64_t h) { inv[h] = 1.f / exp_shifted_sum(p.data() + h * L, L); };  // 1 / sum kept
     if (nthreads == 1) {  // a batch's row inside decode_step's parallel loop, or a short context: no team of one
         // (opening one cost about as much as the arithmetic at SmolLM2's 100 positions); the same arithmetic
         scores_range<H16, C>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
