@@ -14,7 +14,8 @@ decoding (tokens after each stream's first over the time streams were decoding: 
 to the first count of the same round, so the machine's drift between rounds leaves it). Then time to first token with 8 streams at
 once, 3 rounds: every stream with a system prompt of its own (nothing to reuse), and all streams sharing
 one system prompt that an earlier request already sent (the prefix cache's case).
-pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given).
+pocketlm serve runs with its defaults (--quant auto, --max-batch 8 unless --max-batch is given; --draft passes a
+draft model on).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every stream count in turn; the table gives medians")
     parser.add_argument("--max-batch", type=int, default=None, help="pocketlm serve --max-batch (default: its own)")
+    parser.add_argument("--draft", metavar="MODEL", help="pocketlm serve --draft MODEL (speculative decoding of a lone greedy stream)")
     parser.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"])
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--client", default="raw", choices=list(CLIENTS),
@@ -208,6 +210,7 @@ def main() -> None:
     engines = {}
     cmd = [sys.executable, "-m", "pocketlm.cli", "serve", name, "--port", str(args.port), "--threads", str(args.threads)]
     cmd += ["--max-batch", str(args.max_batch)] if args.max_batch else []
+    cmd += ["--draft", args.draft] if args.draft else []
     print(f"pocketlm serve {name} ({path.name})", file=sys.stderr)
     with server(cmd, args.port) as url:
         engines["pocketlm"] = measure(url, name, args.streams, args.new_tokens, no_end, args.rounds, args.client)

@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes; larger get 413 (default 2 MiB)")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 is faster on a machine busy with other work)")
     add_model_flags(p)
+    add_draft_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ps", help="models loaded in a running server, and their memory")
@@ -591,6 +592,7 @@ def cmd_serve(args) -> int:
     serve(ServerConfig(
         models=args.models, host=args.host, port=args.port, api_key=args.api_key, max_loaded=args.max_loaded,
         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
+        draft=args.draft, draft_tokens=args.draft_tokens,
     ))
     return 0
 

@@ -119,7 +119,7 @@ def test_a_batch_of_sequences_that_start_at_different_times_equals_each_alone(ti
             batch.add(seqs[i])
         for run in (batch.prefill_step, batch.step):
             stepped = run()
-            for seq, logits in stepped:
+            for seq, logits, _ in stepped:
                 advance(seqs.index(seq), logits)
         steps_during_last_prompt += any(s.todo for s in batch.slots) and bool(stepped)
         step += 1
@@ -148,7 +148,7 @@ def test_prompts_seated_together_compute_their_shared_start_once(tiny):
     texts = [""] * 3
     while len(batch):
         for run in (batch.prefill_step, batch.step):
-            for seq, logits in run():
+            for seq, logits, _ in run():
                 i = seqs.index(seq)
                 token, logits = seq.choose(logits)
                 texts[i] += seq.accept(token, logits)

@@ -91,3 +91,54 @@ def test_smollm2_speculative_greedy_chat_answer(smollm2):
     plain = generate(smollm2, ids, params)
     spec = generate(smollm2, ids, params, draft=draft_of(smollm2, 12), draft_tokens=4)
     assert spec.text() == plain.text()
+
+
+@pytest.mark.slow
+def test_a_batch_with_a_draft_equals_plain_greedy(smollm2, monkeypatch):
+    """The server's batch (pocketlm.engine.batch) with a draft: a greedy sequence alone in it is checked k
+    tokens at a time in its cache row, a refused proposal's positions are written over; two sequences decode
+    together as usual, and once one of them is done the other goes on with the draft. Each text is the one it
+    gets alone, with a draft that is often wrong (SmolLM2's first 20 of 30 layers) and with one always right but
+    for the repetition penalty (all of them). Real weights: a random tiny model barely looks at positions, so
+    it would not notice a row that kept a refused proposal."""
+    from pocketlm.engine import batch as batch_module
+    from pocketlm.engine.batch import Batch
+    from pocketlm.engine.generate import Sequence
+
+    monkeypatch.setattr(batch_module, "DRAFT_P_MIN", 0.0)  # every proposal made, sure or not: refusals happen
+    lm = smollm2
+    prompts = ["Hello there, how are you today?", "The quick brown fox"]
+    params = [SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True),  # with the repetition penalty
+              SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.0, ignore_eos=True)]
+    ids = [encode_raw(lm.tokenizer, p) for p in prompts]
+    alone = []
+    for prompt, p in zip(ids, params):
+        g = generate(lm, prompt, p)
+        g.text()
+        alone.append(g.stats.token_ids)
+    counts = {}  # draft layers -> [proposals kept, proposals]
+    for n_layers, k in [(20, 3), (len(lm.model.model.layers), 4)]:
+        batch = Batch(lm.model, max_batch=2, context_length=lm.context_length, draft=layer_draft(lm.model, n_layers), draft_tokens=k)
+        for together in (False, True):
+            seqs = [Sequence(lm.tokenizer, i, p, lm.context_length) for i, p in zip(ids, params)][: 2 if together else 1]
+            for seq in seqs:
+                batch.add(seq)
+            proposed = kept = 0
+            while len(batch):
+                for run in (batch.prefill_step, batch.step):
+                    for seq, logits, proposals in run():
+                        for i in range(len(logits)):  # the scheduler's rule: rows while the draft guessed right
+                            token, row = seq.choose(logits[i : i + 1])
+                            seq.accept(token, row)
+                            if seq.done or i == len(proposals) or token != proposals[i]:
+                                break
+                            kept += 1
+                        proposed += len(proposals)
+                        if seq.done:
+                            batch.remove(seq)
+            assert [s.stats.token_ids for s in seqs] == alone[: len(seqs)], (n_layers, together)
+            assert proposed > 0  # alone, or once the short one was done, the long one went on with the draft
+            counts[n_layers] = [a + b for a, b in zip(counts.get(n_layers, [0, 0]), (kept, proposed))]
+    (kept_poor, proposed_poor), (kept_full, proposed_full) = counts[20], counts[len(lm.model.model.layers)]
+    assert 0 < kept_poor < proposed_poor  # refusals happened, and the text did not change
+    assert kept_full > kept_poor * proposed_full / proposed_poor  # the whole model as its draft: right more often

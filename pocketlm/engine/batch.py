@@ -6,6 +6,12 @@ so that a long prompt does not stop the others; then it joins the decode step, i
 feeds its last chosen token at its own position (the models' `slots=` path). Sampling stays with each
 Sequence (engine/generate.py): its own params, processors, seed and stop strings.
 
+Speculative decoding (as llama.cpp's server's draft model): with a draft (a smaller model with the same
+tokenizer), a greedy sequence alone in the batch proposes `draft_tokens` tokens with the draft in its own cache
+row, and the target checks them all in one pass (pocketlm.engine.speculative's method, the rows' logits handed
+back for the sequence's own choice). Several sequences decode together as usual: a batch's step already shares
+each weight read between its rows, which is what a draft's proposals would buy.
+
 Prefix cache (as llama.cpp's server): a slot remembers the token ids its cache row holds, also after its
 sequence ends. A new prompt takes the free slot whose tokens share the longest prefix with it and prefills
 only the rest. Just before a prompt's chunk runs, positions another slot's row already holds for a longer
@@ -23,7 +29,7 @@ import time
 import torch
 
 from pocketlm.engine.generate import PREFILL_CHUNK, Sequence, prefill
-from pocketlm.models.fused_step import fused_logits
+from pocketlm.models.fused_step import MAX_TOKENS, fused_logits
 
 GROW_BY = 256  # cache positions are added in steps of this many: few reallocations, little waste
 # The output head runs on at most this many rows at a time: quantized Linears switch to their prompt path
@@ -32,6 +38,10 @@ GROW_BY = 256  # cache positions are added in steps of this many: few reallocati
 # step made a 16-row step of SmolLM2 1.7x slower (308 ms against 184, one thread, aten's kernel). In groups
 # of 8 a row also gets the same head numbers as decoded alone.
 HEAD_ROWS = 8
+# A draft stops proposing at a token it gives less than this probability (llama.cpp's speculative --draft-p-min,
+# default 0.8 in its server): the proposals it would be unsure of are mostly refused, and each costs a row of the
+# target's check.
+DRAFT_P_MIN = 0.8
 
 
 @dataclass
@@ -42,6 +52,8 @@ class Slot:
     todo: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     last_used: int = 0  # when it was last taken: the oldest prompt is prefilled first, and among free slots
     # that share nothing with a new prompt the least recently used goes first
+    draft_tokens: list[int] = field(default_factory=list)  # what the draft's cache row holds, position by position
+    checked: bool = False  # tokens ends with proposals the last verify pass wrote; the sequence kept a prefix of them
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -54,12 +66,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Batch:
-    def __init__(self, model, max_batch: int, context_length: int):
+    def __init__(self, model, max_batch: int, context_length: int, draft=None, draft_tokens: int = 4):
+        """draft: a model with the same tokenizer for speculative decoding (its cache gets max_batch rows too)."""
         self.model, self.context_length = model, context_length
+        self.draft, self.draft_tokens = draft, draft_tokens
         self.slots = [Slot(i) for i in range(max_batch)]
         self.length = min(GROW_BY, context_length)  # cache positions per row; grows with the longest sequence
         self.clock = 0
-        model.setup_cache(max_batch, self.length)
+        for m in self.models():
+            m.setup_cache(max_batch, self.length)
+
+    def models(self) -> list:
+        return [self.model] if self.draft is None else [self.model, self.draft]
 
     def __len__(self) -> int:
         return sum(s.seq is not None for s in self.slots)
@@ -79,9 +97,9 @@ class Batch:
         seq.started = time.perf_counter()  # its time to first token counts from here
 
     @torch.inference_mode()
-    def prefill_step(self) -> list[tuple[Sequence, torch.Tensor]]:
+    def prefill_step(self) -> list[tuple[Sequence, torch.Tensor, list[int]]]:
         """Prompt chunks, the oldest prompt first, until PREFILL_CHUNK tokens ran (or all did).
-        -> [(sequence, the logits (1, V) of its first new token)] for the prompts now complete"""
+        -> [(sequence, the logits (1, V) of its first new token, [])] for the prompts now complete"""
         complete, spent = [], 0
         for slot in sorted((s for s in self.slots if s.todo), key=lambda s: s.last_used):
             if spent >= PREFILL_CHUNK:
@@ -91,7 +109,7 @@ class Batch:
             logits = prefill(self.model, torch.tensor([chunk]), start=len(slot.tokens), slot=slot.index)
             slot.tokens, slot.todo, spent = slot.tokens + chunk, slot.todo[len(chunk) :], spent + len(chunk)
             if not slot.todo:
-                complete.append((slot.seq, logits))
+                complete.append((slot.seq, logits, []))
         return complete
 
     def place(self, prompt: list[int]) -> tuple[Slot, int]:
@@ -118,15 +136,24 @@ class Batch:
     def reserve(self, positions: int) -> None:
         if positions > self.length:
             self.length = min(self.context_length, -(-positions // GROW_BY) * GROW_BY)
-            self.model.setup_cache(len(self.slots), self.length, keep=True)
+            for m in self.models():
+                m.setup_cache(len(self.slots), self.length, keep=True)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, torch.Tensor]]:
+    def step(self) -> list[tuple[Sequence, torch.Tensor, list[int]]]:
         """One forward pass for every sequence past its prompt, each feeding its last chosen token.
-        -> [(sequence, the logits (1, V) of its next token)]"""
+        -> [(sequence, logits (1, V) of its next token, [])]; for a speculative pass (a draft, one greedy sequence),
+        [(sequence, logits (k + 1, V), the draft's k proposals)]: row i scores the token after proposal i - 1, and
+        the caller takes rows while its choice equals the proposal (a refused proposal's row is the last it takes)."""
         seated = [s for s in self.slots if s.seq is not None and not s.todo]
+        for slot in seated:
+            self.settle(slot)
         if not seated:
             return []
+        if self.draft is not None and len(seated) == 1 and seated[0].seq.params.greedy:
+            checked = self.speculate(seated[0])
+            if checked is not None:
+                return [checked]
         tokens = torch.tensor([[int(s.seq.context[-1])] for s in seated])  # (n, 1)
         pos = torch.tensor([[len(s.tokens)] for s in seated])  # (n, 1): the next position of each row
         slots = torch.tensor([s.index for s in seated])
@@ -138,10 +165,56 @@ class Batch:
             logits = torch.cat([self.model.logits(h[i : i + HEAD_ROWS, -1]) for i in range(0, len(h), HEAD_ROWS)])  # (n, V)
         for s, token in zip(seated, tokens[:, 0].tolist()):
             s.tokens.append(token)
-        return [(s.seq, logits[i : i + 1]) for i, s in enumerate(seated)]
+        return [(s.seq, logits[i : i + 1], []) for i, s in enumerate(seated)]
+
+    def speculate(self, slot: Slot) -> tuple[Sequence, torch.Tensor, list[int]] | None:
+        """The draft proposes up to draft_tokens tokens after slot's sequence, one pass each in its own cache row
+        (first catching up on what the row lacks), while it is sure of them (DRAFT_P_MIN); then the target
+        scores the last chosen token and every proposal in one pass (with none, a plain step). None when there is
+        no room for a proposal."""
+        seq = slot.seq
+        context = seq.context.tolist()  # the prompt and every chosen token; the last is in neither cache yet
+        n = len(slot.tokens)  # == len(context) - 1
+        k = min(self.draft_tokens, MAX_TOKENS - 1, self.length - n - 1, seq.max_new - seq.stats.completion_tokens - 1)
+        if k < 1:
+            return None
+        held = min(common_prefix(slot.draft_tokens, context), n)  # the draft row's positions still valid
+        logits = prefill(self.draft, torch.tensor([context[held:]]), start=held, slot=slot.index)  # (1, V)
+        proposals = []
+        while True:
+            p, token = torch.softmax(logits[0], -1).max(-1)
+            if p < DRAFT_P_MIN:  # unsure: a proposal it would likely lose costs the target a row
+                break
+            proposals.append(int(token))
+            if len(proposals) == k:
+                break
+            logits = rows_logits(self.draft, proposals[-1:], n + len(proposals), slot.index)  # the next one's
+        slot.draft_tokens = context + proposals[: len(proposals) - (len(proposals) == k)]  # what the draft was fed
+        fed = [context[-1], *proposals]  # positions n .. n + len(proposals)
+        logits = rows_logits(self.model, fed, n, slot.index)  # (len(fed), V)
+        slot.tokens, slot.checked = slot.tokens + fed, True
+        seq.stats.draft_tokens += len(proposals)
+        return seq, logits, proposals
+
+    def settle(self, slot: Slot) -> None:
+        """After a verify pass: the row's valid positions are those of the tokens the sequence kept (all but its
+        last chosen one, which is fed next); the refused proposals' positions are overwritten as decoding goes on,
+        and attention never reads past a row's own position."""
+        if slot.checked and slot.seq is not None:
+            slot.tokens, slot.checked = slot.seq.context[:-1].tolist(), False
 
     def remove(self, seq: Sequence) -> None:
         """Free seq's slot (ended or cancelled); the row keeps its tokens for a later prompt that shares them."""
         for s in self.slots:
             if s.seq is seq:
+                self.settle(s)
                 s.seq, s.todo = None, []
+
+
+def rows_logits(model, tokens: list[int], start: int, slot: int) -> torch.Tensor:
+    """Consecutive tokens of one sequence at positions start.. of cache row slot -> every position's logits (T, V)."""
+    idx, pos, slots = torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], torch.tensor([slot])
+    logits = fused_logits(model, idx, pos, slots)  # (1, T, V): one call into the kernels
+    if logits is None:
+        logits = model.logits(model.hidden(idx, pos, slots))
+    return logits[0]

@@ -49,6 +49,8 @@ class ClientGone(Exception):
 
 def create_app(config: ServerConfig) -> Starlette:
     models = served_models(config)
+    if config.draft:
+        registry.resolve(config.draft)  # a draft that is not there fails now, with the usual message
     names = list(models)
     if config.threads:
         import torch

@@ -20,9 +20,11 @@ class ServerConfig:
     threads: int | None = None  # torch's intra-op threads; None: torch's default (one per core)
     dtype: str = "float32"
     quant: str = "none"
+    draft: str | None = None  # a model with the served chat models' tokenizer: speculative decoding (engine/batch.py)
+    draft_tokens: int = 4  # tokens it proposes per check
 
     def __post_init__(self) -> None:
-        for name in ("max_loaded", "max_batch", "max_queue", "max_body_bytes", "default_max_tokens", "max_n", "threads"):
+        for name in ("max_loaded", "max_batch", "max_queue", "max_body_bytes", "default_max_tokens", "max_n", "threads", "draft_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 from pocketlm.errors import PocketLMError
 

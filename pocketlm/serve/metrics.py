@@ -19,6 +19,8 @@ class Metrics:
         self.completion_tokens = Counter("pocketlm_completion_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("pocketlm_time_to_first_token_seconds", "Prefill until the first token (per choice)", buckets=LATENCY_BUCKETS, registry=r)
         self.decode_rate = Histogram("pocketlm_decode_tokens_per_second", "Decode speed of each finished choice", buckets=RATE_BUCKETS, registry=r)
+        self.draft_tokens = Counter("pocketlm_draft_tokens", "Tokens a draft model proposed (serve --draft)", registry=r)
+        self.draft_accepted = Counter("pocketlm_draft_accepted", "Proposed tokens the served model kept", registry=r)
         self.batch_size = Histogram("pocketlm_decode_batch_size", "Sequences decoded together in one forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("pocketlm_queue_depth", "Requests waiting or running", registry=r)
         self.cancelled = Counter("pocketlm_cancelled", "Requests whose client went away before the end", registry=r)

@@ -11,6 +11,7 @@ queue and reads the Job's events as they come.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +59,7 @@ class ModelPool:
         self.config, self.refs = config, refs  # refs: served name -> registry name or path
         self.slots: OrderedDict[str, Loaded] = OrderedDict()
         self.lock = threading.Lock()  # the worker changes slots; /api/ps reads them
+        self.draft = None  # --draft's model, once loaded
 
     def get(self, name: str):
         """The model served as `name` (only the worker thread calls this, so loads never race)."""
@@ -75,6 +77,19 @@ class ModelPool:
         with self.lock:
             self.slots[name] = Loaded(lm, model_bytes(lm.model), now, now)
         return lm
+
+    def draft_for(self, lm):
+        """The draft model (--draft) for lm, loaded with the first model that takes it; None without one, for an
+        embedding model, or for a model whose tokenizer differs from the draft's (said once on the server's output)."""
+        if not self.config.draft or lm.is_encoder:
+            return None
+        if self.draft is None:
+            self.draft = self._load(self.config.draft)
+        if not lm.tokenizer.same_vocabulary(self.draft.tokenizer):
+            print(f"pocketlm: the draft {self.config.draft} has another tokenizer than {lm.name}: {lm.name} runs "
+                  f"without speculative decoding", file=sys.stderr, flush=True)
+            return None
+        return self.draft
 
     def _load(self, name: str):
         import torch
@@ -149,14 +164,14 @@ class Scheduler:
     def _seat_waiting(self) -> None:
         """Waiting choices into free slots, the oldest first."""
         for choice in list(self.choices):
-            if not choice.seated and choice in self.choices and batch_of(choice.lm, self.max_batch).has_room():
+            if not choice.seated and choice in self.choices and self._batch(choice.lm).has_room():
                 self._guarded(choice.job, self._seat, choice)
 
     def _step(self) -> None:
         """Each model's batch: a chunk of the new prompts, then one decode step; each choice samples its own
         next token from its logits."""
         for lm in {id(c.lm): c.lm for c in self.choices if c.seated}.values():
-            batch = batch_of(lm, self.max_batch)
+            batch = self._batch(lm)
             for run in (batch.prefill_step, batch.step):
                 seated = {id(c.seq): c for c in self.choices if c.seated and c.lm is lm}
                 try:
@@ -167,10 +182,18 @@ class Scheduler:
                     break
                 if run == batch.step and self.metrics is not None and stepped:
                     self.metrics.batch_size.observe(len(stepped))
-                for seq, logits in stepped:
+                for seq, logits, proposals in stepped:
                     choice = seated[id(seq)]
-                    if choice in self.choices:  # not ended by another choice of its request failing this step
-                        self._guarded(choice.job, self._advance, choice, logits)
+                    for i in range(len(logits)):  # one row, or a verify pass's: each while the draft guessed right
+                        if choice not in self.choices:  # ended (done, or failed by another choice of its request)
+                            break
+                        token = self._guarded(choice.job, self._advance, choice, logits[i : i + 1])
+                        if i == len(proposals) or token != proposals[i]:
+                            break
+                        seq.stats.draft_accepted += 1
+                    if proposals and self.metrics is not None:
+                        self.metrics.draft_tokens.inc(len(proposals))
+                        self.metrics.draft_accepted.inc(min(i, len(proposals)))
 
     def _admit(self) -> None:
         """Take queued jobs while slots are free; wait for one when there is nothing to do."""
@@ -199,11 +222,11 @@ class Scheduler:
         self.choices += [Choice(job, i, seq, lm) for i, seq in enumerate(choices)]
 
     def _seat(self, choice: Choice) -> None:
-        batch_of(choice.lm, self.max_batch).add(choice.seq)
+        self._batch(choice.lm).add(choice.seq)
         choice.seated = True
 
-    def _advance(self, choice: Choice, logits) -> None:
-        """Sample the choice's next token from its logits (1, V) and send the text it makes visible."""
+    def _advance(self, choice: Choice, logits) -> int:
+        """Sample the choice's next token from its logits (1, V) and send the text it makes visible. -> the token"""
         seq, stats = choice.seq, choice.seq.stats
         token, logits = seq.choose(logits)
         text = seq.accept(token, logits)
@@ -222,12 +245,13 @@ class Scheduler:
             choice.job.open_choices -= 1
             if not choice.job.open_choices:
                 self._done(choice.job)
+        return token
 
-    def _guarded(self, job: Job, action, *args) -> None:
-        """Run action(*args) for job; an error fails only this job (bad input: 400; a bug: 500), not the
-        others in the batch, and the server keeps serving."""
+    def _guarded(self, job: Job, action, *args):
+        """action(*args) for job; an error fails only this job (bad input: 400; a bug: 500), not the
+        others in the batch, and the server keeps serving (-> None then)."""
         try:
-            action(*args)
+            return action(*args)
         except PocketLMError as e:
             self._done(job, Failed(400, str(e)))
         except Exception as e:
@@ -241,7 +265,7 @@ class Scheduler:
 
     def _remove(self, choice: Choice) -> None:
         if choice.seated:
-            batch_of(choice.lm, self.max_batch).remove(choice.seq)
+            self._batch(choice.lm).remove(choice.seq)
         self.choices.remove(choice)
 
     def _done(self, job: Job, failed: Failed | None = None) -> None:
@@ -256,6 +280,15 @@ class Scheduler:
             job.emit(failed)
         job.emit(Done())
 
+    def _batch(self, lm):
+        """The model's batch of slots, made on first use; it lives (cache and prefix cache) as long as the model."""
+        if getattr(lm, "batch", None) is None:
+            from pocketlm.engine.batch import Batch
+
+            draft = self.pool.draft_for(lm)
+            lm.batch = Batch(lm.model, self.max_batch, lm.context_length, draft and draft.model, self.pool.config.draft_tokens)
+        return lm.batch
+
     def _count_cancel(self) -> None:
         if self.metrics is not None:
             self.metrics.cancelled.inc()
@@ -265,13 +298,6 @@ def internal_error(e: Exception) -> Failed:
     return Failed(500, f"internal error: {type(e).__name__}: {e}")
 
 
-def batch_of(lm, max_batch: int):
-    """The model's batch of slots, made on first use; it lives (cache and prefix cache) as long as the model."""
-    if getattr(lm, "batch", None) is None:
-        from pocketlm.engine.batch import Batch
-
-        lm.batch = Batch(lm.model, max_batch, lm.context_length)
-    return lm.batch
 
 
 def sequences(request: GenerateRequest, lm) -> list:
