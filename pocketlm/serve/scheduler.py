@@ -183,17 +183,19 @@ class Scheduler:
                 if run == batch.step and self.metrics is not None and stepped:
                     self.metrics.batch_size.observe(len(stepped))
                 for seq, logits, proposals in stepped:
-                    choice = seated[id(seq)]
+                    choice, kept = seated[id(seq)], 0
                     for i in range(len(logits)):  # one row, or a verify pass's: each while the draft guessed right
                         if choice not in self.choices:  # ended (done, or failed by another choice of its request)
                             break
                         token = self._guarded(choice.job, self._advance, choice, logits[i : i + 1])
                         if i == len(proposals) or token != proposals[i]:
                             break
-                        seq.stats.draft_accepted += 1
-                    if proposals and self.metrics is not None:
-                        self.metrics.draft_tokens.inc(len(proposals))
-                        self.metrics.draft_accepted.inc(min(i, len(proposals)))
+                        kept += 1
+                    if proposals:
+                        seq.stats.draft_accepted += kept
+                        if self.metrics is not None:
+                            self.metrics.draft_tokens.inc(len(proposals))
+                            self.metrics.draft_accepted.inc(kept)
 
     def _admit(self) -> None:
         """Take queued jobs while slots are free; wait for one when there is nothing to do."""
@@ -296,8 +298,6 @@ class Scheduler:
 
 def internal_error(e: Exception) -> Failed:
     return Failed(500, f"internal error: {type(e).__name__}: {e}")
-
-
 
 
 def sequences(request: GenerateRequest, lm) -> list:
