@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_serve.py [--model smollm2] [--streams 1 4 8 16] [--new-tokens 64]
         [--threads 2] [--rounds 3] [--vs llama.cpp | --vs none] [--client raw | --client openai] [--baseline REV]
 
-Each server runs in its own process (all started at once, idle while another is measured) and is driven by one client thread per stream, every stream a streamed
-chat completion with its own question and the end tokens banned (logit_bias), so every stream decodes exactly
---new-tokens tokens. The client (--client) runs on the same cores as the server: by default a plain one
+Each server runs in its own process (all started at once, each idle while another is measured) and is driven by
+one client thread per stream, every stream a streamed chat completion with its own question and the end tokens
+banned (logit_bias), so every stream decodes exactly --new-tokens tokens. The client (--client) runs on the same cores as the server: by default a plain one
 (http.client, json.loads per chunk), since the official `openai` client's parsing costs about 0.64 ms of CPU
 per chunk, which at 8 streams took 15-25% of pocketlm's aggregate here; `--client openai` uses it. Aggregate tokens/s, two ways: end to end (all streams'
 completion tokens over the wall time from the first request to the last stream's end, prompts included), and

@@ -44,6 +44,16 @@ def test_a_draft_keeps_the_greedy_text(server):
     assert 0 < kept <= proposed
 
 
+def test_ps_lists_the_draft(server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=CHAT, messages=FRANCE, max_tokens=2, temperature=0)  # loads both
+    listed = {m["kind"]: m for m in httpx.get(server + "/api/ps").json()["models"]}
+    assert listed["generate"]["name"] == CHAT and listed["draft"]["name"] == "smollm2"
+    assert listed["draft"]["memory_bytes"] > 50e6  # SmolLM2's int4 weights and int8 head
+    shown = subprocess.run([sys.executable, "-m", "pocketlm.cli", "ps", "--server", server], capture_output=True, text=True, timeout=60)
+    assert re.search(r"^smollm2 +draft +\d+ MB", shown.stdout, re.M), shown.stdout
+
+
 def test_a_draft_that_is_not_there_stops_the_start():
     done = subprocess.run([sys.executable, "-m", "pocketlm.cli", "serve", "smollm2", "--draft", "no-such-model"],
                           capture_output=True, text=True, timeout=120)

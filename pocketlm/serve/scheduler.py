@@ -59,7 +59,7 @@ class ModelPool:
         self.config, self.refs = config, refs  # refs: served name -> registry name or path
         self.slots: OrderedDict[str, Loaded] = OrderedDict()
         self.lock = threading.Lock()  # the worker changes slots; /api/ps reads them
-        self.draft = None  # --draft's model, once loaded
+        self.draft: Loaded | None = None  # --draft's model, once loaded
 
     def get(self, name: str):
         """The model served as `name` (only the worker thread calls this, so loads never race)."""
@@ -84,12 +84,16 @@ class ModelPool:
         if not self.config.draft or lm.is_encoder:
             return None
         if self.draft is None:
-            self.draft = self._load(self.config.draft)
-        if not lm.tokenizer.same_vocabulary(self.draft.tokenizer):
+            draft = self._load(self.config.draft)
+            draft.name, now = self.config.draft, time.time()
+            with self.lock:
+                self.draft = Loaded(draft, model_bytes(draft.model), now, now)
+        if not lm.tokenizer.same_vocabulary(self.draft.lm.tokenizer):
             print(f"pocketlm: the draft {self.config.draft} has another tokenizer than {lm.name}: {lm.name} runs "
                   f"without speculative decoding", file=sys.stderr, flush=True)
             return None
-        return self.draft
+        self.draft.last_used = time.time()
+        return self.draft.lm
 
     def _load(self, name: str):
         import torch
@@ -99,12 +103,15 @@ class ModelPool:
         return load(name, dtype=getattr(torch, self.config.dtype), quant=self.config.quant)
 
     def snapshot(self) -> list[dict]:
+        """The loaded models, the draft (kind "draft") last."""
         with self.lock:
+            loaded = [(name, s, "embed" if s.lm.is_encoder else "generate") for name, s in self.slots.items()]
+            loaded += [(self.draft.lm.name, self.draft, "draft")] if self.draft else []
             return [
                 {"name": name, "memory_bytes": s.memory_bytes, "load_s": round(s.lm.load_s, 3),
                  "loaded_at": int(s.loaded_at), "last_used": int(s.last_used),
-                 "context_length": s.lm.context_length, "kind": "embed" if s.lm.is_encoder else "generate"}
-                for name, s in self.slots.items()
+                 "context_length": s.lm.context_length, "kind": kind}
+                for name, s, kind in loaded
             ]
 
 
