@@ -211,19 +211,32 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
 }
 
 // Activations of M rows rounded for the kernel: hi and lo (M, K) int8, their scales d and d/254 per block of 32
-// (M, K/32), and each group's sum of the rounded values (M, K/g). Rounded one (row, group) unit at a time, by the
-// kernel's threads before they share out the weight blocks: rounded by one thread before the team started, a
-// batch's rows had cost SmolLM2's 8-row step 1.1 ms (120 calls of 9 us while the other thread waited).
+// (M, K/32), and each group's sum of the rounded values (M, K/g). Several rows are rounded one (row, group) unit at
+// a time by the kernel's threads, inside its parallel region, before they share out the weight blocks
+// (round_in_team): rounded by one thread before the team started, a batch's rows had cost SmolLM2's 8-row step
+// 1.1 ms (120 calls of 9 us while the other thread waited). One row is rounded here, in about the time a barrier
+// takes.
 struct Int8Rows {
     std::vector<int8_t> hi, lo;
     std::vector<float> d, d_lo, group_sum;
     const float *x;
-    const int64_t K, g;
+    const int64_t M, K, g;
 
     Int8Rows(const float *x, int64_t M, int64_t K, int64_t g)
-        : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g), x(x), K(K), g(g) {}
+        : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g), x(x), M(M), K(K), g(g) {
+        if (M == 1)
+            for (int64_t u = 0; u < units(); u++) round(u);
+    }
 
     int64_t units() const { return int64_t(group_sum.size()); }
+
+    // Called by every thread of the kernel's parallel region: several rows' units shared out (an orphaned `omp for`,
+    // whose end waits for every unit); nothing for one row.
+    void round_in_team() {
+        if (M == 1) return;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units(); u++) round(u);
+    }
 
     void round(int64_t unit) {  // row unit / (K / g), group unit % (K / g)
         const int64_t m = unit / (K / g), first = unit % (K / g) * (g / 32);
@@ -385,14 +398,9 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     Int8Rows xq(x, M, K, g);
     const int64_t blocks = (N + ROWS - 1) / ROWS, pairs = M > 1 ? blocks / 2 : 0;
-    if (M == 1)  // one row rounds in about the time a barrier takes
-        for (int64_t u = 0; u < xq.units(); u++) xq.round(u);
 #pragma omp parallel num_threads(nthreads)
     {
-        if (M > 1) {
-#pragma omp for schedule(static)
-            for (int64_t u = 0; u < xq.units(); u++) xq.round(u);  // (the loop's end waits for every unit)
-        }
+        xq.round_in_team();
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < blocks - pairs; u++) {  // pairs of blocks first, then the blocks left
             if (u < pairs) int4_blocks<2, 2>(xq, M, K, g, packed, N, 2 * u, bias, out);
@@ -462,13 +470,9 @@ extern "C" void int8_vnni_linear(const float *x, int64_t M, int64_t K, const uin
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     Int8Rows xq(x, M, K, K);
     const int64_t blocks = (N + ROWS - 1) / ROWS;
-    if (M == 1) xq.round(0);
 #pragma omp parallel num_threads(nthreads)
     {
-        if (M > 1) {
-#pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) xq.round(m);  // one unit a row (g = K)
-        }
+        xq.round_in_team();  // one unit a row (g = K)
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const uint8_t *p = packed + b * ROWS * K;

@@ -142,9 +142,9 @@ class Choice:
 
 
 class Scheduler:
-    def __init__(self, config: ServerConfig, pool: ModelPool, metrics=None, hand_over: Callable[[], None] | None = None):
-        """hand_over: called at the end of each turn of the worker's loop, when the turn's events have been emitted
-        (the HTTP side's Outbox delivers them then, in one go)."""
+    def __init__(self, config: ServerConfig, pool: ModelPool, metrics=None, hand_over: Callable[[], None] = lambda: None):
+        """hand_over: called at the end of each turn of the worker's loop, when the turn's events have been emitted,
+        and before the worker sleeps (the HTTP side's Outbox delivers them then, in one go)."""
         self.pool, self.metrics, self.max_batch, self.hand_over = pool, metrics, config.max_batch, hand_over
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
         self.choices: list[Choice] = []  # in arrival order
@@ -169,8 +169,7 @@ class Scheduler:
             self._drop_cancelled()
             self._seat_waiting()
             self._step()
-            if self.hand_over is not None:
-                self.hand_over()
+            self.hand_over()
 
     def _seat_waiting(self) -> None:
         """Waiting choices into free slots, the oldest first."""
@@ -211,7 +210,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Take queued jobs while slots are free; wait for one when there is nothing to do."""
         while len(self.choices) < self.max_batch:
-            if not self.choices and self.hand_over is not None:
+            if not self.choices:
                 self.hand_over()  # what was emitted (a failed or cancelled job's last events) goes out before it sleeps
             try:
                 job = self.queue.get(block=not self.choices)
