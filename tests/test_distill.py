@@ -224,6 +224,19 @@ def test_hidden_alignment_trains_a_projection_that_is_not_saved(tmp_path, studen
     assert saved.config.dim == 32 and saved.config.vocab_size == load(str(student_dir)).config.vocab_size
 
 
+def test_freeze_embeddings_keeps_the_embedding_and_head_and_trains_the_blocks(tmp_path, student_dir, teacher_dir, text_data):
+    from safetensors.torch import load_file
+
+    cfg = FinetuneConfig(model=str(student_dir), teacher=str(teacher_dir), data=str(text_data), out=str(tmp_path / "out"),
+                         freeze_embeddings=True, steps=3, batch_size=4, lr=1e-2, seq_len=64, quiet=True, save_every=2)
+    finetune(cfg)
+    before, after = load_file(student_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # tied: the head too
+    assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    with pytest.raises(PocketLMError, match="freeze_embeddings is for full fine-tuning"):
+        FinetuneConfig(model="m", data="d", out="o", freeze_embeddings=True, lora_r=8)
+
+
 def test_distill_resume_reproduces_the_uninterrupted_run(tmp_path, student_dir, teacher_dir, text_data):
     def run(out, **kw):
         return finetune(FinetuneConfig(model=str(student_dir), teacher=str(teacher_dir), data=str(text_data), out=str(out),

@@ -353,6 +353,16 @@ def test_bad_data_is_one_line_naming_the_line(tiny_model, tmp_path, capsys, cont
     assert len(err.splitlines()) == 1 and message in err and "bad.jsonl" in err and "Traceback" not in err
 
 
+def test_device_cuda_without_cuda_and_an_unknown_device_are_one_line(tiny_model, label_data, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["finetune", str(tiny_model), "--data", str(label_data), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device" in err and "--device cpu" in err
+    assert main(["finetune", str(tiny_model), "--data", str(label_data), "-o", str(tmp_path / "o"), "--device", "tpu"]) == 1
+    assert "device must be auto, cpu or cuda" in capsys.readouterr().err
+
+
 def test_missing_file_and_missing_label_for_classify(tiny_model, tmp_path, capsys):
     assert main(["finetune", str(tiny_model), "--data", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "o")]) == 1
     assert "no such data file" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def sum_nll(model, ids: torch.Tensor, n_scored: int) -> float:
 def perplexity(model, ids: list[int], window: int = 1024, stride: int = 512, on_scored=None) -> dict:
     """Each window scores only the tokens the previous one did not, with up to window - stride of context.
     on_scored(n), if given, hears how many tokens each window scored (a progress bar)."""
-    ids_t = torch.tensor(ids, dtype=torch.long)
+    ids_t = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)  # where the model is (a GPU too)
     nll, scored, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + window, len(ids))

@@ -41,6 +41,7 @@ FLAGS = [
     ("--merge", "merge", "flag", "LoRA: also write the merged full model folder (the adapter is always saved)"),
     ("--pooling", "pooling", str, f"classify: {' | '.join(POOLINGS)} (default: last for decoders, mean for encoders)"),
     ("--head-lr", "head_lr", float, "classify: the head's peak learning rate (default: --lr)"),
+    ("--freeze-embeddings", "freeze_embeddings", "flag", "keep the token embedding and output head as loaded (full fine-tuning; fewer parameters to train)"),
     ("--grad-checkpoint", "grad_checkpoint", "flag", "recompute activations in backward: less memory, about 1/3 slower"),
     ("--bf16", "bf16", "flag", "bf16 autocast for forward and backward (weights stay fp32)"),
     ("--seed", "seed", int, "data order and initialization (default 0)"),

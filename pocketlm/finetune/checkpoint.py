@@ -25,7 +25,7 @@ from pocketlm.errors import PocketLMError
 MUST_MATCH = (
     "model", "data", "task", "template", "system", "seq_len", "pack", "group_by_length", "lr", "min_lr_ratio", "warmup_steps",
     "warmup_ratio", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_targets", "pooling", "head_lr", "seed",
-    "teacher", "kd_loss", "kd_temperature", "kd_weight", "hidden_weight", "teacher_top_k",
+    "freeze_embeddings", "teacher", "kd_loss", "kd_temperature", "kd_weight", "hidden_weight", "teacher_top_k",
 )
 
 

@@ -61,6 +61,9 @@ class FinetuneConfig:
 
     pooling: str = ""  # classify: "last" (decoders' default) or "mean" (encoders' default)
     head_lr: float = 0.0  # classify: the new head's peak learning rate (0 = lr); it starts from scratch
+    # the token embedding and the output head (one matrix when tied) stay as loaded: a student pruned from its
+    # teacher keeps the teacher's vocabulary space, and a small data set cannot move the rows of tokens it lacks
+    freeze_embeddings: bool = False
 
     # distillation (pocketlm distill): a teacher with the same tokenizer; see pocketlm.compress.distill
     teacher: str = ""  # registry name or path; empty = plain fine-tuning
@@ -96,9 +99,11 @@ class FinetuneConfig:
             (self.steps >= 0, "steps must be >= 0"),
             (self.steps > 0 or self.epochs > 0, "give steps or epochs > 0"),
             (self.lr > 0, "lr must be > 0"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, not {self.device!r}"),
             (0 <= self.eval_split < 1, "eval_split must be in [0, 1)"),
             (self.lora_r >= 0, "lora_r must be >= 0"),
             (not self.lora_r or self.lora_targets, "lora_targets is empty"),
+            (not (self.freeze_embeddings and self.lora_r), "freeze_embeddings is for full fine-tuning: LoRA already freezes them"),
             ("{text}" in self.template, "template must contain {text}"),
             (self.kd_loss in KD_LOSSES, f"kd_loss must be one of {', '.join(KD_LOSSES)}, not {self.kd_loss!r}"),
             (self.kd_temperature > 0, "kd_temperature must be > 0"),

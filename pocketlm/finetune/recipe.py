@@ -95,6 +95,8 @@ def setup_processes(cfg: FinetuneConfig) -> SimpleNamespace:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PocketLMError("--device cuda: this machine has no CUDA device torch can use; use --device cpu (or auto)")
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -240,6 +242,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
             for name in ("lm_head", "pooler"):
                 if hasattr(model, name) and not getattr(model.cfg, "tie_word_embeddings", False):
                     getattr(model, name).requires_grad_(False)
+    if cfg.freeze_embeddings:  # the input embedding and the output head; one matrix when tied
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.requires_grad_(False)
+        if hasattr(model, "lm_head"):
+            model.lm_head.requires_grad_(False)
     if cfg.lora:
         peft_model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, base_name=cfg.model)
         model = unwrap(peft_model)  # the same native module, LoRA Linears inside, everything else frozen

@@ -320,7 +320,7 @@ def attention_spans(pos: torch.Tensor, window: int | None):
     and the bool mask (T, s) over that slice (None when every query sees all of it, as in decoding).
     Causal: position p sees 0..p. Sliding (HF's sliding_window_overlay): p sees p-window+1..p."""
     first, last = int(pos[0]), int(pos[-1])
-    kv = torch.arange(last + 1)  # (s,)
+    kv = torch.arange(last + 1, device=pos.device)  # (s,)
     causal = pos[:, None] >= kv[None, :]  # (T, s)
     full = (slice(0, last + 1), None if len(pos) == 1 else causal)
     if window is None:
