@@ -212,9 +212,6 @@ class Batch:
 
 
 def rows_logits(model, tokens: list[int], start: int, slot: int) -> torch.Tensor:
-    """Consecutive tokens of one sequence at positions start.. of cache row slot -> every position's logits (T, V)."""
-    idx, pos, slots = torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], torch.tensor([slot])
-    logits = fused_logits(model, idx, pos, slots)  # (1, T, V): one call into the kernels
-    if logits is None:
-        logits = model.logits(model.hidden(idx, pos, slots))
-    return logits[0]
+    """Consecutive tokens of one sequence at positions start.. of cache row slot -> every position's logits (T, V).
+    The model's forward takes the fused step (one call into the kernels) where it can, the modules otherwise."""
+    return model(torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], torch.tensor([slot]))[0]
