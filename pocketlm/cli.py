@@ -204,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_arguments(p, distill=True)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("train-draft", help="train a draft head that makes a model decode faster (speculative decoding)", description="Train a draft head for speculative decoding (after EAGLE): a small MLP that reads the target model's own last hidden state and the token just chosen, and guesses the target's next tokens over its most frequent ones. The target stays frozen; its next-token distribution on the data (JSONL in any format finetune reads, or a .txt) is what the head learns. Use it with run, chat or serve: --draft HEAD_FOLDER. Runs on a GPU when there is one.")
+    p.add_argument("--target", required=True, metavar="MODEL", help="the model the head will speed up (it runs frozen)")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL conversations, instruction/output, prompt/completion or text rows, or a .txt")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="where the head is written (config.json, model.safetensors, metrics.jsonl, loss.png)")
+    p.add_argument("--n-tokens", type=int, help="tokens the head can propose: the most frequent in the data's answers (default 8192)")
+    p.add_argument("--hidden-dim", type=int, help="the head's MLP width (default 1536)")
+    p.add_argument("--unroll", type=int, help="chained steps trained, as --draft-tokens chains them (default 3)")
+    p.add_argument("--epochs", type=float, help="passes over the data (default 2)")
+    p.add_argument("--batch-tokens", type=int, help="padded tokens per step (default 16384)")
+    p.add_argument("--lr", type=float, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
+    p.add_argument("--target-answers", type=int, metavar="N", help="first replace the answers of up to N prompts of the data with the target's own greedy answers, so the head learns the text it will guess (kept in OUTPUT/target_answers.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, help="longest target answer (default 256)")
+    p.add_argument("--generate-batch", type=int, help="prompts answered together (default 256)")
+    p.add_argument("--repetition-penalty", type=float, help="the target's answers are greedy under this penalty, as run, chat and serve decode by default (default 1.1; 1 = off)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): a CUDA GPU when there is one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_draft)
+
     p = sub.add_parser("classify", help="label texts with a fine-tuned classification head", description="Print the predicted label and its probability for each text, with a model made by `pocketlm finetune --task classify`.")
     p.add_argument("model", help="the classifier's folder")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label ('-' reads one text per line from stdin)")
@@ -222,12 +241,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_draft_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
-    g.add_argument("--draft", metavar="MODEL", help="a smaller model with the same tokenizer that proposes tokens for this one to check (same output, often faster)")
-    g.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per check (default 4)")
+    g.add_argument("--draft", metavar="MODEL", help="a draft head made by pocketlm train-draft for this model, or a smaller model with the same tokenizer: it proposes tokens for this one to check (same output, faster when it guesses well)")
+    g.add_argument("--draft-tokens", type=int, metavar="K", help="tokens the draft proposes per check (default 1 for a draft head, 4 for a draft model)")
 
 
-def load_draft(args):
-    return load_model(args.draft, args.dtype, args.quant) if args.draft else None
+def load_draft(args, lm):
+    """--draft for lm: a draft head (pocketlm train-draft) or a smaller model with the same tokenizer."""
+    import torch
+
+    from pocketlm.load import load_draft as load_draft_for
+
+    return load_draft_for(args.draft, lm, getattr(torch, args.dtype), args.quant) if args.draft else None
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -323,7 +347,7 @@ def cmd_run(args) -> int:
         ids = encode_raw(lm.tokenizer, prompt)
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
-    generation = generate(lm, ids, params, draft=load_draft(args), draft_tokens=args.draft_tokens)
+    generation = generate(lm, ids, params, draft=load_draft(args, lm), draft_tokens=args.draft_tokens)
     return print_answer(generation, args.json, lm.name, lambda: {"load_s": round(lm.load_s, 3), **generation.stats.to_dict()})
 
 
@@ -363,7 +387,7 @@ def cmd_chat(args) -> int:
         from pocketlm.engine.generate import encode_chat, encode_raw, generate
 
         lm = load_model(args.model, args.dtype, args.quant)
-        draft = load_draft(args)
+        draft = load_draft(args, lm)
         check_generative(lm)
         name, templated = lm.name, lm.tokenizer.has_chat_template
 
@@ -592,7 +616,7 @@ def cmd_serve(args) -> int:
     serve(ServerConfig(
         models=args.models, host=args.host, port=args.port, api_key=args.api_key, max_loaded=args.max_loaded,
         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
-        draft=args.draft, draft_tokens=args.draft_tokens,
+        draft=args.draft, draft_tokens=args.draft_tokens or 4,
     ))
     return 0
 
@@ -628,6 +652,17 @@ def cmd_finetune(args) -> int:
         where = summary["out"] if summary.get("model_written") else f"{summary['out']}/adapter (add --merge for a model folder)"
         ev = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("eval", {}).items() if k != "step")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{'; ' + ev if ev else ''}; wrote {where}")
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    from pocketlm.compress.draft_head import DraftTrainConfig, train_draft_head
+
+    tuned = {k: getattr(args, k) for k in ("n_tokens", "hidden_dim", "unroll", "epochs", "batch_tokens", "lr", "eval_every", "target_answers", "max_new_tokens", "generate_batch", "repetition_penalty")}
+    cfg = DraftTrainConfig(target=args.target, data=args.data, out=args.output, device=args.device, quiet=args.quiet,
+                           **{k: v for k, v in tuned.items() if v is not None})
+    scores = train_draft_head(cfg)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in scores.items() if k != "step"))
     return 0
 
 

@@ -10,6 +10,7 @@ from pocketlm.engine.generate import encode_raw, generate
 from pocketlm.engine.sampling import SamplingParams, token_distribution
 from pocketlm.engine.speculative import layer_draft
 from pocketlm.errors import PocketLMError
+from tiny_models import drive_batch
 from pocketlm.load import load
 
 
@@ -121,21 +122,7 @@ def test_a_batch_with_a_draft_equals_plain_greedy(smollm2, monkeypatch):
         batch = Batch(lm.model, max_batch=2, context_length=lm.context_length, draft=layer_draft(lm.model, n_layers), draft_tokens=k)
         for together in (False, True):
             seqs = [Sequence(lm.tokenizer, i, p, lm.context_length) for i, p in zip(ids, params)][: 2 if together else 1]
-            for seq in seqs:
-                batch.add(seq)
-            proposed = kept = 0
-            while len(batch):
-                for run in (batch.prefill_step, batch.step):
-                    for seq, logits, proposals in run():
-                        for i in range(len(logits)):  # the scheduler's rule: rows while the draft guessed right
-                            token, row = seq.choose(logits[i : i + 1])
-                            seq.accept(token, row)
-                            if seq.done or i == len(proposals) or token != proposals[i]:
-                                break
-                            kept += 1
-                        proposed += len(proposals)
-                        if seq.done:
-                            batch.remove(seq)
+            proposed, kept = drive_batch(batch, seqs)
             assert [s.stats.token_ids for s in seqs] == alone[: len(seqs)], (n_layers, together)
             assert proposed > 0  # alone, or once the short one was done, the long one went on with the draft
             counts[n_layers] = [a + b for a, b in zip(counts.get(n_layers, [0, 0]), (kept, proposed))]

@@ -118,3 +118,24 @@ def logits(lm, text: str = TEXT) -> torch.Tensor:
     ids = torch.tensor([lm.tokenizer.encode(text)])
     with torch.inference_mode():
         return lm.model(ids)  # (1, T, V)
+
+
+def drive_batch(batch, seqs) -> tuple[int, int]:
+    """Run sequences through a server's Batch (pocketlm.engine.batch) to their ends, with the scheduler's rule for a
+    verify pass (each sequence takes rows while the draft guessed right) -> (proposals made, proposals kept)."""
+    for seq in seqs:
+        batch.add(seq)
+    proposed = kept = 0
+    while len(batch):
+        for run in (batch.prefill_step, batch.step):
+            for seq, logits, proposals in run():
+                for i in range(len(logits)):
+                    token, row = seq.choose(logits[i : i + 1])
+                    seq.accept(token, row)
+                    if seq.done or i == len(proposals) or token != proposals[i]:
+                        break
+                    kept += 1
+                proposed += len(proposals)
+                if seq.done:
+                    batch.remove(seq)
+    return proposed, kept

@@ -22,21 +22,24 @@ PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the (T, S) attenti
 
 
 @torch.inference_mode()
-def prefill(model, idx: torch.Tensor, start: int = 0, slot: int | None = None) -> torch.Tensor:
+def prefill(model, idx: torch.Tensor, start: int = 0, slot: int | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt through the model, filling the cache from position `start` (in cache row `slot` alone,
-    for a batch of sequences: idx (1, T) then). idx (B, T) -> logits of the last position (B, V)."""
+    for a batch of sequences: idx (1, T) then). idx (B, T) -> logits of the last position (B, V). hidden (B, D),
+    when given, receives the last position's final-norm hidden state (what a draft head starts from)."""
     for begin in range(0, idx.size(1), PREFILL_CHUNK):
         chunk = idx[:, begin : begin + PREFILL_CHUNK]  # (B, t)
         input_pos = torch.arange(start + begin, start + begin + chunk.size(1))
         if begin + PREFILL_CHUNK >= idx.size(1):  # the last chunk: a short one of one sequence takes the fused step
             slots = None if slot is None else torch.tensor([slot])
-            logits = fused_logits(model, chunk, input_pos if slot is None else input_pos[None], slots, last_only=True)
+            logits = fused_logits(model, chunk, input_pos if slot is None else input_pos[None], slots, last_only=True, hidden=hidden)
             if logits is not None:
                 return logits[:, -1]  # (1, V)
         if slot is None:
             h = model.hidden(chunk, input_pos)  # (B, t, D)
         else:
             h = model.hidden(chunk, input_pos[None], torch.tensor([slot]))  # (1, t, D)
+    if hidden is not None:
+        hidden.copy_(h[:, -1])
     # Only the last position's logits: Gemma's 262k vocabulary makes the full (T, V) block large.
     return model.logits(h[:, -1:])[:, -1]  # (B, V)
 
@@ -216,8 +219,9 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         seq = self.seq
-        models = [self.model] if self.draft is None else [self.model, self.draft]
-        for model in models:  # a draft pass may write up to draft_tokens + 1 positions ahead
+        # a draft head keeps no cache; a draft model's pass may write up to draft_tokens + 1 positions ahead
+        models = [m for m in (self.model, self.draft) if hasattr(m, "setup_cache")]
+        for model in models:
             model.setup_cache(1, len(self.prompt_ids) + seq.max_new + (self.draft_tokens + 1 if self.draft else 0))
         try:
             seq.started = time.perf_counter()
@@ -282,13 +286,17 @@ def encode_raw(tokenizer, text: str) -> list[int]:
 
 def generate(
     lm, prompt_ids: list[int], params: SamplingParams, processors=(), logprobs: int | None = None,
-    draft=None, draft_tokens: int = 4,
+    draft=None, draft_tokens: int | None = None,
 ) -> Generation:
     """The one entry point for text generation on a loaded model (pocketlm.load.LoadedModel); `draft`, a
-    LoadedModel with the same tokenizer, turns on speculative decoding."""
+    LoadedModel with the same tokenizer or a draft head (pocketlm.load.load_draft), turns on speculative decoding,
+    proposing draft_tokens per check (default: 1 for a head, whose second guess is right too rarely to pay for
+    the longer check on a CPU; 4 for a model; docs/BENCHMARKS.md)."""
     if draft is not None:
         from pocketlm.engine.speculative import check_same_tokenizer
+        from pocketlm.models.draft_head import DraftHead
 
         check_same_tokenizer(lm.tokenizer, draft.tokenizer)
         draft = draft.model
-    return Generation(lm.model, lm.tokenizer, prompt_ids, params, lm.context_length, processors, logprobs, draft, draft_tokens)
+        draft_tokens = draft_tokens or (1 if isinstance(draft, DraftHead) else 4)
+    return Generation(lm.model, lm.tokenizer, prompt_ids, params, lm.context_length, processors, logprobs, draft, draft_tokens or 4)

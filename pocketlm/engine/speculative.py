@@ -19,18 +19,94 @@ from typing import Iterator
 
 import torch
 
-from pocketlm.engine.sampling import SamplingParams, greedy_token, token_distribution
+from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, greedy_token, token_distribution
 from pocketlm.errors import PocketLMError
+
+
+class ModelDrafter:
+    """A smaller model of the same tokenizer, in its own KV cache."""
+
+    wants_hidden = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, context: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        from pocketlm.engine.generate import prefill
+
+        prefill(self.model, context[None])
+        self.seen = len(context)  # context positions its cache holds
+
+    def propose(self, ids: torch.Tensor, choose, params: SamplingParams, recent: torch.Tensor):
+        """ids (N,): the text so far -> choose(the draft's logits (1, V) for token N). Feeds what its cache lacks:
+        1 token, or 2 after a round that kept all k."""
+        from pocketlm.engine.generate import decode_one_token
+
+        logits = decode_one_token(self.model, ids[self.seen :][None], torch.arange(self.seen, len(ids)))
+        self.seen = len(ids)
+        return choose(logits, ids)
+
+    def checked(self, n_kept: int, hidden: torch.Tensor | None, kept: int) -> None:
+        """The target kept the first n_kept ids (then adds one of its own): cache entries past them are stale."""
+        self.seen = min(self.seen, n_kept)
+
+
+class HeadDrafter:
+    """A draft head (pocketlm.models.draft_head): its whole state is the target's hidden state at the position
+    before the last token, so it needs the target's hidden states and keeps no cache."""
+
+    wants_hidden = True
+
+    def __init__(self, head):
+        self.head = head
+
+    def start(self, context: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        self.state = hidden  # (1, D) the target's at the prompt's last position
+
+    def propose(self, ids: torch.Tensor, choose, params: SamplingParams, recent: torch.Tensor):
+        self.state, logits = self.head.decode(self.state, int(ids[-1]))  # (1, D), (1, n_tokens)
+        if params.greedy:  # its own tokens only, under the target's repetition penalty on those it holds
+            if params.repetition_penalty != 1.0:
+                rows = self.head.rows_of[recent]  # (1, N), -1 for a token it cannot propose
+                logits = apply_repetition_penalty(logits, rows[rows >= 0][None], params.repetition_penalty)
+            best = int(logits.numpy().argmax())  # numpy's: see greedy_token
+            return self.head.token_ids[best : best + 1], None
+        return choose(self.head.full_logits(logits), ids)  # (1, V): the distribution is needed to accept or refuse
+
+    def checked(self, n_kept: int, hidden: torch.Tensor | None, kept: int) -> None:
+        self.state = hidden[kept : kept + 1]  # the target's at the position before its own token
+
+
+def drafter_for(draft):
+    from pocketlm.models.draft_head import DraftHead
+
+    return HeadDrafter(draft) if isinstance(draft, DraftHead) else ModelDrafter(draft)
+
+
+def logits_and_hidden(model, idx: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (1, T) consecutive tokens of one sequence at input_pos (T,) (or (1, T) in cache row slots (1,)) -> logits
+    (T, V) and final-norm hidden states (T, D): through the fused step when it takes the call, else the modules."""
+    from pocketlm.models.fused_step import fused_logits
+
+    hidden = torch.empty(idx.size(1), model.cfg.dim)
+    logits = fused_logits(model, idx, input_pos, slots, hidden=hidden)
+    if logits is not None:
+        return logits[0], hidden
+    h = model.hidden(idx, input_pos, slots)  # (1, T, D)
+    return model.logits(h)[0], h[0]
 
 
 def speculative_tokens(
     target, draft, context: torch.Tensor, params: SamplingParams, k: int, recent_window: int,
     generator: torch.Generator | None, stats=None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token id, the target's logits (1, V) at that position) forever; both models' caches must be set
-    up for len(context) + the tokens to come + k + 1 positions. context (T,) is the prompt."""
+    """Yield (token id, the target's logits (1, V) at that position) forever; the target's cache (and a draft
+    model's) must be set up for len(context) + the tokens to come + k + 1 positions. context (T,) is the prompt.
+    draft: a model with the target's tokenizer, or a DraftHead trained on the target."""
     # not decorated with inference_mode: on a generator that decorator imports torch._dynamo (1.3 s of start-up)
-    from pocketlm.engine.generate import decode_one_token, prefill
+    from pocketlm.engine.generate import prefill
+
+    drafter = drafter_for(draft)
 
     def recent(ids: torch.Tensor) -> torch.Tensor:  # (1, N) what the repetition penalty looks at
         return ids[-recent_window:][None] if recent_window else ids[:0][None]
@@ -42,28 +118,28 @@ def speculative_tokens(
         probs = token_distribution(logits, params, recent(ids))
         return torch.multinomial(probs, 1, generator=generator)[:, 0], probs
 
-    logits = prefill(target, context[None])  # (1, V)
-    prefill(draft, context[None])
-    draft_seen = len(context)  # context positions the draft's cache holds
+    hidden = torch.empty(1, target.cfg.dim) if drafter.wants_hidden else None
+    logits = prefill(target, context[None], hidden=hidden)  # (1, V)
+    with torch.inference_mode():
+        drafter.start(context, hidden)
     token, _ = choose(logits, context)
     yield int(token), logits
     while True:
         context = torch.cat([context, token])  # the last token is in neither cache yet
         n = len(context)
-        # 1. the draft proposes k tokens, one forward pass each
-        proposals, draft_probs, ids = [], [], context
-        feed, pos = context[draft_seen:], draft_seen  # 1 token, or 2 after a round that kept all k
-        for _ in range(k):
-            d_logits = decode_one_token(draft, feed[None], torch.arange(pos, pos + len(feed)))  # (1, V)
-            proposal, probs = choose(d_logits, ids)
-            proposals.append(proposal)
-            draft_probs.append(probs)
-            ids = torch.cat([ids, proposal])
-            pos += len(feed)
-            feed = proposal
-        # 2. the target scores the last token and all k proposals in one pass: row i predicts position n + i
         with torch.inference_mode():
-            t_logits = target(ids[n - 1 :][None], torch.arange(n - 1, n + k))[0]  # (k+1, V)
+            # 1. the draft proposes k tokens, one step each
+            proposals, draft_probs, ids = [], [], context
+            for _ in range(k):
+                proposal, probs = drafter.propose(ids, choose, params, recent(ids))
+                proposals.append(proposal)
+                draft_probs.append(probs)
+                ids = torch.cat([ids, proposal])
+            # 2. the target scores the last token and all k proposals in one pass: row i predicts position n + i
+            if drafter.wants_hidden:
+                t_logits, t_hidden = logits_and_hidden(target, ids[n - 1 :][None], torch.arange(n - 1, n + k))  # (k+1, V), (k+1, D)
+            else:
+                t_logits, t_hidden = target(ids[n - 1 :][None], torch.arange(n - 1, n + k))[0], None  # (k+1, V)
         # 3. keep the agreed prefix, then one token of the target's own
         kept = 0
         for i in range(k):
@@ -89,11 +165,11 @@ def speculative_tokens(
             token, _ = choose(t_logits[kept : kept + 1], ids[: n + kept])
         yield int(token), t_logits[kept : kept + 1]
         context = ids[: n + kept]
-        draft_seen = n + min(kept, k - 1)
+        drafter.checked(n + kept, t_hidden, kept)
 
 
 def check_same_tokenizer(target_tok, draft_tok) -> None:
-    if not target_tok.same_vocabulary(draft_tok):
+    if target_tok is not draft_tok and not target_tok.same_vocabulary(draft_tok):  # a draft head shares its target's
         raise PocketLMError(
             "the draft model's tokenizer differs from the target's: speculative decoding needs a draft with the "
             "same tokenizer (e.g. a smaller model of the same family, or one distilled from the target)"

@@ -49,7 +49,8 @@ SIGNATURES = {
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
     "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I32, I64, I64, I64, F32, P, I32],
-    "decode_step": [P, I64, P, P, P, P, I64, I32],  # pocketlm/models/fused_step.py
+    "decode_step": [P, I64, P, P, P, P, I64, P, I32],  # pocketlm/models/fused_step.py
+    "draft_head_step": [P, I64, P, P, I32],  # pocketlm/models/fused_step.py
 }
 
 RESTYPES = {"has_vnni": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64, "int8_packed_bytes": ctypes.c_int64}

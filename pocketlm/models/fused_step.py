@@ -51,6 +51,12 @@ class Model(ctypes.Structure):
     ]  # fmt: skip
 
 
+class DraftHeadStruct(ctypes.Structure):
+    _fields_ = [("D", ctypes.c_int64), ("F", ctypes.c_int64), ("eps", ctypes.c_float), ("state_norm", ctypes.c_void_p),
+                ("token_norm", ctypes.c_void_p), ("gate_up", Linear), ("down", Linear), ("head", Linear),
+                ("embed", ctypes.c_void_p), ("embed_scales", ctypes.c_void_p)]
+
+
 class Unsupported(Exception):
     """A part the fused step has no kernel for (a LoRA wrapper, bf16 weights, ...): the modules run instead."""
 
@@ -152,27 +158,30 @@ class FusedStep:
             window=cfg.sliding_window if layer.sliding else 0,
         )  # fmt: skip
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, last_only: bool = False, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos, rows (n,): token i at position pos[i] of cache row rows[i] -> logits (n, V), or (1, V) of
         the last token with last_only (a prompt chunk: the head's n - 1 other rows would be wasted). Rows in
         distinct cache rows attend in parallel; rows sharing one (a verify pass, a prompt chunk) attend in
-        order, each to the keys the ones before it wrote."""
+        order, each to the keys the ones before it wrote. hidden (n_logits, D): filled with the same rows' final-norm
+        hidden states."""
         tokens, pos, rows = (t.to(torch.int64).contiguous() for t in (tokens, pos, rows))
         n_logits = 1 if last_only else len(tokens)
         logits = torch.empty(n_logits, self.vocab)
         kernels.library().decode_step(ctypes.byref(self.model), len(tokens), tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(),
-                                      logits.data_ptr(), n_logits, torch.get_num_threads())
+                                      logits.data_ptr(), n_logits, None if hidden is None else hidden.data_ptr(), torch.get_num_threads())
         if self.softcap is not None:  # Gemma3ForCausalLM.logits' final softcapping
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
 
-def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None, last_only: bool = False) -> torch.Tensor | None:
+def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | None, slots=None, last_only: bool = False,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor | None:
     """model(idx, input_pos, slots)'s logits (B, T, V) through the fused step, for the calls it takes: one token
     per sequence (a decode step, of one sequence or of the server's batch), or a few tokens of one sequence
     (a speculative verify pass, a short prompt chunk: last_only gives (1, 1, V), the last token's), with no
     gradient and an fp32 or fp16 cache; the step is built on first use after setup_cache. None otherwise (a
-    long prompt chunk, training, bf16): the modules run, and raise their own errors."""
+    long prompt chunk, training, bf16): the modules run, and raise their own errors. hidden: an fp32 tensor of
+    (B * T or 1 with last_only, D) that receives the same rows' final-norm hidden states."""
     if input_pos is None or idx.dim() != 2 or torch.is_grad_enabled() or not model.model.has_cache:
         return None
     B, T = idx.shape
@@ -204,5 +213,27 @@ def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | 
         return None
     if int(pos.min()) < 0 or int(pos.max()) >= min(step.S, step.rope_len) or int(idx.min()) < 0 or int(idx.max()) >= step.tokens:
         return None  # the modules raise their errors (cpu.cpp would read past the tables)
-    logits = step(idx.reshape(-1), pos, rows, last_only)
+    logits = step(idx.reshape(-1), pos, rows, last_only, hidden)
     return logits.view(1, 1, -1) if last_only else logits.view(B, T, -1)
+
+
+class DraftHeadStep(FusedStep):
+    """A draft head's step (pocketlm.models.draft_head.DraftHead.step) as one call into the kernels, for a head whose
+    layers the kernels read (int4, int8 or fp32) attached to a target whose embedding they read."""
+
+    def __init__(self, head: nn.Module):
+        self.keep = []
+        embed, embed_scales = self.embedding(head.embed)
+        self.n_tokens = head.cfg.n_tokens
+        self.struct = DraftHeadStruct(
+            D=head.cfg.dim, F=head.cfg.hidden_dim, eps=head.state_norm.eps, state_norm=self.vector(head.state_norm.weight),
+            token_norm=self.vector(head.token_norm.weight), gate_up=self.linear(head.gate_up), down=self.linear(head.down),
+            head=self.linear(head.head), embed=embed, embed_scales=embed_scales,
+        )  # fmt: skip
+
+    def __call__(self, state: torch.Tensor, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """state (1, D), token -> (the next state (1, D), logits (1, n_tokens)); state is not changed."""
+        state = state.to(torch.float32, copy=True).contiguous()
+        logits = torch.empty(1, self.n_tokens)
+        kernels.library().draft_head_step(ctypes.byref(self.struct), int(token), state.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        return state, logits

@@ -60,6 +60,7 @@ class ModelPool:
         self.slots: OrderedDict[str, Loaded] = OrderedDict()
         self.lock = threading.Lock()  # the worker changes slots; /api/ps reads them
         self.draft: Loaded | None = None  # --draft's model, once loaded
+        self.draft_target = ""  # the served model a draft head was loaded for
 
     def get(self, name: str):
         """The model served as `name` (only the worker thread calls this, so loads never race)."""
@@ -84,10 +85,24 @@ class ModelPool:
         if not self.config.draft or lm.is_encoder:
             return None
         if self.draft is None:
-            draft = self._load(self.config.draft)
+            import torch
+
+            from pocketlm.load import load_draft
+
+            try:  # a draft head is loaded for (and attached to) the first model that takes it
+                draft = load_draft(self.config.draft, lm, getattr(torch, self.config.dtype), self.config.quant)
+            except PocketLMError as e:  # a head made for another model
+                print(f"pocketlm: {e}: {lm.name} runs without speculative decoding", file=sys.stderr, flush=True)
+                return None
             draft.name, now = self.config.draft, time.time()
             with self.lock:
-                self.draft = Loaded(draft, model_bytes(draft.model), now, now)
+                self.draft, self.draft_target = Loaded(draft, model_bytes(draft.model), now, now), lm.name
+        if hasattr(self.draft.lm.model, "attach"):  # a draft head: it reads this model's embedding, once it is its own
+            if lm.name != self.draft_target:
+                print(f"pocketlm: the draft head {self.config.draft} serves {self.draft_target}, not {lm.name}: {lm.name} "
+                      f"runs without speculative decoding", file=sys.stderr, flush=True)
+                return None
+            self.draft.lm.model.attach(lm.model)  # the model may have been unloaded and loaded again since
         if not lm.tokenizer.same_vocabulary(self.draft.lm.tokenizer):
             print(f"pocketlm: the draft {self.config.draft} has another tokenizer than {lm.name}: {lm.name} runs "
                   f"without speculative decoding", file=sys.stderr, flush=True)
