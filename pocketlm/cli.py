@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-batch", type=int, help="prompts answered together (default 256)")
     p.add_argument("--repetition-penalty", type=float, help="the target's answers are greedy under this penalty, as run, chat and serve decode by default (default 1.1; 1 = off)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): a CUDA GPU when there is one")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt (written at every evaluation) with the same settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_draft)
 
@@ -659,7 +660,7 @@ def cmd_train_draft(args) -> int:
     from pocketlm.compress.draft_head import DraftTrainConfig, train_draft_head
 
     tuned = {k: getattr(args, k) for k in ("n_tokens", "hidden_dim", "unroll", "epochs", "batch_tokens", "lr", "eval_every", "target_answers", "max_new_tokens", "generate_batch", "repetition_penalty")}
-    cfg = DraftTrainConfig(target=args.target, data=args.data, out=args.output, device=args.device, quiet=args.quiet,
+    cfg = DraftTrainConfig(target=args.target, data=args.data, out=args.output, device=args.device, resume=args.resume, quiet=args.quiet,
                            **{k: v for k, v in tuned.items() if v is not None})
     scores = train_draft_head(cfg)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in scores.items() if k != "step"))

@@ -433,3 +433,54 @@ def test_the_kernels_draft_step_equals_the_modules(target, saved_head):
     torch.testing.assert_close(got_state, want_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     assert not torch.equal(got_state, state)  # a new state; the one given is left as it was
+
+
+def test_an_unsure_head_guesses_once_per_check(target):
+    """A head spreads its guesses over its tokens (small random weights): past the first guess of a round it would
+    be below HEAD_GOES_ON_P, so each check holds one guess whatever --draft-tokens allows; the text is the same."""
+    from pocketlm.engine import speculative
+
+    head = random_head(target, seed=6)
+    with torch.no_grad():
+        head.head.weight.mul_(1e-3)  # near-uniform guesses over its tokens
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    plain, spec = plain_and_speculative(target, as_draft(target, head), params, 4)
+    assert spec.token_ids == plain.token_ids
+    assert spec.draft_checks > 0 and spec.draft_tokens == spec.draft_checks
+    assert speculative.HEAD_GOES_ON_P > 1 / head.cfg.n_tokens
+
+
+def test_a_killed_training_resumes_to_the_same_head(target_dir, alpaca, tmp_path, monkeypatch, trained):
+    """Killed after its second checkpoint, then run again with resume: the head is the one a run without a stop
+    made (same batches, optimizer and schedule state), and the metrics have each step once."""
+    import pocketlm.compress.draft_head as draft_head
+    from safetensors.torch import load_file
+
+    saved, real_save = [], draft_head.save_checkpoint
+
+    def save_then_die(*args):
+        real_save(*args)
+        saved.append(args[2])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(draft_head, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_draft_head(train_config(target_dir, alpaca, tmp_path))
+    monkeypatch.setattr(draft_head, "save_checkpoint", real_save)
+    assert saved == [2, 4] and not (tmp_path / "model.safetensors").exists()
+    train_draft_head(train_config(target_dir, alpaca, tmp_path, resume=True))
+    want, got = load_file(trained[0] / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_with_other_settings_or_nothing_to_resume_is_one_line(target_dir, alpaca, tmp_path):
+    with pytest.raises(PocketLMError, match="no checkpoint"):
+        train_draft_head(train_config(target_dir, alpaca, tmp_path, resume=True))
+    train_draft_head(train_config(target_dir, alpaca, tmp_path, epochs=0.5))
+    with pytest.raises(PocketLMError, match=r"other settings \(lr=") as e:
+        train_draft_head(train_config(target_dir, alpaca, tmp_path, epochs=0.5, lr=5e-3, resume=True))
+    assert "\n" not in str(e.value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -59,7 +60,12 @@ class DraftTrainConfig:
     generate_batch: int = 256
     device: str = "auto"
     seed: int = 0
+    resume: bool = False  # continue from OUT/checkpoint.pt (written at every evaluation)
     quiet: bool = False
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "eval_every", "device", "resume", "quiet")}
 
 
 def encode_rows(tokenizer, path: str, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -245,8 +251,23 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    metrics_path, checkpoint = out / "metrics.jsonl", out / "checkpoint.pt"
+    step = 0
+    if cfg.resume:
+        step = resume_from(checkpoint, cfg, head, opt, sched)
+        kept = [line for line in metrics_path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step] if metrics_path.exists() else []
+        metrics_path.write_text("".join(kept))
+    else:
+        metrics_path.write_text("")
+    orders: dict[int, list[list[int]]] = {}
+
+    def batch_at(i: int) -> list[int]:
+        """The i-th training batch: each epoch has its own order from the seed, so a resumed run sees the same."""
+        epoch = i // per_epoch
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = batches(train, cfg.batch_tokens, random.Random(cfg.seed * 1_000_003 + epoch))
+        return orders[epoch][i % per_epoch]
 
     def evaluate(step: int) -> dict:
         head.eval()
@@ -277,15 +298,14 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
         progress.add_task("steps", total=total, loss=float("nan"), tok_s=0.0)
         progress.start()
     head.train()
-    step, seen, start, last = 0, 0, time.perf_counter(), {}
+    seen, start, last = 0, time.perf_counter(), {}
+    if progress:
+        progress.update(0, completed=step)
     try:
         while step < total:
-            for idx in batches(train, cfg.batch_tokens, rng):
-                if step >= total:
-                    break
-                ids, labels = collate(train, idx, pad_id, device)
-                if ids.size(1) <= cfg.unroll + 1:
-                    continue
+            ids, labels = collate(train, batch_at(step), pad_id, device)
+            step += 1
+            if ids.size(1) > cfg.unroll + 1:  # else too short to chain unroll steps: the step passes
                 h, p_logits, _ = target_view(target, head, ids, autocast)
                 with autocast:
                     loss, _ = unrolled_loss(head, target, ids, labels, h, p_logits, cfg.unroll)
@@ -294,16 +314,17 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
-                step += 1
                 seen += ids.numel()
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"step": step, "loss": round(loss.item(), 5)}) + "\n")
                 if progress:
                     progress.update(0, completed=step, loss=loss.item(), tok_s=seen / (time.perf_counter() - start))
-                if held_out and (step % cfg.eval_every == 0 or step == total):
+            if step % cfg.eval_every == 0 or step == total:
+                if held_out:
                     last = evaluate(step)
                     if progress:
                         progress.console.print(json.dumps(last))
+                save_checkpoint(checkpoint, cfg, step, head, opt, sched)
     finally:
         if progress:
             progress.stop()
@@ -336,6 +357,29 @@ def with_target_answers(target, tok, examples, cfg: DraftTrainConfig, device, pa
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
     return [((p + a)[: cfg.max_len], ([IGNORE] * len(p) + a)[: cfg.max_len]) for p, a in zip(prompts, answers) if a]
+
+
+def save_checkpoint(path: Path, cfg: DraftTrainConfig, step: int, head, opt, sched) -> None:
+    """Written whole then renamed: a kill leaves the previous checkpoint."""
+    state = {"step": step, "settings": cfg.settings(), "head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def resume_from(path: Path, cfg: DraftTrainConfig, head, opt, sched) -> int:
+    """Load OUT/checkpoint.pt into head, optimizer and schedule -> the step it was written at."""
+    if not path.exists():
+        raise PocketLMError(f"--resume: no checkpoint in {path.parent} (it is written at every evaluation); run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    theirs, mine = state["settings"], cfg.settings()
+    changed = [k for k in mine if theirs.get(k) != mine[k]]
+    if changed:
+        raise PocketLMError(f"--resume: {path} was written with other settings ({', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}): "
+                            "give the same ones, or a new --output")
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return int(state["step"])
 
 
 def save_draft_head(head: DraftHead, out: Path, lineage: dict) -> None:

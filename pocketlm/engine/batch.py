@@ -216,8 +216,9 @@ class Batch:
 
     def speculate_with_head(self, slot: Slot) -> tuple[Sequence, torch.Tensor, list[int]] | None:
         """As speculate, with a draft head: it guesses from the target's hidden state at the position before the
-        last chosen token, one step per proposal and no cache, so it always proposes (a refused guess costs the
-        check one more row, about 12% of a step on a CPU, against a whole step saved by a kept one)."""
+        last chosen token, one step per proposal and no cache, so it always proposes once (a refused guess costs the
+        check one more row, about 12% of a step on a CPU, against a whole step saved by a kept one), and again while
+        it is sure (HeadDrafter.goes_on)."""
         from pocketlm.engine.speculative import HeadDrafter, logits_and_hidden
 
         seq = slot.seq
@@ -228,7 +229,7 @@ class Batch:
         drafter, ids = HeadDrafter(self.head), seq.context
         drafter.start(ids, slot.hidden)
         proposals = []
-        for _ in range(k):
+        while len(proposals) < k and (not proposals or drafter.goes_on()):
             token, _ = drafter.propose(ids, None, seq.params, ids[-seq.window :][None] if seq.window else ids[:0][None])
             proposals.append(int(token))
             ids = torch.cat([ids, token])

@@ -91,6 +91,7 @@ class GenerationStats:
     token_ids: list[int] = field(default_factory=list)
     draft_tokens: int = 0  # speculative decoding: tokens the draft proposed, and how many the target kept
     draft_accepted: int = 0
+    draft_checks: int = 0  # the target's verify passes
     # with Generation(logprobs=k): per kept token, (logprob, [(id, logprob)] of the k most likely)
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
@@ -114,7 +115,8 @@ class GenerationStats:
             "decode_s": round(self.decode_s, 4),
             "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            **({"draft_tokens": self.draft_tokens, "draft_accepted": self.draft_accepted} if self.draft_tokens else {}),
+            **({"draft_tokens": self.draft_tokens, "draft_accepted": self.draft_accepted, "draft_checks": self.draft_checks}
+               if self.draft_tokens else {}),
         }
 
 

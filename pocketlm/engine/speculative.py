@@ -23,6 +23,9 @@ from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, g
 from pocketlm.errors import PocketLMError
 
 
+HEAD_GOES_ON_P = 0.8  # a draft head guesses again only when this sure of its last guess (HeadDrafter.goes_on)
+
+
 class ModelDrafter:
     """A smaller model of the same tokenizer, in its own KV cache."""
 
@@ -45,6 +48,9 @@ class ModelDrafter:
         logits = decode_one_token(self.model, ids[self.seen :][None], torch.arange(self.seen, len(ids)))
         self.seen = len(ids)
         return choose(logits, ids)
+
+    def goes_on(self) -> bool:
+        return True  # k proposals every round
 
     def checked(self, n_kept: int, hidden: torch.Tensor | None, kept: int) -> None:
         """The target kept the first n_kept ids (then adds one of its own): cache entries past them are stale."""
@@ -70,8 +76,16 @@ class HeadDrafter:
                 rows = self.head.rows_of[recent]  # (1, N), -1 for a token it cannot propose
                 logits = apply_repetition_penalty(logits, rows[rows >= 0][None], params.repetition_penalty)
             best = int(logits.numpy().argmax())  # numpy's: see greedy_token
+            self.sure = float(logits.softmax(-1)[0, best])
             return self.head.token_ids[best : best + 1], None
-        return choose(self.head.full_logits(logits), ids)  # (1, V): the distribution is needed to accept or refuse
+        token, probs = choose(self.head.full_logits(logits), ids)  # (1, V): the distribution is needed to accept or refuse
+        self.sure = float(probs[0, token])
+        return token, probs
+
+    def goes_on(self) -> bool:
+        """Guess once more only when sure of the last guess: each further guess costs the check a row (about 0.25 of
+        a step from the third on a CPU), worth it only when the guesses before it are likely kept."""
+        return self.sure >= HEAD_GOES_ON_P
 
     def checked(self, n_kept: int, hidden: torch.Tensor | None, kept: int) -> None:
         self.state = hidden[kept : kept + 1]  # the target's at the position before its own token
@@ -128,21 +142,22 @@ def speculative_tokens(
         context = torch.cat([context, token])  # the last token is in neither cache yet
         n = len(context)
         with torch.inference_mode():
-            # 1. the draft proposes k tokens, one step each
+            # 1. the draft proposes up to k tokens, one step each (a head stops where it is unsure)
             proposals, draft_probs, ids = [], [], context
-            for _ in range(k):
+            while len(proposals) < k and (not proposals or drafter.goes_on()):
                 proposal, probs = drafter.propose(ids, choose, params, recent(ids))
                 proposals.append(proposal)
                 draft_probs.append(probs)
                 ids = torch.cat([ids, proposal])
-            # 2. the target scores the last token and all k proposals in one pass: row i predicts position n + i
+            m = len(proposals)
+            # 2. the target scores the last token and all m proposals in one pass: row i predicts position n + i
             if drafter.wants_hidden:
-                t_logits, t_hidden = logits_and_hidden(target, ids[n - 1 :][None], torch.arange(n - 1, n + k))  # (k+1, V), (k+1, D)
+                t_logits, t_hidden = logits_and_hidden(target, ids[n - 1 :][None], torch.arange(n - 1, n + m))  # (m+1, V), (m+1, D)
             else:
-                t_logits, t_hidden = target(ids[n - 1 :][None], torch.arange(n - 1, n + k))[0], None  # (k+1, V)
+                t_logits, t_hidden = target(ids[n - 1 :][None], torch.arange(n - 1, n + m))[0], None  # (m+1, V)
         # 3. keep the agreed prefix, then one token of the target's own
         kept = 0
-        for i in range(k):
+        for i in range(m):
             x = proposals[i]
             if params.greedy:
                 mine, _ = choose(t_logits[i : i + 1], ids[: n + i])
@@ -156,9 +171,10 @@ def speculative_tokens(
             kept += 1
             yield int(x), t_logits[i : i + 1]
         if stats is not None:
-            stats.draft_tokens += k
+            stats.draft_tokens += m
             stats.draft_accepted += kept
-        if kept < k and not params.greedy:
+            stats.draft_checks += 1
+        if kept < m and not params.greedy:
             residual = (p - q).clamp(min=0)  # (1, V): the target's mass the draft under-proposed
             token = torch.multinomial(residual / residual.sum(), 1, generator=generator)[:, 0]
         else:
