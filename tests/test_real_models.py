@@ -90,3 +90,27 @@ def test_minilm_embeddings_match_transformers_mean_pooling():
     ref = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     cosine = F.cosine_similarity(embed(lm, texts), ref, dim=-1)
     assert cosine.min().item() >= 0.9999
+
+
+def test_a_draft_head_trained_by_the_cli_keeps_smollm2s_text(tmp_path):
+    """train-draft on SmolLM2 (a few of its own answers, a tiny head), then run with and without --draft: the same
+    text, with proposals made and checked (the real fused step's hidden states and the kernels' draft step)."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "instructions.jsonl"
+    questions = ["Name three colors.", "What is the capital of Italy?", "Give a tip for sleeping well.",
+                 "Why do cats purr?", "Write one sentence about rain.", "What is 2 plus 2?"]
+    data.write_text("".join(json.dumps({"instruction": q, "input": "", "output": "An answer."}) + "\n" for q in questions))
+    cli = [sys.executable, "-m", "pocketlm.cli"]
+    trained = subprocess.run(cli + ["train-draft", "--target", "smollm2", "--data", str(data), "-o", str(tmp_path / "head"),
+                                    "--target-answers", "6", "--max-new-tokens", "24", "--epochs", "2", "--n-tokens", "512",
+                                    "--hidden-dim", "64", "--batch-tokens", "2048", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert len((tmp_path / "head" / "target_answers.jsonl").read_text().splitlines()) == 6
+    ask = cli + ["run", "smollm2", "Why is the sky blue?", "--temperature", "0", "-n", "40", "--json"]
+    plain = json.loads(subprocess.run(ask, capture_output=True, text=True, timeout=300, check=True).stdout)
+    drafted = json.loads(subprocess.run(ask + ["--draft", str(tmp_path / "head")], capture_output=True, text=True, timeout=300, check=True).stdout)
+    assert drafted["text"] == plain["text"]
+    assert drafted["draft_tokens"] > 0 and drafted["draft_checks"] > 0
