@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm.errors import PocketLMError
-from pocketlm.finetune.data import IGNORE, encode_conversation, read_jsonl, row_kind, to_messages
+from pocketlm.finetune.data import IGNORE, Example, collate, encode_conversation, read_jsonl, row_kind, to_messages
 from pocketlm.models.draft_head import DraftHead, DraftHeadConfig
 
 REG_WEIGHT = 1.0  # the feature loss beside the KL (EAGLE weighs its regression 1.0 and its classification 0.1)
 REPEAT_LAST_N = 64  # the tokens the repetition penalty looks at (SamplingParams.repeat_last_n's default)
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at a tenth of the peak
 STEP_DECAY = 0.8  # a later chained step counts less: it is only reached when the ones before it were right
 
 
@@ -155,14 +156,10 @@ def batches(examples, batch_tokens: int, rng: random.Random) -> list[list[int]]:
     return out
 
 
-def collate(examples, idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(examples[i][0]) for i in idx)
-    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-    for row, i in enumerate(idx):
-        a, b = examples[i]
-        ids[row, : len(a)], labels[row, : len(b)] = torch.tensor(a), torch.tensor(b)
-    return ids.to(device), labels.to(device)
+def batch_tensors(examples, idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (ids, labels) examples at idx, right-padded as fine-tuning pads them -> ids, labels (B, T) on device."""
+    batch = collate([Example(*examples[i]) for i in idx], pad_id)
+    return batch["ids"].to(device), batch["labels"].to(device)
 
 
 @torch.no_grad()
@@ -197,26 +194,21 @@ def unrolled_loss(head: DraftHead, target, ids, labels, h, p_logits, unroll: int
 
 def chained_accuracy(head: DraftHead, steps, argmax, unroll: int) -> list[tuple[int, int]]:
     """Per chained step j: (positions where steps 1..j all guessed the target's greedy token, positions)."""
-    T = argmax.size(1)
-    n = T - unroll
-    alive = None
-    out = []
-    for j, (mask, logits) in enumerate(steps, 1):
-        right = head.token_ids[logits.argmax(-1)] == argmax[:, j : n + j]  # (B, n)
-        alive = right if alive is None else alive & right
-        valid = steps[0][0]  # counted where the first guess counts
-        out.append((int((alive & valid).sum()), int(valid.sum())))
+    n = argmax.size(1) - unroll
+    valid = steps[0][0]  # counted where the first guess counts
+    alive, out = valid, []
+    for j, (_, logits) in enumerate(steps, 1):
+        alive = alive & (head.token_ids[logits.argmax(-1)] == argmax[:, j : n + j])  # (B, n)
+        out.append((int(alive.sum()), int(valid.sum())))
     return out
 
 
 def train_draft_head(cfg: DraftTrainConfig) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    from pocketlm.finetune.recipe import _log, _plot, _progress, lr_lambda, setup_processes
     from pocketlm.load import load
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PocketLMError("--device cuda: this machine has no CUDA GPU that torch can use; leave --device out")
+    procs = setup_processes(cfg)  # the device: auto, cpu or cuda, as fine-tuning chooses it
+    device = procs.device
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     lm = load(cfg.target)
@@ -246,8 +238,7 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
     total = max(1, math.ceil(per_epoch * cfg.epochs))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_steps, MIN_LR_RATIO))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +266,7 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
         loss_sum, n = 0.0, 0
         with torch.no_grad():
             for idx in batches(held_out, cfg.batch_tokens, random.Random(0)):
-                ids, labels = collate(held_out, idx, pad_id, device)
+                ids, labels = batch_tensors(held_out, idx, pad_id, device)
                 if ids.size(1) <= cfg.unroll + 1:
                     continue
                 h, p_logits, argmax = target_view(target, head, ids, autocast)
@@ -291,19 +282,12 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
             f.write(json.dumps(row) + "\n")
         return row
 
-    progress = None if cfg.quiet else Progress(
-        TextColumn("train-draft"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[tok_s]:.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    if progress:
-        progress.add_task("steps", total=total, loss=float("nan"), tok_s=0.0)
-        progress.start()
+    progress = _progress(cfg, procs, total, step, "train-draft")
     head.train()
     seen, start, last = 0, time.perf_counter(), {}
-    if progress:
-        progress.update(0, completed=step)
     try:
         while step < total:
-            ids, labels = collate(train, batch_at(step), pad_id, device)
+            ids, labels = batch_tensors(train, batch_at(step), pad_id, device)
             step += 1
             if ids.size(1) > cfg.unroll + 1:  # else too short to chain unroll steps: the step passes
                 h, p_logits, _ = target_view(target, head, ids, autocast)
@@ -322,15 +306,12 @@ def train_draft_head(cfg: DraftTrainConfig) -> dict:
             if step % cfg.eval_every == 0 or step == total:
                 if held_out:
                     last = evaluate(step)
-                    if progress:
-                        progress.console.print(json.dumps(last))
+                    _log(progress, json.dumps(last))
                 save_checkpoint(checkpoint, cfg, step, head, opt, sched)
     finally:
         if progress:
             progress.stop()
     save_draft_head(head, out, {"target": lm.name, "data": str(cfg.data), "train": asdict(cfg), "scores": last})
-    from pocketlm.finetune.recipe import _plot
-
     _plot(metrics_path, out / "loss.png")
     return last
 

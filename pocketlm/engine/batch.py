@@ -29,6 +29,7 @@ import time
 import torch
 
 from pocketlm.engine.generate import PREFILL_CHUNK, Sequence, prefill
+from pocketlm.engine.sampling import recent_ids
 from pocketlm.models.fused_step import MAX_TOKENS, fused_logits
 
 GROW_BY = 256  # cache positions are added in steps of this many: few reallocations, little waste
@@ -230,7 +231,7 @@ class Batch:
         drafter.start(ids, slot.hidden)
         proposals = []
         while len(proposals) < k and (not proposals or drafter.goes_on()):
-            token, _ = drafter.propose(ids, None, seq.params, ids[-seq.window :][None] if seq.window else ids[:0][None])
+            token, _ = drafter.propose(ids, None, seq.params, recent_ids(ids, seq.window))
             proposals.append(int(token))
             ids = torch.cat([ids, token])
         fed = [int(seq.context[-1]), *proposals]  # positions n .. n + k

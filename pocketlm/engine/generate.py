@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from pocketlm.engine.sampling import SamplingParams, sample
+from pocketlm.engine.sampling import SamplingParams, recent_ids, sample
 from pocketlm.errors import PocketLMError
 from pocketlm.models.fused_step import fused_logits
 from pocketlm.tokenizer import StreamDecoder
@@ -158,7 +158,7 @@ class Sequence:
 
     def recent(self) -> torch.Tensor:
         """(1, N) the tokens the repetition penalty looks at."""
-        return self.context[-self.window :][None] if self.window else self.context[:0][None]
+        return recent_ids(self.context, self.window)
 
     @torch.inference_mode()  # the processors change the step's logits, inference tensors, in place
     def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor]:

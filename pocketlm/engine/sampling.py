@@ -21,6 +21,11 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
     return logits.scatter(-1, recent, seen)
 
 
+def recent_ids(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """ids (N,) -> (1, n): the last `window` ids, what the repetition penalty looks at (none for window 0)."""
+    return ids[-window:][None] if window else ids[:0][None]
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.size(-1):
         return logits

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, greedy_token, token_distribution
+from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, greedy_token, recent_ids, token_distribution
 from pocketlm.errors import PocketLMError
 
 
@@ -122,8 +122,8 @@ def speculative_tokens(
 
     drafter = drafter_for(draft)
 
-    def recent(ids: torch.Tensor) -> torch.Tensor:  # (1, N) what the repetition penalty looks at
-        return ids[-recent_window:][None] if recent_window else ids[:0][None]
+    def recent(ids: torch.Tensor) -> torch.Tensor:
+        return recent_ids(ids, recent_window)
 
     def choose(logits: torch.Tensor, ids: torch.Tensor):
         """-> (token (1,), its distribution (1, V) or None when greedy)"""

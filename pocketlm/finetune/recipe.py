@@ -306,7 +306,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     barrier(procs)
 
     autocast = torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    progress = _progress(cfg, procs, total_steps, step)
+    progress = _progress(cfg, procs, total_steps, step, "distill" if cfg.teacher else "finetune")
     last_loss, last_eval, tokens_seen, t_start, first_step = None, {}, 0, time.perf_counter(), step
     if procs.main:
         trainable = sum(p.numel() for p in params.values())
@@ -532,13 +532,13 @@ def _plot(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def _progress(cfg, procs, total: int, done: int):
+def _progress(cfg, procs, total: int, done: int, label: str):
     if not procs.main or cfg.quiet:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("distill" if cfg.teacher else "finetune"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )
