@@ -137,7 +137,7 @@ def decode_steps(args) -> None:
         for _ in range(5 * args.rounds):  # the builds in turns
             for name, lib in builds.items():
                 start = time.perf_counter()
-                lib.decode_step(ctypes.byref(step.model), n, tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(), logits.data_ptr(), n, args.threads)
+                lib.decode_step(ctypes.byref(step.model), n, tokens.data_ptr(), pos.data_ptr(), rows.data_ptr(), logits.data_ptr(), n, None, args.threads)  # no hidden states
                 times[name].append(time.perf_counter() - start)
         ms = [statistics.median(times[name]) * 1e3 for name in names]
         cells = " | ".join(f"{t:.2f} ms ({n / t * 1e3:.0f} tok/s)" for t in ms)
