@@ -64,7 +64,7 @@ def test_int8_kernel_is_the_exact_product():
 
 
 @pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
-@pytest.mark.parametrize("M", [1, 3, 8, 13])  # the kernel's tiles: 8 rows, 4, then one at a time
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])  # the kernel's tiles: 8 rows, 4, 2, then one
 def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
     """An output head's int8 weight multiplied in integers (int8_vnni_linear) with the int4 kernel's 16-bit
     activations: close to the exact product, and a row's result is bit for bit its own, next to a row 50x larger."""

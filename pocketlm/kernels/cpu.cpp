@@ -494,6 +494,10 @@ extern "C" void int8_vnni_linear(const float *x, int64_t M, int64_t K, const uin
                 int8_block<4>(xq, m, K, p, res);
                 for (int i = 0; i < 4; i++) store(m + i, res[i]);
             }
+            for (; m + 2 <= M; m += 2) {  // a speculative check's two rows, a batch's last two
+                int8_block<2>(xq, m, K, p, res);
+                for (int i = 0; i < 2; i++) store(m + i, res[i]);
+            }
             for (; m < M; m++) {
                 int8_block<1>(xq, m, K, p, res);
                 store(m, res[0]);
