@@ -103,7 +103,7 @@ def main() -> None:
     for name, aten_us, ours_us in rows:
         print(f"| {name} | {aten_us:.0f} us | {ours_us:.0f} us | {aten_us / ours_us:.2f}x |")
     if kernels.int8_kernel_on():  # an output head's two kernels: one row is a decode step, 8 a server's batch
-        print("\n| int8 output head | rows | exact fp32 products (`int8_linear`) | VNNI (`int8_vnni_linear`) | speed-up |")
+        print("\n| int8 output head | rows | exact fp32 products (`int8_linear`) | VNNI (`int8_packed_linear`) | speed-up |")
         print("|---|---|---|---|---|")
         for name, (K, N) in {"SmolLM2 576 -> 49152": (576, 49152), "Gemma 3 640 -> 262144": (640, 262144)}.items():
             weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
@@ -112,7 +112,7 @@ def main() -> None:
             for M in (1, 8):
                 x = torch.randn(M, K)
                 fp32_us, vnni_us = compare(lambda: kernels.int8_linear(x, weight, scales, None),
-                                           lambda: kernels.int8_vnni_linear(x, packed, scales, None), args.rounds, 10)
+                                           lambda: kernels.int8_packed_linear(x, packed, scales, None), args.rounds, 10)
                 print(f"| {name} | {M} | {fp32_us:.0f} us | {vnni_us:.0f} us | {fp32_us / vnni_us:.2f}x |")
     decode_steps(args)
 

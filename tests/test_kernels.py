@@ -66,7 +66,7 @@ def test_int8_kernel_is_the_exact_product():
 @pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])  # the kernel's tiles: 8 rows, 4, 2, then one
 def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
-    """An output head's int8 weight multiplied in integers (int8_vnni_linear) with the int4 kernel's 16-bit
+    """An output head's int8 weight multiplied in integers (int8_packed_linear) with the int4 kernel's 16-bit
     activations: close to the exact product, and a row's result is bit for bit its own, next to a row 50x larger."""
     if not kernels.int8_kernel_on():
         pytest.skip("the int8 VNNI kernel needs AVX-512 VNNI")
@@ -75,7 +75,7 @@ def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeyp
     monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)  # as large as a head
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(nn.Linear(576, N, bias=True))
-    assert layer.vnni_weight is not None and layer.packed is None
+    assert layer.packed_weight is not None and layer.packed is None
     x = torch.randn(M, 576)
     x[:, 7] *= 40  # an outlier channel
     exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
@@ -85,7 +85,7 @@ def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeyp
     x[M // 2] *= 50
     assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
     monkeypatch.setenv("POCKETLM_INT8_KERNEL", "0")
-    assert layer.pack().vnni_weight is None  # the switch: int8_linear's exact fp32 product instead
+    assert layer.pack().packed_weight is None  # the switch: int8_linear's exact fp32 product instead
 
 
 @pytest.mark.parametrize("unit_offset", [0.0, 1.0])  # Llama's weight, Gemma 3's (1 + weight)
@@ -177,7 +177,7 @@ def test_fused_decode_step_equals_the_modules(tiny_dir, quant, monkeypatch):
 
         monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
     lm = load(str(tiny_dir), quant="int8" if vnni else quant)
-    assert (getattr(lm.model.lm_head, "vnni_weight", None) is not None) == (vnni and kernels.int8_kernel_on())
+    assert (getattr(lm.model.lm_head, "packed_weight", None) is not None) == (vnni and kernels.int8_kernel_on())
     model, steps = lm.model, {}
     ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
     T = ids.shape[1]
@@ -300,7 +300,7 @@ def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, head,
 
         monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
     lm = load(str(tiny_dir), quant="int4")
-    assert (lm.model.lm_head.vnni_weight is not None) == (head == "int8-vnni" and kernels.int8_kernel_on())
+    assert (lm.model.lm_head.packed_weight is not None) == (head == "int8-vnni" and kernels.int8_kernel_on())
     model = lm.model
     prompts = [encode_raw(lm.tokenizer, text) for text in ("hello world", "the cat sat on the mat, and then", "a b c d")]
     fed = [[p[(t * 7) % len(p)] for t in range(20)] for p in prompts]  # the tokens each sequence is fed

@@ -1,4 +1,5 @@
-"""The decode step's fused CPU kernels (cpu.cpp), built once with the system's C++ compiler and called through ctypes.
+"""The decode step's fused CPU kernels (cpu.cpp, over simd.h's 16 lanes), built for this CPU's instruction sets
+with the system's C++ compiler and called through ctypes.
 
     from pocketlm import kernels
     if kernels.usable(x, layer.weight):        # fp32 on the CPU, no gradient wanted, library built
@@ -7,11 +8,15 @@
 A whole decoded token goes through `decode_step` in one call (pocketlm/models/fused_step.py points it at a
 model's tensors); the per-layer functions serve the module path (prompt chunks, batches of sequences).
 
-The library is compiled for this CPU (-O3 -march=native -fopenmp, a few seconds) the first time it is
-needed, or by `python -m pocketlm.kernels` (scripts/setup runs it), into pocketlm/kernels/build/ (or
-$POCKETLM_HOME/kernels when the package folder is read-only), under a name made of the source's and the CPU's
-fingerprint, so an edited source or another CPU builds afresh (the builds it replaces are removed). Without a compiler, or with POCKETLM_KERNELS=0,
-everything runs on aten's kernels as before: `usable` is False and callers take their PyTorch path.
+Targets: one build per instruction-set family (TARGETS, best first). The library loaded is the best one whose
+instructions the CPU has (/proc/cpuinfo's flags, or POCKETLM_CPU_FLAGS in their place to play an older CPU), or
+the one POCKETLM_KERNEL_TARGET names, refused with one line when the CPU lacks what it needs. Every target
+computes the integer kernels bit for bit alike (simd.h) and is tested against the scalar build
+(tests/test_kernels.py). A build is compiled the first time it is needed, or by `python -m pocketlm.kernels`
+(scripts/setup runs it), in a few seconds, into pocketlm/kernels/build/ (or $POCKETLM_HOME/kernels when the
+package folder is read-only), named by the target and a hash of the sources and flags, so an edited source builds
+afresh (that target's builds it replaces are removed). Without a compiler, or with POCKETLM_KERNELS=0, everything
+runs on aten's kernels: `usable` is False and callers take their PyTorch path; `describe()` says which ran.
 
 OpenMP: the library links libgomp.so.1, which resolves to the copy torch already loaded (torch/lib/libgomp.so.1),
 so the kernels and aten share one thread pool instead of two pools spinning against each other on 2 cores.
@@ -19,33 +24,62 @@ so the kernels and aten share one thread pool instead of two pools spinning agai
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
-COMPILE = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+from pocketlm.errors import PocketLMError
+
+SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("simd.h")]
+SOURCE = SOURCES[0]
+# -ffp-contract=off: a * b + c is fused only where the source says so (std::fma, the intrinsics), so a target with
+# FMA computes the same floats as one without (simd.h's promise)
+COMPILE = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
-_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+@dataclass(frozen=True)
+class Target:
+    name: str
+    machine: str  # platform.machine()
+    flags: tuple[str, ...]  # the compiler's
+    needs: frozenset[str]  # /proc/cpuinfo's names ("flags" on x86, "Features" on ARM)
+
+
+X86_64_V3 = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"}  # -march=x86-64-v3 (abm: lzcnt)
+X86_64_V4 = X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+TARGETS = [  # best first; simd.h says what each computes with
+    Target("avx512-vnni", "x86_64", ("-march=x86-64-v4", "-mavx512vnni"), frozenset(X86_64_V4 | {"avx512_vnni"})),
+    Target("avx2-vnni", "x86_64", ("-march=x86-64-v3", "-mavxvnni"), frozenset(X86_64_V3 | {"avx_vnni"})),
+    Target("avx2", "x86_64", ("-march=x86-64-v3",), frozenset(X86_64_V3)),
+    Target("neon-dotprod", "aarch64", ("-march=armv8.2-a+dotprod",), frozenset({"asimd", "asimddp"})),
+    Target("scalar", "x86_64", ("-march=x86-64",), frozenset()),
+    Target("scalar", "aarch64", ("-march=armv8-a",), frozenset()),
+]
+
+_libs: dict[str, ctypes.CDLL] = {}  # target name -> its loaded build
+_lib: ctypes.CDLL | None | bool = None  # the library the kernels call; None: not chosen yet; False: unavailable
 why_unavailable = ""
+fallbacks: list[str] = []  # targets passed over on the way to the one loaded, with the reason (a failed build)
 
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "has_vnni": [],
+    "kernel_target": [],
+    "cpu_runs_target": [],
     "int4_packed_bytes": [I64, I64, I64],
     "int4_pack": [P, P, I64, I64, I64, P],
     "int4_linear": [P, I64, I64, P, I64, I64, P, P, I32],
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "int8_packed_bytes": [I64, I64],
     "int8_pack": [P, I64, I64, P],
-    "int8_vnni_linear": [P, I64, I64, P, P, I64, P, P, I32],
+    "int8_packed_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
     "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I32, I64, I64, I64, F32, P, I32],
@@ -53,52 +87,94 @@ SIGNATURES = {
     "draft_head_step": [P, I64, P, P, I32],  # pocketlm/models/fused_step.py
 }
 
-RESTYPES = {"has_vnni": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64, "int8_packed_bytes": ctypes.c_int64}
+RESTYPES = {"kernel_target": ctypes.c_char_p, "cpu_runs_target": ctypes.c_int, "int4_packed_bytes": ctypes.c_int64,
+            "int8_packed_bytes": ctypes.c_int64}
 
 
 def compiler() -> str:
     return os.environ.get("CXX", "g++")
 
 
-def cpu_fingerprint() -> str:
-    """-march=native code runs only on CPUs with the same instruction sets: key the build on them."""
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set names as /proc/cpuinfo lists them; POCKETLM_CPU_FLAGS (space-separated) plays
+    another CPU (the tests take an AVX2 machine's path on an AVX-512 one this way)."""
+    if "POCKETLM_CPU_FLAGS" in os.environ:
+        return set(os.environ["POCKETLM_CPU_FLAGS"].split())
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return platform.machine() + flags
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), "")
+    return set(line.partition(":")[2].split())
 
 
-def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + cpu_fingerprint().encode() + " ".join(COMPILE).encode()).hexdigest()[:16]
+def runnable_targets() -> list[Target]:
+    """The targets this CPU runs, best first (the last is always the scalar one)."""
+    flags = cpu_flags()
+    return [t for t in TARGETS if t.machine == platform.machine() and t.needs <= flags]
+
+
+def target_named(name: str) -> Target:
+    """The target of this machine's architecture called `name`; one line naming the choices otherwise."""
+    for t in TARGETS:
+        if t.name == name and t.machine == platform.machine():
+            return t
+    names = ", ".join(t.name for t in TARGETS if t.machine == platform.machine())
+    raise PocketLMError(f"unknown kernel target {name!r} for {platform.machine()}; choose one of: {names}")
+
+
+def library_path(target: Target) -> Path:
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join(COMPILE + list(target.flags)).encode()).hexdigest()[:16]
     folder = SOURCE.parent / "build"
     if not os.access(SOURCE.parent, os.W_OK):
         from pocketlm.cache import home
 
         folder = home() / "kernels"
-    return folder / f"cpu-{key}.so"
+    return folder / f"cpu-{target.name}-{key}.so"
 
 
-def build() -> Path:
-    """Compile cpu.cpp unless this source for this CPU is built already; the file appears whole (renamed into place)."""
-    path = library_path()
+def build(target: Target) -> Path:
+    """Compile cpu.cpp for target unless this source is built for it already; the file appears whole (renamed
+    into place)."""
+    path = library_path(target)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    done = subprocess.run([compiler(), *COMPILE, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    command = [compiler(), *COMPILE, *target.flags, str(SOURCE), "-o", str(tmp)]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         tmp.unlink(missing_ok=True)
         raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler()} failed")
     os.replace(tmp, path)
-    for old in path.parent.glob("cpu-*.so"):  # an earlier source's build (a process that loaded it keeps its mapping)
+    for old in path.parent.glob(f"cpu-{target.name}-*.so"):  # an earlier source's build (a process that loaded it keeps its mapping)
         if old != path:
             old.unlink(missing_ok=True)
     return path
 
 
+def load_target(target: Target) -> ctypes.CDLL:
+    """target's build, compiled on first use and loaded once; refused (one line) where the CPU lacks its instructions,
+    before any of its code runs."""
+    missing = target.needs - cpu_flags()
+    if target.machine != platform.machine() or missing:
+        raise PocketLMError(
+            f"the {target.name} kernels need {', '.join(sorted(missing)) or target.machine}, which this CPU does not have; "
+            f"unset POCKETLM_KERNEL_TARGET or choose one of: {', '.join(t.name for t in runnable_targets())}"
+        )
+    if target.name not in _libs:
+        lib = open_library(build(target))
+        if not lib.cpu_runs_target():  # /proc/cpuinfo said yes, the CPU's own answer says no
+            raise PocketLMError(f"this CPU cannot run the {target.name} kernels; set POCKETLM_KERNEL_TARGET=scalar")
+        _libs[target.name] = lib
+    return _libs[target.name]
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded library, building it on first use; None where it cannot be had (see why_unavailable)."""
+    """The loaded library, building it on first use: POCKETLM_KERNEL_TARGET's, or the best target this CPU runs
+    (a target whose build fails gives way to the next, in `fallbacks`); None where none can be had (see
+    why_unavailable)."""
     global _lib, why_unavailable
     if _lib is None:
         _lib = False
@@ -106,16 +182,51 @@ def library() -> ctypes.CDLL | None:
             why_unavailable = "POCKETLM_KERNELS=0"
         elif sys.platform != "linux":
             why_unavailable = f"not built on {sys.platform}"
+        elif os.environ.get("POCKETLM_KERNEL_TARGET"):
+            _lib = load_target(target_named(os.environ["POCKETLM_KERNEL_TARGET"]))  # its errors are the user's to see
         else:
-            try:
-                _lib = open_library(build())
-            except (OSError, FileNotFoundError) as e:
-                why_unavailable = f"could not build {SOURCE.name} with {compiler()}: {e}"
+            for target in runnable_targets():
+                try:
+                    _lib = load_target(target)
+                    break
+                except (OSError, PocketLMError) as e:
+                    fallbacks.append(f"{target.name}: {e}")
+            else:
+                why_unavailable = f"could not build {SOURCE.name} with {compiler()}: {fallbacks[-1] if fallbacks else 'no target'}"
     return _lib or None
 
 
+def target() -> str | None:
+    """The name of the kernels' target in use (simd.h), or None where aten's kernels run."""
+    lib = library()
+    return lib.kernel_target().decode() if lib is not None else None
+
+
+def describe() -> str:
+    """One line for `pocketlm show` and `bench`: which kernels run, and why where they are not pocketlm's best."""
+    name = target()
+    if name is None:
+        return f"aten (pocketlm's kernels not available: {why_unavailable})"
+    passed = f"; passed over {'; '.join(fallbacks)}" if fallbacks else ""
+    forced = " (POCKETLM_KERNEL_TARGET)" if os.environ.get("POCKETLM_KERNEL_TARGET") else ""
+    return f"pocketlm {name}{forced}{passed}"
+
+
+@contextlib.contextmanager
+def using(target_name: str):
+    """Run the kernels of another target this CPU runs for the duration (tests, bench/bench_kernels.py): every target
+    reads the same weight layouts, so a model packed under one runs under another."""
+    global _lib
+    library()
+    before, _lib = _lib, load_target(target_named(target_name))
+    try:
+        yield _lib
+    finally:
+        _lib = before
+
+
 def open_library(path: Path) -> ctypes.CDLL:
-    """A build of cpu.cpp with its functions' signatures set: this source's (library()), or another's
+    """A build of cpu.cpp with its functions' signatures set: a target's (load_target), or another source's
     (bench/bench_kernels.py --vs-build times two builds in one process)."""
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
@@ -124,20 +235,19 @@ def open_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def vnni_kernel_on(switch: str) -> bool:
-    """Whether a VNNI kernel is built (the library, on a CPU with AVX-512 VNNI) and not switched off (switch=0)."""
-    lib = library()
-    return lib is not None and bool(lib.has_vnni()) and os.environ.get(switch, "1") != "0"
+def kernel_on(switch: str) -> bool:
+    """Whether the library is built and the integer kernel `switch` names is not switched off (switch=0)."""
+    return library() is not None and os.environ.get(switch, "1") != "0"
 
 
 def int4_kernel_on() -> bool:
     """Whether the int4 kernel (int4_linear) is on; POCKETLM_INT4_KERNEL=0 switches it off."""
-    return vnni_kernel_on("POCKETLM_INT4_KERNEL")
+    return kernel_on("POCKETLM_INT4_KERNEL")
 
 
 def int8_kernel_on() -> bool:
-    """Whether the int8 VNNI kernel (int8_vnni_linear) is on; POCKETLM_INT8_KERNEL=0 switches it off."""
-    return vnni_kernel_on("POCKETLM_INT8_KERNEL")
+    """Whether the packed int8 kernel (int8_packed_linear) is on; POCKETLM_INT8_KERNEL=0 switches it off."""
+    return kernel_on("POCKETLM_INT8_KERNEL")
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -180,7 +290,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 
 
 def int8_pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) int8 (Int8Linear's) -> the VNNI kernel's layout (cpu.cpp: 16 output rows per block, stored
+    """weight (N, K) int8 (Int8Linear's) -> int8_packed_linear's layout (cpu.cpp: 16 output rows per block, stored
     + 128), uint8. K must be a multiple of 32."""
     N, K = weight.shape
     weight = weight.contiguous()
@@ -189,12 +299,12 @@ def int8_pack(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
+def int8_packed_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
     """x (..., K) fp32; packed: int8_pack's layout of an (N, K) weight; scales (N,) bf16 -> (..., N)."""
     K, N = x.shape[-1], scales.shape[0]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     out = torch.empty(*x.shape[:-1], N)
-    library().int8_vnni_linear(ptr(x2), x2.shape[0], K, ptr(packed), ptr(scales), N, ptr(bias), ptr(out), torch.get_num_threads())
+    library().int8_packed_linear(ptr(x2), x2.shape[0], K, ptr(packed), ptr(scales), N, ptr(bias), ptr(out), torch.get_num_threads())
     return out
 
 

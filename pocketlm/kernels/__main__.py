@@ -1,10 +1,18 @@
-"""python -m pocketlm.kernels: build the CPU kernels now (scripts/setup runs this) and say where they are."""
+"""python -m pocketlm.kernels [--all]: build the CPU kernels for this CPU's best target now (scripts/setup runs
+this), or every target it runs (--all: what the tests use), and say which."""
 
 import sys
 
 from pocketlm import kernels
+from pocketlm.errors import PocketLMError
 
-if kernels.library() is None:
-    print(f"pocketlm kernels: not available ({kernels.why_unavailable}); aten's kernels will be used", file=sys.stderr)
-else:
-    print(f"pocketlm kernels: {kernels.library_path()}")
+try:
+    if kernels.library() is None:
+        print(f"pocketlm kernels: not available ({kernels.why_unavailable}); aten's kernels will be used", file=sys.stderr)
+    else:
+        print(f"pocketlm kernels: {kernels.describe()}")
+    if "--all" in sys.argv[1:]:
+        for target in kernels.runnable_targets():
+            print(f"pocketlm kernels: built {target.name}: {kernels.build(target)}")
+except (PocketLMError, OSError) as e:
+    sys.exit(f"pocketlm kernels: {e}")

@@ -25,9 +25,7 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 // The weight kernels ask for the cache line this many bytes ahead of the one they read: the hardware's own
 // prefetcher alone leaves a 2-core read at 10-12 GB/s, this at 16-18 (a 24-layer C++ harness, 2048 beat 1024 and 4096)
@@ -72,7 +70,7 @@ static inline float kv_float(uint16_t h) { return half_to_float(h); }
 static inline void kv_store(const float *x, int64_t n, float *out) { std::memcpy(out, x, n * sizeof(float)); }
 static inline void kv_store(const float *x, int64_t n, uint16_t *out) {
     int64_t i = 0;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
     for (; i + 16 <= n; i += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
@@ -93,7 +91,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return acc;
 }
 
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
 // exp(x) for 16 floats, Cephes' expf (as ggml's and Eigen's vectorized exp): x = n ln2 + r, |r| <= ln2/2,
 // exp(r) by a degree-7 polynomial, then scaled by 2^n. Within 2 ulp of expf; inf above 88.7, 0 below -103.
 static inline __m512 exp16(__m512 x) {
@@ -115,7 +113,7 @@ static inline __m512 exp16(__m512 x) {
 // all of attention's multiplications)
 static void exp_inplace(float *x, int64_t n) {
     int64_t i = 0;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
 #endif
     for (; i < n; i++) x[i] = std::exp(x[i]);
@@ -128,14 +126,14 @@ static void exp_inplace(float *x, int64_t n) {
 static float exp_shifted_sum(float *x, int64_t n) {
     float best = -INFINITY, total = 0.f;
     int64_t i = 0;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + i));
     best = _mm512_reduce_max_ps(top);
 #endif
     for (; i < n; i++) best = std::max(best, x[i]);
     i = 0;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
     __m512 sum = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
         const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(best)));
@@ -151,8 +149,8 @@ static float exp_shifted_sum(float *x, int64_t n) {
 // ------------------------------------------------------------------------------------------ int4 x int8
 
 // The int4 weights are multiplied in integers, as llama.cpp's Q4 x Q8 dot products (ggml_vec_dot_q4_1_q8_1):
-// 4-bit codes times int8 activations, 64 products per VNNI instruction (vpdpbusd: 4 u8 codes x 4 s8
-// activations summed into each int32 lane), instead of three conversions and a float FMA per 16 weights.
+// 4-bit codes times int8 activations, 4 products summed into each int32 lane per instruction on every target
+// (simd.h: vpdpbusd, vpmaddubsw + vpmaddwd, sdot), instead of three conversions and a float FMA per weight.
 //
 // Activations in two passes: each block of 32 is rounded to int8 with its scale d = max|x| / 127, and what
 // that leaves (at most d/2) is rounded again with the scale d / 254, so x = d hi + d/254 lo within
@@ -164,18 +162,37 @@ static float exp_shifted_sum(float *x, int64_t n) {
 // one 64-byte load feeds 16 rows' dot products lane by lane and no row needs a horizontal sum. A block is a
 // stream of its groups, each [16 scales bf16 | 16 zeros bf16 | g/8 steps of 64 bytes], a step holding each
 // row's 8 codes for columns k..k+7 in its 4-byte lane: byte j = code[k + j] | code[k + 4 + j] << 4 (the low
-// nibbles meet activations k..k+3, the high ones k+4..k+7). Rows past N (the last block) are zero.
+// nibbles meet activations k..k+3, the high ones k+4..k+7). Rows past N (the last block) are zero. The layout
+// is the same on every target (16 lanes are one 512-bit register, two 256-bit or four 128-bit ones).
 //   w[n, k] = (q - 8) * scale + zero, so sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x per group.
 
-extern "C" int has_vnni() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    return 1;
+extern "C" const char *kernel_target() { return TARGET; }  // simd.h: the instruction sets this build uses
+
+// Whether this CPU runs this build (pocketlm/kernels/__init__.py checks before it calls anything else; the compiler
+// may use the target's instructions in any function, so this one is built for the oldest x86-64)
+#if defined(__x86_64__)
+#define OLDEST_CPU __attribute__((target("arch=x86-64")))
 #else
-    return 0;
+#define OLDEST_CPU
+#endif
+extern "C" OLDEST_CPU int cpu_runs_target() {
+#if defined(POCKETLM_AVX512)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#elif defined(POCKETLM_AVX2)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+#if defined(__AVXVNNI__)
+           && __builtin_cpu_supports("avxvnni")
+#endif
+        ;
+#else
+    return 1;  // scalar, and NEON with the dot product, whose features the loader reads from /proc/cpuinfo
 #endif
 }
 
-static constexpr int ROWS = 16;  // output rows per block: one per 32-bit lane of a 512-bit register
+static constexpr int ROWS = 16;  // output rows per block: one per lane of simd.h's 16
 
 static inline int64_t int4_group_bytes(int64_t g) { return 64 + g * 8; }  // scales, zeros, then codes
 
@@ -244,7 +261,7 @@ struct Int8Rows {
         for (int64_t b = first; b < first + g / 32; b++) {
             const int64_t at = m * K + b * 32;
             float amax = 0.f, total_hi = 0.f, total_lo = 0.f;  // the sums of rounded values: integers, exact in any order
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
             // 16 lanes at a time: the rounding is the scalar loop's (round to nearest even)
             const __m512 x0 = _mm512_loadu_ps(x + at), x1 = _mm512_loadu_ps(x + at + 16);
             amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
@@ -253,7 +270,7 @@ struct Int8Rows {
 #endif
             const float step = amax / 127.f, step_lo = step / 254.f;
             const float inv = amax > 0.f ? 127.f / amax : 0.f, inv_lo = amax > 0.f ? 254.f * 127.f / amax : 0.f;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
             const __m512 xs[2] = {x0, x1};
             __m512 sum_hi = _mm512_setzero_ps(), sum_lo = _mm512_setzero_ps();
             for (int half = 0; half < 2; half++) {
@@ -269,7 +286,7 @@ struct Int8Rows {
 #else
             for (int i = 0; i < 32; i++) {
                 const float h = std::nearbyint(x[at + i] * inv);
-                const float l = std::clamp(std::nearbyint((x[at + i] - h * step) * inv_lo), -127.f, 127.f);
+                const float l = std::clamp(std::nearbyint(std::fma(-h, step, x[at + i]) * inv_lo), -127.f, 127.f);  // fused, as above
                 hi[at + i] = int8_t(h), lo[at + i] = int8_t(l);
                 total_hi += h, total_lo += l;
             }
@@ -281,80 +298,77 @@ struct Int8Rows {
     }
 };
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-static inline __m512 bf16x16(const uint16_t *p, __mmask16 keep = 0xFFFF) {  // lanes outside keep: 0
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
-}
-
-static inline __m512i bcast4(const int8_t *p) {  // 4 activations into every lane
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
-
-static inline __m512i high_nibbles(__m512i v) {  // each byte's high nibble, shifted down
-#if defined(__GFNI__)
-    // one instruction where the shift and mask are two (GFNI: an affine map of each byte's bits, here x >> 4)
-    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+// How many activation rows share each loaded weight vector, and whether several rows take the weight blocks two
+// at a time: as many as the target's registers hold without spilling (AVX-512: 32 of 16 lanes; AVX2's 16 and
+// NEON's 32 registers hold 8 of them)
+#if defined(POCKETLM_AVX512)
+static constexpr int INT4_ROW_TILE = 4, INT8_ROW_TILE = 8;
+static constexpr bool INT4_BLOCK_PAIRS = true;
 #else
-    return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+static constexpr int INT4_ROW_TILE = 2, INT8_ROW_TILE = 2;
+static constexpr bool INT4_BLOCK_PAIRS = false;
 #endif
-}
 
 // MT activation rows (from row m0) against NB consecutive blocks of 16 weight rows, each block_bytes long, from p
 // -> res[m * NB + i] lane r = output row (first block + i) * 16 + r. Each broadcast activation quad feeds NB
-// blocks' VNNI instructions: with one broadcast load per instruction (NB 1) a batch's rows ran at the load
-// ports' rate, 1.5-1.8 G instructions/s per core, where NB 2 runs 2.2-2.5 of the 4.7 the VNNI ports take
-// (K 576, N 3072, 8 rows, one thread, L2-resident weights). BPG: blocks of 32 columns per group (g / 32), a
+// blocks' dot products: with one broadcast load per instruction (NB 1) a batch's rows ran at the load ports'
+// rate, 1.5-1.8 G instructions/s per core, where NB 2 runs 2.2-2.5 of the 4.7 the VNNI ports take (AVX-512;
+// K 576, N 3072, 8 rows, one thread, L2-resident weights). BPG: blocks of 32 columns per group (g / 32), a
 // constant so no division runs in the loops (a 64-bit idiv per block had made a batch of 8 rows 3x slower
 // than its arithmetic). Every row's arithmetic is its own: the result does not depend on MT or NB.
 template <int MT, int NB, int BPG>
-static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead, __m512 *res) {
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
+static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead, Floats *res) {
     const int64_t g = BPG * 32, G = K / g, B = K / 32;
-    for (int m = 0; m < MT * NB; m++) res[m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT * NB; m++) res[m] = f_zero();
     for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g)) {
-        __m512 group[MT * NB];
-        for (int m = 0; m < MT * NB; m++) group[m] = _mm512_setzero_ps();
+        Floats group[MT * NB];
+        for (int m = 0; m < MT * NB; m++) group[m] = f_zero();
         for (int j = 0; j < BPG; j++) {
             const int64_t blk = gi * BPG + j;
-            // four independent sums per row and block (pass x nibble), so the VNNI instructions' 5-cycle latency overlaps
-            __m512i acc[MT][NB][4];
+            // per row and block, each pass (the activations' high, low) keeps ACC_SPLIT independent sums (simd.h)
+            Acc acc[MT][NB][2][ACC_SPLIT];
             for (int m = 0; m < MT; m++)
-                for (int i = 0; i < NB; i++) acc[m][i][0] = acc[m][i][1] = acc[m][i][2] = acc[m][i][3] = _mm512_setzero_si512();
+                for (int i = 0; i < NB; i++)
+                    for (int pass = 0; pass < 2; pass++)
+                        for (int c = 0; c < ACC_SPLIT; c++) acc[m][i][pass][c] = acc_zero();
             for (int step = 0; step < 4; step++) {
-                __m512i lo[NB], hi[NB];
+                Bytes lo[NB], hi[NB];
                 for (int i = 0; i < NB; i++) {
                     const uint8_t *codes = p + i * block_bytes + 64 + j * 256 + step * 64;
-                    _mm_prefetch(reinterpret_cast<const char *>(codes + ahead), _MM_HINT_T0);
-                    const __m512i v = _mm512_loadu_si512(codes);
-                    lo[i] = _mm512_and_si512(v, nibble), hi[i] = high_nibbles(v);
+                    prefetch(codes + ahead);
+                    const Bytes v = load_bytes(codes);
+                    lo[i] = low_nibbles(v), hi[i] = high_nibbles(v);
                 }
                 for (int m = 0; m < MT; m++) {
                     const int64_t k = (m0 + m) * K + blk * 32 + step * 8;
-                    const __m512i h0 = bcast4(&xq.hi[k]), h4 = bcast4(&xq.hi[k + 4]), l0 = bcast4(&xq.lo[k]), l4 = bcast4(&xq.lo[k + 4]);
+                    const int32_t h0 = load4(&xq.hi[k]), h4 = load4(&xq.hi[k + 4]), l0 = load4(&xq.lo[k]), l4 = load4(&xq.lo[k + 4]);
                     for (int i = 0; i < NB; i++) {
-                        acc[m][i][0] = _mm512_dpbusd_epi32(acc[m][i][0], lo[i], h0);
-                        acc[m][i][1] = _mm512_dpbusd_epi32(acc[m][i][1], hi[i], h4);
-                        acc[m][i][2] = _mm512_dpbusd_epi32(acc[m][i][2], lo[i], l0);
-                        acc[m][i][3] = _mm512_dpbusd_epi32(acc[m][i][3], hi[i], l4);
+                        Acc *hi_pass = acc[m][i][0], *lo_pass = acc[m][i][1];
+                        hi_pass[0] = dot4(hi_pass[0], lo[i], h0);
+                        hi_pass[ACC_SPLIT - 1] = dot4(hi_pass[ACC_SPLIT - 1], hi[i], h4);
+                        lo_pass[0] = dot4(lo_pass[0], lo[i], l0);
+                        lo_pass[ACC_SPLIT - 1] = dot4(lo_pass[ACC_SPLIT - 1], hi[i], l4);
                     }
                 }
             }
             for (int m = 0; m < MT; m++)
                 for (int i = 0; i < NB; i++) {
-                    const __m512i sum_hi = _mm512_add_epi32(acc[m][i][0], acc[m][i][1]), sum_lo = _mm512_add_epi32(acc[m][i][2], acc[m][i][3]);
-                    __m512 &gr = group[m * NB + i];
-                    gr = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_hi), _mm512_set1_ps(xq.d[(m0 + m) * B + blk]), gr);
-                    gr = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lo), _mm512_set1_ps(xq.d_lo[(m0 + m) * B + blk]), gr);
+                    Ints sums[2];
+                    for (int pass = 0; pass < 2; pass++) {
+                        sums[pass] = acc_ints(acc[m][i][pass][0]);
+                        for (int c = 1; c < ACC_SPLIT; c++) sums[pass] = add_ints(sums[pass], acc_ints(acc[m][i][pass][c]));
+                    }
+                    Floats &gr = group[m * NB + i];
+                    gr = fma(to_floats(sums[0]), f_set1(xq.d[(m0 + m) * B + blk]), gr);
+                    gr = fma(to_floats(sums[1]), f_set1(xq.d_lo[(m0 + m) * B + blk]), gr);
                 }
         }
         for (int i = 0; i < NB; i++) {
             const uint16_t *scales = reinterpret_cast<const uint16_t *>(p + i * block_bytes);
-            const __m512 s = bf16x16(scales), offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, bf16x16(scales + ROWS));  // zero - 8 scale
+            const Floats s = load_bf16(scales), offset = fnma(f_set1(8.f), s, load_bf16(scales + ROWS));  // zero - 8 scale
             for (int m = 0; m < MT; m++) {
-                res[m * NB + i] = _mm512_fmadd_ps(s, group[m * NB + i], res[m * NB + i]);
-                res[m * NB + i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xq.group_sum[(m0 + m) * G + gi]), res[m * NB + i]);
+                res[m * NB + i] = fma(s, group[m * NB + i], res[m * NB + i]);
+                res[m * NB + i] = fma(offset, f_set1(xq.group_sum[(m0 + m) * G + gi]), res[m * NB + i]);
             }
         }
     }
@@ -371,52 +385,48 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     // memory and arithmetic in turn; 2048 bytes ahead, 2 or 4 blocks ahead, into L1 or L2, or spread over the
     // tiles all measured alike (docs/BENCHMARKS.md). Past the last pair it names no memory: prefetches never fault.
     const int64_t ahead = NB == 1 ? PREFETCH : NB * block_bytes;
-    __m512 res[MT * NB];
+    Floats res[MT * NB];
     auto tile = [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
         if (g == 32) int4_tile<R, NB, 1>(xq, m, K, p, block_bytes, ahead, res);
         else if (g == 64) int4_tile<R, NB, 2>(xq, m, K, p, block_bytes, ahead, res);
         else int4_tile<R, NB, 4>(xq, m, K, p, block_bytes, ahead, res);
         for (int i = 0; i < NB; i++) {
-            const int64_t n0 = (b + i) * ROWS;
-            const __mmask16 keep = N - n0 >= ROWS ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-            const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
-            for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (m + r) * N + n0, keep, _mm512_add_ps(res[r * NB + i], bias_v));
+            const int64_t n0 = (b + i) * ROWS, n = std::min<int64_t>(ROWS, N - n0);
+            const Floats bias_v = bias ? load_floats(bias + n0, n) : f_zero();
+            for (int r = 0; r < R; r++) store_floats(out + (m + r) * N + n0, f_add(res[r * NB + i], bias_v), n);
         }
     };
     int64_t m = 0;
     for (; m + MT <= M; m += MT) tile(std::integral_constant<int, MT>(), m);  // MT input rows share each loaded weight vector
     for (; m < M; m++) tile(std::integral_constant<int, 1>(), m);
 }
-#endif
 
-// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack; g 32, 64 or 128. Only with has_vnni()
-// (pocketlm/kernels/__init__.py's int4_kernel_on checks). One row (a decode step of one sequence) reads each block
-// once, tiles of 4 rows; several rows (a batch, a prompt) take the blocks two at a time, tiles of 2 rows (int4_tile).
+// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack; g 32, 64 or 128. One row (a decode step of one
+// sequence) reads each block once; several rows take tiles of INT4_ROW_TILE rows, and on AVX-512 the blocks two at a
+// time (int4_tile).
 extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g,
                             const float *bias, float *out, int nthreads) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     Int8Rows xq(x, M, K, g);
-    const int64_t blocks = (N + ROWS - 1) / ROWS, pairs = M > 1 ? blocks / 2 : 0;
+    const int64_t blocks = (N + ROWS - 1) / ROWS, pairs = INT4_BLOCK_PAIRS && M > 1 ? blocks / 2 : 0;
 #pragma omp parallel num_threads(nthreads)
     {
         xq.round_in_team();
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < blocks - pairs; u++) {  // pairs of blocks first, then the blocks left
             if (u < pairs) int4_blocks<2, 2>(xq, M, K, g, packed, N, 2 * u, bias, out);
-            else int4_blocks<4, 1>(xq, M, K, g, packed, N, u + pairs, bias, out);
+            else int4_blocks<INT4_ROW_TILE, 1>(xq, M, K, g, packed, N, u + pairs, bias, out);
         }
     }
-#endif
 }
 
 // ------------------------------------------------------------------------------------------ int8 x int8
 
 // int8 weights multiplied in integers like the int4 weights above, with the same two-pass activations
-// (Int8Rows), where VNNI is built: a batch's rows then cost VNNI instructions, 64 products each, instead of a
-// float FMA per 16 (int8_linear below: SmolLM2's 49k x 576 head, 8 rows 5.9 ms there against 3.6 here). One row
-// reads the same bytes as int8_linear's and is no slower (SmolLM2's head 0.85 against 1.19 ms; Gemma 3's 168 MB
-// alike within the noise); bench/bench_kernels.py's last table.
+// (Int8Rows): a batch's rows then cost integer dot products, 4 products a lane per instruction, instead of a
+// float FMA per weight (int8_linear below: SmolLM2's 49k x 576 head, 8 rows 5.9 ms there against 3.6 here on
+// AVX-512). One row reads the same bytes as int8_linear's and is no slower (SmolLM2's head 0.85 against 1.19 ms;
+// Gemma 3's 168 MB alike within the noise); bench/bench_kernels.py's last table.
 //
 // Layout (int8_pack): blocks of 16 output rows, each K/4 steps of 64 bytes, a step holding each row's four
 // weights k..k+3 in its 4-byte lane, stored as q + 128 (vpdpbusd multiplies unsigned bytes by signed ones, and
@@ -437,37 +447,33 @@ extern "C" void int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *out) {
         }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // MT activation rows (from row m0) against one block of 16 weight rows -> res[m] lane r = sum_k (q + 128) x
 template <int MT>
-static void int8_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, __m512 *res) {
+static void int8_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, Floats *res) {
     const int64_t B = K / 32;
-    for (int m = 0; m < MT; m++) res[m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; m++) res[m] = f_zero();
     for (int64_t blk = 0; blk < B; blk++, p += 8 * 64) {
-        __m512i acc[MT][2];  // per row: the activations' high pass, their low pass
-        for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        Ints acc[MT][2];  // per row: the activations' high pass, their low pass
+        for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc_ints(acc_zero());
         for (int step = 0; step < 8; step++) {
-            _mm_prefetch(reinterpret_cast<const char *>(p + step * 64 + PREFETCH), _MM_HINT_T0);
-            const __m512i v = _mm512_loadu_si512(p + step * 64);
+            prefetch(p + step * 64 + PREFETCH);
+            const Bytes v = load_bytes(p + step * 64);
             for (int m = 0; m < MT; m++) {
                 const int64_t k = (m0 + m) * K + blk * 32 + step * 4;
-                acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], v, bcast4(&xq.hi[k]));
-                acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], v, bcast4(&xq.lo[k]));
+                acc[m][0] = dot4_u8(acc[m][0], v, load4(&xq.hi[k]));
+                acc[m][1] = dot4_u8(acc[m][1], v, load4(&xq.lo[k]));
             }
         }
         for (int m = 0; m < MT; m++) {
-            res[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_set1_ps(xq.d[(m0 + m) * B + blk]), res[m]);
-            res[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), _mm512_set1_ps(xq.d_lo[(m0 + m) * B + blk]), res[m]);
+            res[m] = fma(to_floats(acc[m][0]), f_set1(xq.d[(m0 + m) * B + blk]), res[m]);
+            res[m] = fma(to_floats(acc[m][1]), f_set1(xq.d_lo[(m0 + m) * B + blk]), res[m]);
         }
     }
 }
-#endif
 
-// out (M, N) = x (M, K) @ w^T + bias, w packed by int8_pack with one bf16 scale per output row; K a multiple of
-// 32. Only with has_vnni().
-extern "C" void int8_vnni_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scales,
-                                 int64_t N, const float *bias, float *out, int nthreads) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// out (M, N) = x (M, K) @ w^T + bias, w packed by int8_pack with one bf16 scale per output row; K a multiple of 32.
+extern "C" void int8_packed_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, const uint16_t *scales,
+                                   int64_t N, const float *bias, float *out, int nthreads) {
     Int8Rows xq(x, M, K, K);
     const int64_t blocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel num_threads(nthreads)
@@ -476,35 +482,27 @@ extern "C" void int8_vnni_linear(const float *x, int64_t M, int64_t K, const uin
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const uint8_t *p = packed + b * ROWS * K;
-            const int64_t n0 = b * ROWS;
-            const __mmask16 keep = N - n0 >= ROWS ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
-            const __m512 s = bf16x16(scales + n0, keep);
-            const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
-            auto store = [&](int64_t m, __m512 r) {  // (sum (q + 128) x - 128 sum x) * scale + bias
-                r = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xq.group_sum[m]), r);
-                _mm512_mask_storeu_ps(out + m * N + n0, keep, _mm512_fmadd_ps(r, s, bias_v));
+            const int64_t n0 = b * ROWS, n = std::min<int64_t>(ROWS, N - n0);
+            const Floats s = load_bf16(scales + n0, n), bias_v = bias ? load_floats(bias + n0, n) : f_zero();
+            auto store = [&](int64_t m, Floats r) {  // (sum (q + 128) x - 128 sum x) * scale + bias
+                r = fnma(f_set1(128.f), f_set1(xq.group_sum[m]), r);
+                store_floats(out + m * N + n0, fma(r, s, bias_v), n);
             };
-            __m512 res[8];
+            Floats res[8];
+            auto rows = [&](auto tile, int64_t &m) {  // tiles of T rows while T of them are left
+                constexpr int T = decltype(tile)::value;
+                for (; T <= INT8_ROW_TILE && m + T <= M; m += T) {
+                    int8_block<T>(xq, m, K, p, res);
+                    for (int i = 0; i < T; i++) store(m + i, res[i]);
+                }
+            };
             int64_t m = 0;
-            for (; m + 8 <= M; m += 8) {  // eight input rows share each loaded weight vector
-                int8_block<8>(xq, m, K, p, res);
-                for (int i = 0; i < 8; i++) store(m + i, res[i]);
-            }
-            for (; m + 4 <= M; m += 4) {
-                int8_block<4>(xq, m, K, p, res);
-                for (int i = 0; i < 4; i++) store(m + i, res[i]);
-            }
-            for (; m + 2 <= M; m += 2) {  // a speculative check's two rows, a batch's last two
-                int8_block<2>(xq, m, K, p, res);
-                for (int i = 0; i < 2; i++) store(m + i, res[i]);
-            }
-            for (; m < M; m++) {
-                int8_block<1>(xq, m, K, p, res);
-                store(m, res[0]);
-            }
+            rows(std::integral_constant<int, 8>(), m);
+            rows(std::integral_constant<int, 4>(), m);
+            rows(std::integral_constant<int, 2>(), m);  // a speculative check's two rows, a batch's last two
+            rows(std::integral_constant<int, 1>(), m);
         }
     }
-#endif
 }
 
 // ------------------------------------------------------------------------------------------ int8 x fp32
@@ -513,7 +511,7 @@ template <int MT>
 static void int8_row(const float *x, int64_t K, const int8_t *w, float *res) {
     float tail[MT] = {};
     int64_t k = 0;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
     // four sums per row over alternate 16-column steps: one chain of FMAs would wait out each one's 4-cycle latency
     // (a single row then reads 11 GB/s per core, under what the memory gives two cores)
     __m512 acc[MT][4];
@@ -617,12 +615,12 @@ static void norm_rope(const float *x, const float *norm, float eps, const float 
 // key/value head still uses every core); within a thread, each query head holds its query and output in
 // registers while it streams its key/value head's rows, which stay in L2 for the next query head of the group.
 
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
 static inline __m512 kv_load16(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 kv_load16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
 // The sums of 16 vectors' lanes at once, for 16 positions' scores: a 16 x 16 transpose folded as it goes (30
 // shuffles and adds, where 16 _mm512_reduce_add_ps take about 130). Lane i of the result sums a[REDUCE16_ORDER[i]],
 // an order that is its own inverse: a caller that puts position j into a[REDUCE16_ORDER[j]] gets it in lane j.
@@ -655,7 +653,7 @@ static void scores_range(const float *q, const C *K, int64_t S, int64_t hd, int6
         const C *Kh = K + (h / (nh / n_kv)) * S * hd;
         const float *qh = q + h * hd;
         float *ph = p + h * L;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
         if (H16) {
             __m512 qv[H16 ? H16 : 1];
             for (int i = 0; i < H16; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
@@ -693,7 +691,7 @@ static void values_range(const float *p, const C *V, int64_t S, int64_t hd, int6
         const C *Vh = V + (h / (nh / n_kv)) * S * hd;
         const float *ph = p + h * L;
         float *oh = o + h * hd;
-#if defined(__AVX512F__)
+#if defined(POCKETLM_AVX512)
         if (H16) {
             __m512 acc[H16 ? H16 : 1];
             for (int i = 0; i < H16; i++) acc[i] = _mm512_setzero_ps();
@@ -805,7 +803,7 @@ static void linear(const Linear &l, const float *x, int64_t M, float *out, int64
     if (l.kind == 0) fp32_linear(x, M, l.K, static_cast<const float *>(l.weight), l.N, l.bias, y, nthreads);
     else if (l.kind == 1) int8_linear(x, M, l.K, static_cast<const int8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
     else if (l.kind == 2) int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.bias, y, nthreads);
-    else int8_vnni_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
+    else int8_packed_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
     if (y != out)
         for (int64_t m = 0; m < M; m++) std::memcpy(out + m * stride, y + m * l.N, l.N * sizeof(float));
 }

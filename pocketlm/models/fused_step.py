@@ -110,8 +110,8 @@ class FusedStep:
             if module.packed is None:
                 raise Unsupported("an int4 layer without pocketlm's kernel layout")
             return Linear(2, module.out_features, module.in_features, module.group_size, self.pointer(module.packed), None, bias)
-        if isinstance(module, Int8Linear) and module.vnni_weight is not None:
-            return Linear(3, module.out_features, module.in_features, 0, self.pointer(module.vnni_weight), self.pointer(module.scales), bias)
+        if isinstance(module, Int8Linear) and module.packed_weight is not None:
+            return Linear(3, module.out_features, module.in_features, 0, self.pointer(module.packed_weight), self.pointer(module.scales), bias)
         if isinstance(module, Int8Linear):
             return Linear(1, module.out_features, module.in_features, 0, self.pointer(module.weight), self.pointer(module.scales), bias)
         if type(module) is nn.Linear and module.weight.dtype == torch.float32:

@@ -8,9 +8,9 @@ Q4_0/Q4_1/Q4_K source) keeps it exactly; others round to nearest between their m
 
 The codes are stored plainly (two per byte, low nibble first, shape (out, in/2)) so a saved model does not
 depend on a kernel's layout. A decode step (a few rows) multiplies them with pocketlm's int4 kernel
-(pocketlm/kernels/cpu.cpp: AVX-512 VNNI, llama.cpp's integer dot products with activations rounded to 16
-bits; bench/bench_kernels.py), laid out for it when the layer is built, or, on a CPU without VNNI or with
-POCKETLM_INT4_KERNEL=0, with aten's `_weight_int4pack_mm_for_cpu` (bf16 activations).
+(pocketlm/kernels/cpu.cpp: llama.cpp's integer dot products with activations rounded to 16 bits, on every CPU
+target the kernels build for; bench/bench_kernels.py), laid out for it when the layer is built, or, without
+pocketlm's kernels or with POCKETLM_INT4_KERNEL=0, with aten's `_weight_int4pack_mm_for_cpu` (bf16 activations).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from pocketlm import kernels
 
 GROUP_SIZES = (32, 64, 128)
-# From this many input rows on, multiply by the weight dequantized in float. pocketlm's VNNI kernel costs about
+# From this many input rows on, multiply by the weight dequantized in float. pocketlm's int4 kernel costs about
 # 20 us per row of a 3072 x 576 layer, linear in rows; dequantizing costs a fixed ~0.5 s per SmolLM2 forward
 # before the float matmul. Whole SmolLM2 prompts, finetune paused, best of 3 (the two paths alternated twice):
 # 128 tokens 175-270 ms with the kernel against 580-710 ms dequantized, 512 tokens 825-990 ms against

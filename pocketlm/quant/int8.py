@@ -5,10 +5,10 @@ matmul for a few rows is aten's `_weight_int8pack_mm`, which wants bf16 activati
 slow, see ../shared/docs/FINDINGS.md); its bf16 result needs the head's `refine` (below).
 
 Where pocketlm's kernels are built (pocketlm/kernels), a few rows go through them instead: `int8_linear`
-multiplies the int8 weight by exact fp32 activations; a layer as large as an output head (PACK_MIN_WEIGHTS) on a
-CPU with AVX-512 VNNI gets a second copy of its weight laid out for `int8_vnni_linear`, which multiplies in
-integers with the int4 kernel's 16-bit activations: a batch of 8 rows through SmolLM2's head (a server's 8
-streams) then costs 3.6 ms instead of 5.9, one row 0.85 ms instead of 1.19 (bench/bench_kernels.py's last table).
+multiplies the int8 weight by exact fp32 activations; a layer as large as an output head (PACK_MIN_WEIGHTS)
+gets a second copy of its weight laid out for `int8_packed_linear`, which multiplies in integers with the int4
+kernel's 16-bit activations: a batch of 8 rows through SmolLM2's head (a server's 8
+streams) then costs 3.6 ms instead of 5.9, one row 0.85 ms instead of 1.19 (AVX-512 VNNI; bench/bench_kernels.py's last table).
 
 Without pocketlm's kernels, a layer as large as an output head uses fbgemm (`quantized::linear_dynamic`,
 the x86 engine of torch.ao's dynamic quantization): int8 weights times uint8 activations with VNNI, 1.3-1.5x
@@ -47,7 +47,7 @@ FINE = 254  # r's magnification: (v - round(v)) in [-0.5, 0.5] -> [-127, 127]
 # out of its AVX-512 VNNI code: the ops right after it run slower), so it pays only where reading the weight
 # dominates: output heads (SmolLM2 28M weights: 1.3x, Gemma 3 168M: 1.5x at one row, 1.7x at eight).
 # Layers of 0.3-2.6M weights are 2-4x faster on aten's kernel (bench/bench_int8.py). The same size decides where
-# pocketlm's VNNI kernel gets its copy: the heads, whose batches it speeds up.
+# pocketlm's packed int8 kernel gets its copy: the heads, whose batches it speeds up.
 PACK_MIN_WEIGHTS = 8 * 2**20
 PACK_ROWS = 32768  # output rows per fbgemm block (see pack)
 
@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.packed: list | None = None  # fbgemm's copy of the weight in blocks of PACK_ROWS rows, made by pack()
-        self.vnni_weight: torch.Tensor | None = None  # or the weight in int8_vnni_linear's layout, made by pack()
+        self.packed_weight: torch.Tensor | None = None  # or the weight in int8_packed_linear's layout, made by pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -75,13 +75,13 @@ class Int8Linear(nn.Module):
 
     def pack(self) -> Int8Linear:
         """Give a layer as large as an output head its kernel's copy of the weight (call again after loading a state
-        dict): pocketlm's VNNI layout where that kernel is on, else fbgemm's where pocketlm's kernels are not
+        dict): int8_packed_linear's layout where that kernel is on, else fbgemm's where pocketlm's kernels are not
         built (they read the int8 weight as it is, with exact fp32 activations). A small layer does without."""
-        self.packed = self.vnni_weight = None
+        self.packed = self.packed_weight = None
         if self.weight.device.type != "cpu" or self.weight.numel() < PACK_MIN_WEIGHTS:
             return self
         if kernels.int8_kernel_on() and self.in_features % 32 == 0:  # the kernel's activations come in blocks of 32
-            self.vnni_weight = kernels.int8_pack(self.weight)
+            self.packed_weight = kernels.int8_pack(self.weight)
             return self
         if "x86" not in torch.backends.quantized.supported_engines or kernels.library() is not None:
             return self
@@ -128,8 +128,8 @@ class Int8Linear(nn.Module):
             w = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             return F.linear(x, w, self.bias)
         if kernels.usable(x):  # fp32 results: no refining
-            if self.vnni_weight is not None:
-                return kernels.int8_vnni_linear(x, self.vnni_weight, self.scales, self.bias)
+            if self.packed_weight is not None:
+                return kernels.int8_packed_linear(x, self.packed_weight, self.scales, self.bias)
             return kernels.int8_linear(x, self.weight, self.scales, self.bias)
         x2 = x.reshape(rows, shape[-1])  # (M, in)
         if fbgemm:

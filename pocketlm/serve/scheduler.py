@@ -132,11 +132,11 @@ class ModelPool:
 
 def model_bytes(model) -> int:
     """Bytes of parameters and buffers (tied weights counted once), and of the copies quantized layers keep in their
-    kernels' layouts (Int4Linear.packed, Int8Linear.vnni_weight: not buffers, since they are never saved)."""
+    kernels' layouts (Int4Linear.packed, Int8Linear.packed_weight: not buffers, since they are never saved)."""
     import torch
 
     seen, total = set(), 0
-    layouts = [getattr(m, name, None) for m in model.modules() for name in ("packed", "vnni_weight")]
+    layouts = [getattr(m, name, None) for m in model.modules() for name in ("packed", "packed_weight")]
     for t in [*model.parameters(), *model.buffers(), *(t for t in layouts if isinstance(t, torch.Tensor))]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())

@@ -1,0 +1,338 @@
+// The integer kernels' 16 lanes, one per output row of a weight block, on each instruction-set family pocketlm
+// builds for (pocketlm/kernels/__init__.py's TARGETS). cpu.cpp writes int4_linear and int8_packed_linear once
+// over these types; each target says here how it holds 16 lanes and how it multiplies bytes:
+//
+//   avx512-vnni   one 512-bit register; vpdpbusd (4 u8 x s8 products summed into each int32 lane)
+//   avx2-vnni     two 256-bit registers; AVX-VNNI's 256-bit vpdpbusd
+//   avx2          two 256-bit registers; vpmaddubsw + vpmaddwd, llama.cpp's AVX2 dot products (ggml-cpu's
+//                 mul_sum_us8_pairs_float): codes times activations into int16 pairs, pairs into int32
+//   neon-dotprod  four 128-bit registers; sdot (4 s8 x s8 products into each int32 lane), ARMv8.2's dot product
+//   scalar        plain arrays and loops: the reference every other target equals bit for bit
+//
+// Every target computes the same integers (exact in any order) and the same float operations per lane in the same
+// order, fused where the others fuse (std::fma), so a layer's result is bit for bit the same on every target
+// (tests/test_kernels.py checks each target this CPU runs against the scalar build, and aarch64 under qemu).
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define POCKETLM_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define POCKETLM_AVX2 1
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define POCKETLM_NEON 1
+#include <arm_neon.h>
+#endif
+
+#if defined(POCKETLM_AVX512)
+static constexpr const char *TARGET = "avx512-vnni";
+#elif defined(POCKETLM_AVX2) && defined(__AVXVNNI__)
+static constexpr const char *TARGET = "avx2-vnni";
+#elif defined(POCKETLM_AVX2)
+static constexpr const char *TARGET = "avx2";
+#elif defined(POCKETLM_NEON)
+static constexpr const char *TARGET = "neon-dotprod";
+#else
+static constexpr const char *TARGET = "scalar";
+#endif
+
+static inline void prefetch(const void *p) {
+#if defined(POCKETLM_AVX512) || defined(POCKETLM_AVX2)
+    _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
+#else
+    __builtin_prefetch(p);
+#endif
+}
+
+static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit word
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// ----------------------------------------------------------------------------------------------------- types
+//   Bytes   64 weight bytes: lane r holds bytes 4r..4r+3 (a block's 16 rows' 4 bytes each)
+//   Acc     16 running integer sums of products of code bytes (0..15) and activations (-127..127). ACC_SPLIT:
+//           how many independent sums a row keeps per block and pass (VNNI's 5-cycle latency wants two chains;
+//           AVX2's int16 sums hold a block's 8 products of a pass, at most 8 * 2 * 15 * 127 = 30480 < 32767)
+//   Ints    16 int32
+//   Floats  16 fp32
+
+#if defined(POCKETLM_AVX512)
+using Bytes = __m512i;
+using Acc = __m512i;
+using Ints = __m512i;
+using Floats = __m512;
+static constexpr int ACC_SPLIT = 2;
+
+static inline Bytes load_bytes(const uint8_t *p) { return _mm512_loadu_si512(p); }
+static inline Bytes low_nibbles(Bytes v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+static inline Bytes high_nibbles(Bytes v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+static inline Acc acc_zero() { return _mm512_setzero_si512(); }
+// acc lane r += sum_j codes[4r + j] * x[j]; codes 0..15
+static inline Acc dot4(Acc acc, Bytes codes, int32_t x) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x)); }
+static inline Ints acc_ints(Acc a) { return a; }
+static inline Ints add_ints(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+// lane r = sum_j w[4r + j] * x[j] for weights stored as q + 128 (int8_pack's layout: bytes 0..255)
+static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x)); }
+static inline Floats to_floats(Ints a) { return _mm512_cvtepi32_ps(a); }
+static inline Floats f_zero() { return _mm512_setzero_ps(); }
+static inline Floats f_set1(float v) { return _mm512_set1_ps(v); }
+static inline Floats fma(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+static inline Floats fnma(Floats a, Floats b, Floats c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+static inline Floats f_add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+static inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {  // lanes past n: 0
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
+}
+static inline Floats load_floats(const float *p, int64_t n = 16) { return _mm512_maskz_loadu_ps(first(n), p); }
+static inline void store_floats(float *p, Floats v, int64_t n = 16) { _mm512_mask_storeu_ps(p, first(n), v); }
+
+#elif defined(POCKETLM_AVX2)
+struct Bytes { __m256i lo, hi; };  // rows 0-7, rows 8-15
+struct Ints { __m256i lo, hi; };
+struct Floats { __m256 lo, hi; };
+
+static inline Bytes load_bytes(const uint8_t *p) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)), _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p + 32))};
+}
+static inline Bytes low_nibbles(Bytes v) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    return {_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m)};
+}
+static inline Bytes high_nibbles(Bytes v) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    return {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), m)};
+}
+static inline Ints add_ints(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
+
+#if defined(__AVXVNNI__)
+using Acc = Ints;
+static constexpr int ACC_SPLIT = 2;
+static inline Acc acc_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {
+    const __m256i xv = _mm256_set1_epi32(x);
+    return {_mm256_dpbusd_avx_epi32(acc.lo, codes.lo, xv), _mm256_dpbusd_avx_epi32(acc.hi, codes.hi, xv)};
+}
+static inline Ints acc_ints(Acc a) { return a; }
+#else
+struct Acc { __m256i lo, hi; };  // int16 sums of product pairs
+static constexpr int ACC_SPLIT = 1;
+static inline Acc acc_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {  // codes * x <= 2 * 15 * 127 a pair: no saturation
+    const __m256i xv = _mm256_set1_epi32(x);
+    return {_mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(codes.lo, xv)), _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(codes.hi, xv))};
+}
+static inline Ints acc_ints(Acc a) {  // int16 pairs -> int32 lanes
+    const __m256i ones = _mm256_set1_epi16(1);
+    return {_mm256_madd_epi16(a.lo, ones), _mm256_madd_epi16(a.hi, ones)};
+}
+#endif
+
+// w stored as q + 128 (0..255) times x: vpmaddubsw would saturate (255 * 127 * 2 > 32767), so as llama.cpp's
+// q8_0 dot product: |q| times x with q's sign (each pair <= 2 * 127 * 127), then + 128 * sum x to get back to
+// sum (q + 128) x, which int8_packed_linear's arithmetic expects
+static inline __m256i dot4_u8_half(__m256i acc, __m256i w, __m256i xv, __m256i x128) {
+    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80)));  // q + 128 -> q as int8
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), x128));
+}
+static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) {
+    int8_t b[4];
+    std::memcpy(b, &x, 4);
+    const __m256i xv = _mm256_set1_epi32(x), x128 = _mm256_set1_epi32(128 * (b[0] + b[1] + b[2] + b[3]));
+    return {dot4_u8_half(acc.lo, w.lo, xv, x128), dot4_u8_half(acc.hi, w.hi, xv, x128)};
+}
+static inline Floats to_floats(Ints a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+static inline Floats f_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline Floats f_set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+static inline Floats fma(Floats a, Floats b, Floats c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+static inline Floats fnma(Floats a, Floats b, Floats c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+static inline Floats f_add(Floats a, Floats b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
+    uint16_t tmp[16] = {};
+    if (n < 16) p = static_cast<const uint16_t *>(std::memcpy(tmp, p, n * 2));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16))};
+}
+static inline Floats load_floats(const float *p, int64_t n = 16) {
+    float tmp[16] = {};
+    if (n < 16) p = static_cast<const float *>(std::memcpy(tmp, p, n * 4));
+    return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+}
+static inline void store_floats(float *p, Floats v, int64_t n = 16) {
+    if (n >= 16) {
+        _mm256_storeu_ps(p, v.lo), _mm256_storeu_ps(p + 8, v.hi);
+        return;
+    }
+    float tmp[16];
+    _mm256_storeu_ps(tmp, v.lo), _mm256_storeu_ps(tmp + 8, v.hi);
+    std::memcpy(p, tmp, n * 4);
+}
+
+#elif defined(POCKETLM_NEON)
+struct Bytes { int8x16_t v[4]; };  // rows 0-3, 4-7, 8-11, 12-15
+struct Ints { int32x4_t v[4]; };
+struct Floats { float32x4_t v[4]; };
+using Acc = Ints;
+static constexpr int ACC_SPLIT = 2;
+
+static inline Bytes load_bytes(const uint8_t *p) {
+    Bytes b;
+    for (int i = 0; i < 4; i++) b.v[i] = vreinterpretq_s8_u8(vld1q_u8(p + 16 * i));
+    return b;
+}
+static inline Bytes low_nibbles(Bytes v) {
+    for (int i = 0; i < 4; i++) v.v[i] = vandq_s8(v.v[i], vdupq_n_s8(0x0F));
+    return v;
+}
+static inline Bytes high_nibbles(Bytes v) {
+    for (int i = 0; i < 4; i++) v.v[i] = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(v.v[i]), 4));
+    return v;
+}
+static inline Acc acc_zero() {
+    Acc a;
+    for (int i = 0; i < 4; i++) a.v[i] = vdupq_n_s32(0);
+    return a;
+}
+// codes 0..15 are the same bytes signed or not: sdot multiplies signed by signed
+static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {
+    const int8x16_t xv = vreinterpretq_s8_s32(vdupq_n_s32(x));
+    for (int i = 0; i < 4; i++) acc.v[i] = vdotq_s32(acc.v[i], codes.v[i], xv);
+    return acc;
+}
+static inline Ints acc_ints(Acc a) { return a; }
+static inline Ints add_ints(Ints a, Ints b) {
+    for (int i = 0; i < 4; i++) a.v[i] = vaddq_s32(a.v[i], b.v[i]);
+    return a;
+}
+static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) {  // (q + 128) x = q x + 128 x, q = w ^ 0x80 signed
+    int8_t b[4];
+    std::memcpy(b, &x, 4);
+    const int8x16_t xv = vreinterpretq_s8_s32(vdupq_n_s32(x));
+    const int32x4_t x128 = vdupq_n_s32(128 * (b[0] + b[1] + b[2] + b[3]));
+    for (int i = 0; i < 4; i++) acc.v[i] = vaddq_s32(vdotq_s32(acc.v[i], veorq_s8(w.v[i], vdupq_n_s8(int8_t(0x80))), xv), x128);
+    return acc;
+}
+static inline Floats to_floats(Ints a) {
+    Floats f;
+    for (int i = 0; i < 4; i++) f.v[i] = vcvtq_f32_s32(a.v[i]);
+    return f;
+}
+static inline Floats f_set1(float x) {
+    Floats f;
+    for (int i = 0; i < 4; i++) f.v[i] = vdupq_n_f32(x);
+    return f;
+}
+static inline Floats f_zero() { return f_set1(0.f); }
+static inline Floats fma(Floats a, Floats b, Floats c) {
+    for (int i = 0; i < 4; i++) c.v[i] = vfmaq_f32(c.v[i], a.v[i], b.v[i]);
+    return c;
+}
+static inline Floats fnma(Floats a, Floats b, Floats c) {
+    for (int i = 0; i < 4; i++) c.v[i] = vfmsq_f32(c.v[i], a.v[i], b.v[i]);
+    return c;
+}
+static inline Floats f_add(Floats a, Floats b) {
+    for (int i = 0; i < 4; i++) a.v[i] = vaddq_f32(a.v[i], b.v[i]);
+    return a;
+}
+static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
+    uint16_t tmp[16] = {};
+    std::memcpy(tmp, p, (n < 16 ? n : 16) * 2);
+    Floats f;
+    for (int i = 0; i < 4; i++) f.v[i] = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(tmp + 4 * i), 16));
+    return f;
+}
+static inline Floats load_floats(const float *p, int64_t n = 16) {
+    float tmp[16] = {};
+    std::memcpy(tmp, p, (n < 16 ? n : 16) * 4);
+    Floats f;
+    for (int i = 0; i < 4; i++) f.v[i] = vld1q_f32(tmp + 4 * i);
+    return f;
+}
+static inline void store_floats(float *p, Floats v, int64_t n = 16) {
+    float tmp[16];
+    for (int i = 0; i < 4; i++) vst1q_f32(tmp + 4 * i, v.v[i]);
+    std::memcpy(p, tmp, (n < 16 ? n : 16) * 4);
+}
+
+#else  // scalar: the reference
+struct Bytes { uint8_t b[64]; };
+struct Ints { int32_t v[16]; };
+struct Floats { float v[16]; };
+using Acc = Ints;
+static constexpr int ACC_SPLIT = 1;
+
+static inline Bytes load_bytes(const uint8_t *p) {
+    Bytes b;
+    std::memcpy(b.b, p, 64);
+    return b;
+}
+static inline Bytes low_nibbles(Bytes v) {
+    for (int i = 0; i < 64; i++) v.b[i] &= 0x0F;
+    return v;
+}
+static inline Bytes high_nibbles(Bytes v) {
+    for (int i = 0; i < 64; i++) v.b[i] >>= 4;
+    return v;
+}
+static inline Acc acc_zero() { return Ints{}; }
+static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {
+    int8_t b[4];
+    std::memcpy(b, &x, 4);
+    for (int r = 0; r < 16; r++)
+        for (int j = 0; j < 4; j++) acc.v[r] += int32_t(codes.b[4 * r + j]) * b[j];
+    return acc;
+}
+static inline Ints acc_ints(Acc a) { return a; }
+static inline Ints add_ints(Ints a, Ints b) {
+    for (int r = 0; r < 16; r++) a.v[r] += b.v[r];
+    return a;
+}
+static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) { return dot4(acc, w, x); }
+static inline Floats to_floats(Ints a) {
+    Floats f;
+    for (int r = 0; r < 16; r++) f.v[r] = float(a.v[r]);
+    return f;
+}
+static inline Floats f_set1(float x) {
+    Floats f;
+    for (int r = 0; r < 16; r++) f.v[r] = x;
+    return f;
+}
+static inline Floats f_zero() { return f_set1(0.f); }
+static inline Floats fma(Floats a, Floats b, Floats c) {
+    for (int r = 0; r < 16; r++) c.v[r] = std::fma(a.v[r], b.v[r], c.v[r]);
+    return c;
+}
+static inline Floats fnma(Floats a, Floats b, Floats c) {
+    for (int r = 0; r < 16; r++) c.v[r] = std::fma(-a.v[r], b.v[r], c.v[r]);
+    return c;
+}
+static inline Floats f_add(Floats a, Floats b) {
+    for (int r = 0; r < 16; r++) a.v[r] += b.v[r];
+    return a;
+}
+static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
+    Floats f;
+    for (int r = 0; r < 16; r++) {
+        const uint32_t u = r < n ? uint32_t(p[r]) << 16 : 0;
+        std::memcpy(&f.v[r], &u, 4);
+    }
+    return f;
+}
+static inline Floats load_floats(const float *p, int64_t n = 16) {
+    Floats f;
+    for (int r = 0; r < 16; r++) f.v[r] = r < n ? p[r] : 0.f;
+    return f;
+}
+static inline void store_floats(float *p, Floats v, int64_t n = 16) { std::memcpy(p, v.v, (n < 16 ? n : 16) * 4); }
+#endif
