@@ -515,13 +515,16 @@ def cmd_show(args) -> int:
         }
         info["chat_template"] = tokenizer.chat_template
     info["config"] = config
+    from pocketlm import kernels
+
+    info["kernels"] = kernels.describe()  # which CPU kernels run on this machine (pocketlm's target, or aten's)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     from rich.console import Console
 
     console = Console()
-    for key in ("name", "description", "path", "params", "quant", "license"):
+    for key in ("name", "description", "path", "params", "quant", "license", "kernels"):
         if info.get(key):
             console.print(f"[bold]{key:12}[/bold] {info[key]}")
     if "tokenizer" in info:

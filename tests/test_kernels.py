@@ -1,6 +1,10 @@
-"""pocketlm's CPU kernels (pocketlm/kernels/cpu.cpp) against the PyTorch ops they replace."""
+"""pocketlm's CPU kernels (pocketlm/kernels/cpu.cpp) against the PyTorch ops they replace, on every kernel target
+this CPU runs (pocketlm/kernels/__init__.py's TARGETS: AVX-512 VNNI, AVX2, scalar, ...): each test runs once per
+target, so the path the machine takes by default is always among them. aarch64: tests/test_kernels_aarch64.py."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +24,46 @@ if kernels.library() is None:
         pytest.fail(f"the CPU kernels did not build: {kernels.why_unavailable}")
     pytest.skip(f"no C++ compiler: {kernels.why_unavailable}", allow_module_level=True)
 
+TARGETS = [t.name for t in kernels.runnable_targets()]
+
+
+@pytest.fixture(autouse=True, params=TARGETS)
+def target(request):
+    """Every test of this file once per target this CPU runs (models packed under one run under any: one layout)."""
+    with kernels.using(request.param):
+        yield request.param
+
+
+def test_the_default_target_is_the_best_this_cpu_runs():
+    assert TARGETS[-1] == "scalar"
+    assert subprocess.run([sys.executable, "-c", "from pocketlm import kernels; print(kernels.target())"],
+                          capture_output=True, text=True).stdout.strip() == TARGETS[0]
+
+
+# blocks of 16 output rows, taken two at a time for several rows on AVX-512; a tile of rows then single rows
+@pytest.mark.parametrize("kernel", ["int4", "int8"])
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])
+@pytest.mark.parametrize("N", [24, 40, 64])
+def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target, monkeypatch):
+    """int4_linear and int8_packed_linear do the same integer sums and the same float operations per output row on
+    every target (simd.h): each target's result equals the portable scalar build's, bit for bit."""
+    import pocketlm.quant.int8 as int8
+
+    monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
+    torch.manual_seed(M * 100 + N)
+    K = 576
+    x = torch.randn(M, K)
+    x[:, 7] *= 40  # an outlier channel
+    if kernel == "int4":
+        layer = Int4Linear.from_linear(nn.Linear(K, N, bias=True), 64)
+        run = lambda: kernels.int4_linear(x, layer.packed, N, 64, layer.bias)  # noqa: E731
+    else:
+        layer = Int8Linear.from_linear(nn.Linear(K, N, bias=True))
+        run = lambda: kernels.int8_packed_linear(x, layer.packed_weight, layer.scales, layer.bias)  # noqa: E731
+    out = run()
+    with kernels.using("scalar"):
+        assert torch.equal(out, run())
+
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 # blocks of 16 output rows, taken two at a time for several rows: 24, a pair whose second block is partly padding;
@@ -27,8 +71,6 @@ if kernels.library() is None:
 @pytest.mark.parametrize("N", [24, 40, 64])
 @pytest.mark.parametrize("K", [256, 576])
 def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_size, K, N):
-    if not kernels.int4_kernel_on():
-        pytest.skip("the int4 kernel needs AVX-512 VNNI")
     if K % group_size:
         pytest.skip("K is not a multiple of the group")
     torch.manual_seed(0)
@@ -65,11 +107,9 @@ def test_int8_kernel_is_the_exact_product():
 
 @pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])  # the kernel's tiles: 8 rows, 4, 2, then one
-def test_int8_vnni_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
+def test_int8_packed_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
     """An output head's int8 weight multiplied in integers (int8_packed_linear) with the int4 kernel's 16-bit
     activations: close to the exact product, and a row's result is bit for bit its own, next to a row 50x larger."""
-    if not kernels.int8_kernel_on():
-        pytest.skip("the int8 VNNI kernel needs AVX-512 VNNI")
     import pocketlm.quant.int8 as int8
 
     monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)  # as large as a head
@@ -165,19 +205,19 @@ def test_decoding_with_kernels_matches_aten(tiny_dir, quant, monkeypatch):
     torch.testing.assert_close(steps["pocketlm"], steps["aten"], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4", "int8", "int8-vnni"])
+@pytest.mark.parametrize("quant", ["none", "int4", "int8", "int8-packed"])
 def test_fused_decode_step_equals_the_modules(tiny_dir, quant, monkeypatch):
     """A whole decoded token in one call (pocketlm/models/fused_step.py) against the same model module by module,
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
     same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu.
-    int8-vnni: every int8 layer as large as a head, so on the VNNI kernel."""
-    vnni = quant == "int8-vnni"
-    if vnni:
+    int8-packed: every int8 layer as large as a head, so on the packed int8 kernel."""
+    packed = quant == "int8-packed"
+    if packed:
         import pocketlm.quant.int8 as int8
 
         monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
-    lm = load(str(tiny_dir), quant="int8" if vnni else quant)
-    assert (getattr(lm.model.lm_head, "packed_weight", None) is not None) == (vnni and kernels.int8_kernel_on())
+    lm = load(str(tiny_dir), quant="int8" if packed else quant)
+    assert (getattr(lm.model.lm_head, "packed_weight", None) is not None) == packed
     model, steps = lm.model, {}
     ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
     T = ids.shape[1]
@@ -291,16 +331,16 @@ def test_a_short_prompt_chunk_takes_the_fused_step(tiny_dir, monkeypatch):
     assert caches["fused"][:, T - 1].abs().sum() > 0  # the chunk's last key was written
 
 
-@pytest.mark.parametrize("head", ["int8", "int8-vnni"])  # int8-vnni: the head as large as a real one's
+@pytest.mark.parametrize("head", ["int8", "int8-packed"])  # int8-packed: the head as large as a real one's
 def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, head, monkeypatch):
     """Sequences at their own positions in their own cache rows (the server's continuous batching), decoded in one
     call, get bit for bit the logits each gets alone (the tests of 8 concurrent clients rest on this)."""
-    if head == "int8-vnni":
+    if head == "int8-packed":
         import pocketlm.quant.int8 as int8
 
         monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
     lm = load(str(tiny_dir), quant="int4")
-    assert (lm.model.lm_head.packed_weight is not None) == (head == "int8-vnni" and kernels.int8_kernel_on())
+    assert (lm.model.lm_head.packed_weight is not None) == (head == "int8-packed")
     model = lm.model
     prompts = [encode_raw(lm.tokenizer, text) for text in ("hello world", "the cat sat on the mat, and then", "a b c d")]
     fed = [[p[(t * 7) % len(p)] for t in range(20)] for p in prompts]  # the tokens each sequence is fed

@@ -70,9 +70,8 @@ static inline float kv_float(uint16_t h) { return half_to_float(h); }
 static inline void kv_store(const float *x, int64_t n, float *out) { std::memcpy(out, x, n * sizeof(float)); }
 static inline void kv_store(const float *x, int64_t n, uint16_t *out) {
     int64_t i = 0;
-#if defined(POCKETLM_AVX512)
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#if defined(POCKETLM_VEC)
+    for (; i + LANES <= n; i += LANES) v_store(out + i, v_load(x + i));
 #endif
     for (; i < n; i++) out[i] = float_to_half(x[i]);
 }
@@ -91,56 +90,38 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return acc;
 }
 
-#if defined(POCKETLM_AVX512)
-// exp(x) for 16 floats, Cephes' expf (as ggml's and Eigen's vectorized exp): x = n ln2 + r, |r| <= ln2/2,
-// exp(r) by a degree-7 polynomial, then scaled by 2^n. Within 2 ulp of expf; inf above 88.7, 0 below -103.
-static inline __m512 exp16(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts, so r keeps its low bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
 // exp of n floats in place (softmax's and the activations' exponentials: the scalar expf would cost more than
 // all of attention's multiplications)
 static void exp_inplace(float *x, int64_t n) {
     int64_t i = 0;
-#if defined(POCKETLM_AVX512)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+#if defined(POCKETLM_VEC)
+    for (; i + LANES <= n; i += LANES) v_store(x + i, v_exp(v_load(x + i)));
 #endif
     for (; i < n; i++) x[i] = std::exp(x[i]);
 }
 
-// x = exp(x - max x) in place (softmax's numerators) -> their sum. The max and the sum 16 lanes at a time: as
+// x = exp(x - max x) in place (softmax's numerators) -> their sum. The max and the sum LANES at a time: as
 // scalar loops, chains of dependent float operations (4 cycles a position), they cost a decode row's attention
 // (SmolLM2's 9 heads at 300 positions, one thread, a C++ harness) 30 -> 24 us a layer with the cache in L2, 49-57
 // -> 42-51 us with 240 layers' caches read from memory
 static float exp_shifted_sum(float *x, int64_t n) {
     float best = -INFINITY, total = 0.f;
     int64_t i = 0;
-#if defined(POCKETLM_AVX512)
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + i));
-    best = _mm512_reduce_max_ps(top);
+#if defined(POCKETLM_VEC)
+    Vec top = v_set1(-INFINITY);
+    for (; i + LANES <= n; i += LANES) top = v_max(top, v_load(x + i));
+    best = v_max_lane(top);
 #endif
     for (; i < n; i++) best = std::max(best, x[i]);
     i = 0;
-#if defined(POCKETLM_AVX512)
-    __m512 sum = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(best)));
-        _mm512_storeu_ps(x + i, e);
-        sum = _mm512_add_ps(sum, e);
+#if defined(POCKETLM_VEC)
+    Vec sum = v_zero();
+    for (; i + LANES <= n; i += LANES) {
+        const Vec e = v_exp(v_sub(v_load(x + i), v_set1(best)));
+        v_store(x + i, e);
+        sum = v_add(sum, e);
     }
-    total = _mm512_reduce_add_ps(sum);
+    total = v_sum(sum);
 #endif
     for (; i < n; i++) total += x[i] = std::exp(x[i] - best);
     return total;
@@ -511,24 +492,23 @@ template <int MT>
 static void int8_row(const float *x, int64_t K, const int8_t *w, float *res) {
     float tail[MT] = {};
     int64_t k = 0;
-#if defined(POCKETLM_AVX512)
-    // four sums per row over alternate 16-column steps: one chain of FMAs would wait out each one's 4-cycle latency
-    // (a single row then reads 11 GB/s per core, under what the memory gives two cores)
-    __m512 acc[MT][4];
-    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
-    for (; k + 64 <= K; k += 64) {
-        _mm_prefetch(reinterpret_cast<const char *>(w + k + PREFETCH), _MM_HINT_T0);
+#if defined(POCKETLM_VEC)
+    // four sums per row over alternate LANES-column steps: one chain of FMAs would wait out each one's 4-cycle
+    // latency (a single row then reads 11 GB/s per core, under what the memory gives two cores)
+    Vec acc[MT][4];
+    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = v_zero();
+    for (; k + 4 * LANES <= K; k += 4 * LANES) {
+        prefetch(w + k + PREFETCH);
         for (int c = 0; c < 4; c++) {
-            const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16 * c))));
-            for (int m = 0; m < MT; m++) acc[m][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * c), acc[m][c]);
+            const Vec wv = v_load_i8(w + k + LANES * c);
+            for (int m = 0; m < MT; m++) acc[m][c] = v_fma(wv, v_load(x + m * K + k + LANES * c), acc[m][c]);
         }
     }
-    for (; k + 16 <= K; k += 16) {
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-        for (int m = 0; m < MT; m++) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+    for (; k + LANES <= K; k += LANES) {
+        const Vec wv = v_load_i8(w + k);
+        for (int m = 0; m < MT; m++) acc[m][0] = v_fma(wv, v_load(x + m * K + k), acc[m][0]);
     }
-    for (int m = 0; m < MT; m++)
-        tail[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+    for (int m = 0; m < MT; m++) tail[m] = v_sum(v_add(v_add(acc[m][0], acc[m][1]), v_add(acc[m][2], acc[m][3])));
 #endif
     for (; k < K; k++)
         for (int m = 0; m < MT; m++) tail[m] += float(w[k]) * x[m * K + k];
@@ -615,25 +595,6 @@ static void norm_rope(const float *x, const float *norm, float eps, const float 
 // key/value head still uses every core); within a thread, each query head holds its query and output in
 // registers while it streams its key/value head's rows, which stay in L2 for the next query head of the group.
 
-#if defined(POCKETLM_AVX512)
-static inline __m512 kv_load16(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 kv_load16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
-#endif
-
-#if defined(POCKETLM_AVX512)
-// The sums of 16 vectors' lanes at once, for 16 positions' scores: a 16 x 16 transpose folded as it goes (30
-// shuffles and adds, where 16 _mm512_reduce_add_ps take about 130). Lane i of the result sums a[REDUCE16_ORDER[i]],
-// an order that is its own inverse: a caller that puts position j into a[REDUCE16_ORDER[j]] gets it in lane j.
-static constexpr int REDUCE16_ORDER[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-static inline __m512 reduce16(const __m512 *a) {
-    __m512 t[8], u[4], v[2];
-    for (int j = 0; j < 8; j++) t[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xEE));
-    for (int j = 0; j < 4; j++) u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[j + 4], 0x88), _mm512_shuffle_f32x4(t[j], t[j + 4], 0xDD));
-    for (int j = 0; j < 2; j++) v[j] = _mm512_add_ps(_mm512_shuffle_ps(u[j], u[j + 2], 0x44), _mm512_shuffle_ps(u[j], u[j + 2], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
-}
-#endif
-
 template <typename C>
 static inline float dot_kv(const float *q, const C *k, int64_t n) {
     if constexpr (std::is_same_v<C, float>) {
@@ -646,35 +607,35 @@ static inline float dot_kv(const float *q, const C *k, int64_t n) {
 }
 
 // scores p[h * L + s] = q_h . K_{h / group}[s] * scale for s in [s0, s1); C: the cache's element (float, or fp16 bits)
-template <int H16, typename C>
+template <int NV, typename C>  // NV: vectors of LANES floats per head (hd / LANES), 0 where no vector path runs
 static void scores_range(const float *q, const C *K, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
                          int64_t s0, int64_t s1, float scale, float *p) {
     for (int64_t h = 0; h < nh; h++) {
         const C *Kh = K + (h / (nh / n_kv)) * S * hd;
         const float *qh = q + h * hd;
         float *ph = p + h * L;
-#if defined(POCKETLM_AVX512)
-        if (H16) {
-            __m512 qv[H16 ? H16 : 1];
-            for (int i = 0; i < H16; i++) qv[i] = _mm512_loadu_ps(qh + 16 * i);
+#if defined(POCKETLM_VEC)
+        if (NV) {
+            Vec qv[NV ? NV : 1];
+            for (int i = 0; i < NV; i++) qv[i] = v_load(qh + LANES * i);
             int64_t s = s0;
-            for (; s + 16 <= s1; s += 16) {  // 16 positions, their sums folded together (reduce16)
-                __m512 acc[16];
-                for (int j = 0; j < 16; j++) {
+            for (; s + LANES <= s1; s += LANES) {  // LANES positions, their sums folded together (v_reduce)
+                Vec acc[LANES];
+                for (int j = 0; j < LANES; j++) {
                     const C *row = Kh + (s + j) * hd;
-                    __m512 a = _mm512_mul_ps(qv[0], kv_load16(row));
-                    for (int i = 1; i < H16; i++) a = _mm512_fmadd_ps(qv[i], kv_load16(row + 16 * i), a);
-                    acc[REDUCE16_ORDER[j]] = a;
+                    Vec a = v_mul(qv[0], v_load(row));
+                    for (int i = 1; i < NV; i++) a = v_fma(qv[i], v_load(row + LANES * i), a);
+                    acc[REDUCE_ORDER[j]] = a;
                 }
-                _mm512_storeu_ps(ph + s, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+                v_store(ph + s, v_mul(v_reduce(acc), v_set1(scale)));
             }
             for (; s < s1; s++) {
                 const C *row = Kh + s * hd;
-                __m512 a = _mm512_mul_ps(qv[0], kv_load16(row)), b = _mm512_setzero_ps();  // two chains
-                for (int i = 1; i < H16; i++)
-                    if (i % 2) b = _mm512_fmadd_ps(qv[i], kv_load16(row + 16 * i), b);
-                    else a = _mm512_fmadd_ps(qv[i], kv_load16(row + 16 * i), a);
-                ph[s] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+                Vec a = v_mul(qv[0], v_load(row)), b = v_zero();  // two chains
+                for (int i = 1; i < NV; i++)
+                    if (i % 2) b = v_fma(qv[i], v_load(row + LANES * i), b);
+                    else a = v_fma(qv[i], v_load(row + LANES * i), a);
+                ph[s] = v_sum(v_add(a, b)) * scale;
             }
             continue;
         }
@@ -684,22 +645,22 @@ static void scores_range(const float *q, const C *K, int64_t S, int64_t hd, int6
 }
 
 // o[h] = sum_s p[h * L + s] V_{h / group}[s] for s in [s0, s1); o (nh, hd)
-template <int H16, typename C>
-static void values_range(const float *p, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
+template <int NV, typename C>
+static void values_range(const float *p, const C *Vc, int64_t S, int64_t hd, int64_t nh, int64_t n_kv, int64_t L,
                          int64_t s0, int64_t s1, float *o) {
     for (int64_t h = 0; h < nh; h++) {
-        const C *Vh = V + (h / (nh / n_kv)) * S * hd;
+        const C *Vh = Vc + (h / (nh / n_kv)) * S * hd;
         const float *ph = p + h * L;
         float *oh = o + h * hd;
-#if defined(POCKETLM_AVX512)
-        if (H16) {
-            __m512 acc[H16 ? H16 : 1];
-            for (int i = 0; i < H16; i++) acc[i] = _mm512_setzero_ps();
+#if defined(POCKETLM_VEC)
+        if (NV) {
+            Vec acc[NV ? NV : 1];
+            for (int i = 0; i < NV; i++) acc[i] = v_zero();
             for (int64_t s = s0; s < s1; s++) {
-                const __m512 w = _mm512_set1_ps(ph[s]);
-                for (int i = 0; i < H16; i++) acc[i] = _mm512_fmadd_ps(w, kv_load16(Vh + s * hd + 16 * i), acc[i]);
+                const Vec w = v_set1(ph[s]);
+                for (int i = 0; i < NV; i++) acc[i] = v_fma(w, v_load(Vh + s * hd + LANES * i), acc[i]);
             }
-            for (int i = 0; i < H16; i++) _mm512_storeu_ps(oh + 16 * i, acc[i]);
+            for (int i = 0; i < NV; i++) v_store(oh + LANES * i, acc[i]);
             continue;
         }
 #endif
@@ -710,26 +671,26 @@ static void values_range(const float *p, const C *V, int64_t S, int64_t hd, int6
     }
 }
 
-template <int H16, typename C>
+template <int NV, typename C>
 static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
                    int64_t L, float scale, float *out, int nthreads) {
     std::vector<float> p(nh * L), partial(int64_t(nthreads) * nh * hd, 0.f), inv(nh);
     auto softmax = [&](int64_t h) { inv[h] = 1.f / exp_shifted_sum(p.data() + h * L, L); };  // 1 / sum kept
     if (nthreads == 1) {  // a batch's row inside decode_step's parallel loop, or a short context: no team of one
         // (opening one cost about as much as the arithmetic at SmolLM2's 100 positions); the same arithmetic
-        scores_range<H16, C>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
+        scores_range<NV, C>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
         for (int64_t h = 0; h < nh; h++) softmax(h);
-        values_range<H16, C>(p.data(), V, S, hd, nh, n_kv, L, 0, L, partial.data());
+        values_range<NV, C>(p.data(), V, S, hd, nh, n_kv, L, 0, L, partial.data());
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
             const int t = omp_get_thread_num(), T = omp_get_num_threads();
             const int64_t s0 = L * t / T, s1 = L * (t + 1) / T;
-            scores_range<H16, C>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
+            scores_range<NV, C>(q, K, S, hd, nh, n_kv, L, s0, s1, scale, p.data());
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int64_t h = 0; h < nh; h++) softmax(h);
-            values_range<H16, C>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
+            values_range<NV, C>(p.data(), V, S, hd, nh, n_kv, L, s0, s1, partial.data() + t * nh * hd);
         }
     }
     for (int64_t i = 0; i < nh * hd; i++) {
@@ -753,12 +714,14 @@ static void attend_decode_kv(const float *q, const float *k_new, const float *v_
     const int64_t L = pos + 1 - begin;
     const C *K = k_cache + begin * hd, *V = v_cache + begin * hd;
     nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, L / 64)));  // a short context is not worth a split
-    switch (hd) {
-        case 64: return attend<4, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 128: return attend<8, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 256: return attend<16, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        default: return attend<0, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+#if defined(POCKETLM_VEC)
+    switch (hd) {  // a head in registers: hd / LANES vectors
+        case 64: return attend<64 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 128: return attend<128 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 256: return attend<256 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
     }
+#endif
+    attend<0, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
 }
 
 // One decoded token of one sequence, all heads: q (nh * hd), k, v (n_kv * hd) from the projections; q_norm,

@@ -336,3 +336,109 @@ static inline Floats load_floats(const float *p, int64_t n = 16) {
 }
 static inline void store_floats(float *p, Floats v, int64_t n = 16) { std::memcpy(p, v.v, (n < 16 ? n : 16) * 4); }
 #endif
+
+// --------------------------------------------------------------------------------- float vectors (Vec)
+// The float kernels (attention, softmax, the activations, int8 x fp32 rows) at the machine's own width: LANES
+// floats a register (16 on AVX-512, 8 on AVX2). Their sums come in another order than the scalar loops', so they
+// match their references within float rounding, not bit for bit. NEON and scalar builds use the plain loops,
+// which the compiler vectorizes.
+
+#if defined(POCKETLM_AVX512)
+#define POCKETLM_VEC 1
+static constexpr int LANES = 16;
+using Vec = __m512;
+static inline Vec v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline Vec v_load(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
+static inline Vec v_load_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))); }
+static inline void v_store(float *p, Vec v) { _mm512_storeu_ps(p, v); }
+static inline void v_store(uint16_t *p, Vec v) {  // fp16, rounded to nearest even as float_to_half
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline Vec v_set1(float x) { return _mm512_set1_ps(x); }
+static inline Vec v_zero() { return _mm512_setzero_ps(); }
+static inline Vec v_add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+static inline Vec v_sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+static inline Vec v_mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+static inline Vec v_max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+static inline Vec v_fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vec v_fnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline Vec v_round(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline Vec v_times_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }  // p 2^n, n integral
+static inline float v_sum(Vec a) { return _mm512_reduce_add_ps(a); }
+static inline float v_max_lane(Vec a) { return _mm512_reduce_max_ps(a); }
+// The sums of LANES vectors' lanes at once, for LANES positions' scores: a 16 x 16 transpose folded as it goes (30
+// shuffles and adds, where 16 _mm512_reduce_add_ps take about 130). Lane i of the result sums a[REDUCE_ORDER[i]],
+// an order that is its own inverse: a caller that puts position j into a[REDUCE_ORDER[j]] gets it in lane j.
+static constexpr int REDUCE_ORDER[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+static inline Vec v_reduce(const Vec *a) {
+    __m512 t[8], u[4], v[2];
+    for (int j = 0; j < 8; j++) t[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xEE));
+    for (int j = 0; j < 4; j++) u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[j + 4], 0x88), _mm512_shuffle_f32x4(t[j], t[j + 4], 0xDD));
+    for (int j = 0; j < 2; j++) v[j] = _mm512_add_ps(_mm512_shuffle_ps(u[j], u[j + 2], 0x44), _mm512_shuffle_ps(u[j], u[j + 2], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
+}
+
+#elif defined(POCKETLM_AVX2)
+#define POCKETLM_VEC 1
+static constexpr int LANES = 8;
+using Vec = __m256;
+static inline Vec v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline Vec v_load(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
+static inline Vec v_load_i8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)))); }
+static inline void v_store(float *p, Vec v) { _mm256_storeu_ps(p, v); }
+static inline void v_store(uint16_t *p, Vec v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline Vec v_set1(float x) { return _mm256_set1_ps(x); }
+static inline Vec v_zero() { return _mm256_setzero_ps(); }
+static inline Vec v_add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+static inline Vec v_sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+static inline Vec v_mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+static inline Vec v_max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+static inline Vec v_fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vec v_fnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline Vec v_round(Vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p 2^n for integral n: 2^n built in the exponent field, n held to [-127, 128] (2^-127 reads as 0, 2^128 as inf:
+// exp's results past its range are 0 and inf as with scalef, except in exp's last 0.3 below 88.72, which gives inf)
+static inline Vec v_times_pow2(Vec p, Vec n) {
+    n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+static inline float v_sum(Vec a) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+static inline float v_max_lane(Vec a) {
+    const __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+// The sums of 8 vectors' lanes at once, lane i = sum a[i] (three rounds of pairwise adds, then the halves)
+static constexpr int REDUCE_ORDER[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+static inline Vec v_reduce(const Vec *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // each 128-bit half: a0..a3, a4..a7
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+#if defined(POCKETLM_VEC)
+// exp(x) for LANES floats, Cephes' expf (as ggml's and Eigen's vectorized exp): x = n ln2 + r, |r| <= ln2/2,
+// exp(r) by a degree-7 polynomial, then scaled by 2^n. Within 2 ulp of expf; inf above 88.7, 0 below -103.
+static inline Vec v_exp(Vec x) {
+    const Vec n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    Vec r = v_fnma(n, v_set1(0.693359375f), x);  // ln2 in two parts, so r keeps its low bits
+    r = v_fnma(n, v_set1(-2.12194440e-4f), r);
+    Vec p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_add(v_fma(p, v_mul(r, r), r), v_set1(1.f));
+    return v_times_pow2(p, n);
+}
+#endif
