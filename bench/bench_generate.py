@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/bench_generate.py [--models smollm2-135m-instruct gemma3-270m]
         [--quants auto none] [--vs transformers llama.cpp] [--prompt-tokens 512] [--repeats 3] [--rounds 1]
+        [--kernel-target avx2 --llama-cpp DIR]   # both restricted to AVX2, on any machine that runs it
+
+Every row names its kernels: pocketlm's target (pocketlm/kernels: the best this CPU runs, or --kernel-target),
+llama.cpp's build (its own instruction sets; --llama-cpp DIR takes a build installed with pip install --target DIR,
+e.g. with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ..."), or aten.
 
 Each row is `pocketlm bench` (pocketlm/bench.py): every engine in its own process, the same prompt ids,
 greedy, end tokens ignored so every engine decodes the same count, medians after a warm-up. A peer that
@@ -39,14 +44,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernel-target", help="pocketlm's CPU kernels (default: the best this CPU runs)")
+    parser.add_argument("--llama-cpp", metavar="DIR", help="another llama-cpp-python build, installed with pip install --target DIR")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every engine this many times, interleaved (pocketlm, peers, pocketlm, peers, ...); rows "
                              "are each engine's median round and the ratio column lists every round's ratio: a machine "
                              "whose speed drifts moves a ratio taken within one round far less than either speed")
     args = parser.parse_args()
 
-    print("| model | engine | weights | prompt tok/s | decode tok/s | first token | peak memory | roofline | decode vs transformers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    base = "llama.cpp" if "llama.cpp" in args.vs else "transformers"  # the ratio column's reference
+    print(f"| model | engine | kernels | weights | prompt tok/s | decode tok/s | first token | peak memory | roofline | decode vs {base} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     skipped = set()
     for name in args.models:
         rounds = []  # per round: {(engine, weights): row}
@@ -54,17 +62,18 @@ def main() -> None:
             rows = {}
             for i, quant in enumerate(args.quants):
                 peers = args.vs if i == 0 else []  # peers once per model
-                result = run_bench(name, args.prompt_tokens, args.new_tokens, args.repeats, quant=quant, peers=peers)
+                result = run_bench(name, args.prompt_tokens, args.new_tokens, args.repeats, quant=quant, peers=peers,
+                                   kernel_target=args.kernel_target, llama_cpp=args.llama_cpp)
                 rows |= {(r["engine"], r["weights"]): r for r in result["results"]}
                 skipped |= {(s["engine"], s["reason"]) for s in result["skipped"]}
             rounds.append(rows)
-        reference = next((key for key in rounds[0] if key[0] == "transformers"), None)
+        reference = next((key for key in rounds[0] if key[0] == base), None)
         for key in rounds[0]:
             by_speed = sorted((rows[key] for rows in rounds), key=lambda row: row["decode_tok_s"])
             r = by_speed[(len(by_speed) - 1) // 2]  # the median round (the lower one of an even count)
             ratios = sorted(rows[key]["decode_tok_s"] / rows[reference]["decode_tok_s"] for rows in rounds) if reference else []
             vs = " / ".join(f"{x:.2f}x" for x in ratios) or "-"
-            print(f"| {name} | {r['engine']} | {r['weights']} | {r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+            print(f"| {name} | {r['engine']} | {r['kernels']} | {r['weights']} | {r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                   f"{r['ttft_s'] * 1000:.0f} ms | {r['peak_rss_mb']:.0f} MB | "
                   f"{r['roofline_decode_tok_s']:.0f} ({r['fraction_of_roofline']:.0%}) | {vs} |")
     print(f"\n({args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.repeats}; "

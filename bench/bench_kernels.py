@@ -1,6 +1,6 @@
 """One decode step's layers, pocketlm's CPU kernels (pocketlm/kernels) against aten's, in one process.
 
-    .venv/bin/python bench/bench_kernels.py [--rounds 5] [--threads 2]
+    .venv/bin/python bench/bench_kernels.py [--rounds 5] [--threads 2] [--target avx2] [--vs-target avx512-vnni]
 
 Rows: SmolLM2-135M's int4 layers (fused q/k/v, o, fused gate/up, down) and its int8 output head, one input
 row each (a decode step), then attention over 640 cached positions; then an int8 output head (SmolLM2's,
@@ -15,8 +15,13 @@ machine's speed drifts by up to 2x within minutes here, so two processes cannot 
 source of an earlier commit:
 
     git show HEAD~1:pocketlm/kernels/cpu.cpp > /tmp/old.cpp
-    g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC /tmp/old.cpp -o /tmp/old.so
+    cp pocketlm/kernels/simd.h /tmp/   # or the old commit's, where it has one
+    g++ -O3 -march=x86-64-v4 -mavx512vnni -ffp-contract=off -fopenmp -std=c++17 -shared -fPIC /tmp/old.cpp -o /tmp/old.so
     .venv/bin/python bench/bench_kernels.py --vs-build /tmp/old.so
+
+(the flags of the target it is compared with: pocketlm/kernels/__init__.py's TARGETS). `--target NAME` runs every
+table on another kernel target this CPU runs (default: the best), `--vs-target NAME` times a second target's decode
+step beside it: the AVX2 build against the AVX-512 one on an AVX-512 machine, say.
 """
 
 from __future__ import annotations
@@ -58,10 +63,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vs-build", metavar="SO", help="another build of cpu.cpp to time the decode step against")
+    parser.add_argument("--target", help="the kernel target to time (default: the best this CPU runs)")
+    parser.add_argument("--vs-target", help="a second kernel target whose decode step is timed beside")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.int4_kernel_on():
-        raise SystemExit(f"pocketlm's int4 kernel is not available here: {kernels.why_unavailable or 'no AVX-512 VNNI'}")
+        raise SystemExit(f"pocketlm's int4 kernel is not available here: {kernels.why_unavailable}")
+    with kernels.using(args.target or kernels.target()):
+        print(f"kernels: pocketlm {kernels.target()}, {args.threads} threads\n")
+        tables(args)
+
+
+def tables(args) -> None:
     torch.manual_seed(0)
     print("| layer | aten | pocketlm | speed-up |")
     print("|---|---|---|---|")
@@ -103,7 +116,7 @@ def main() -> None:
     for name, aten_us, ours_us in rows:
         print(f"| {name} | {aten_us:.0f} us | {ours_us:.0f} us | {aten_us / ours_us:.2f}x |")
     if kernels.int8_kernel_on():  # an output head's two kernels: one row is a decode step, 8 a server's batch
-        print("\n| int8 output head | rows | exact fp32 products (`int8_linear`) | VNNI (`int8_packed_linear`) | speed-up |")
+        print("\n| int8 output head | rows | exact fp32 products (`int8_linear`) | integer (`int8_packed_linear`) | speed-up |")
         print("|---|---|---|---|---|")
         for name, (K, N) in {"SmolLM2 576 -> 49152": (576, 49152), "Gemma 3 640 -> 262144": (640, 262144)}.items():
             weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
@@ -125,7 +138,9 @@ def decode_steps(args) -> None:
     model = load("smollm2", quant="auto").model
     model.setup_cache(8, 1024)
     step = FusedStep(model)
-    builds = {"this build": kernels.library()}
+    builds = {f"this build ({kernels.target()})": kernels.library()}
+    if args.vs_target:
+        builds[args.vs_target] = kernels.load_target(kernels.target_named(args.vs_target))
     if args.vs_build:
         builds[args.vs_build] = kernels.open_library(args.vs_build)
     names = list(builds)

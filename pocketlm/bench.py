@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each row names its kernels ("kernels": pocketlm's target, llama.cpp's, or aten)
 BANDWIDTH_PROBE_MB = 512  # well past the L3 cache (32 MB here)
 PEERS = ("transformers", "llama.cpp")
 # A prompt made of plain English, repeated and cut to the asked length in tokens.
@@ -33,13 +33,17 @@ PROMPT_TEXT = (
 
 
 def run_bench(model: str, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3, threads: int | None = None,
-              dtype: str = "float32", quant: str = "auto", peers: list[str] = ()) -> dict:
-    """Run pocketlm, then each peer, each in a child process; return the fixed-schema result dict."""
+              dtype: str = "float32", quant: str = "auto", peers: list[str] = (), kernel_target: str | None = None,
+              llama_cpp: str | None = None) -> dict:
+    """Run pocketlm, then each peer, each in a child process; return the fixed-schema result dict.
+    kernel_target: pocketlm's kernels (POCKETLM_KERNEL_TARGET; default the best this CPU runs). llama_cpp: a folder
+    holding another build of llama-cpp-python (`pip install --target DIR`, e.g. one built for AVX2 only), used
+    instead of the installed one."""
     from pocketlm import registry
 
     name, source = registry.resolve(model)
     job = {"model": str(source), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-           "threads": threads, "dtype": dtype, "quant": quant}
+           "threads": threads, "dtype": dtype, "quant": quant, "kernel_target": kernel_target, "llama_cpp": llama_cpp}
     bandwidth = read_bandwidth_gb_s(threads)
     rows, skipped = [], []
     for engine in ["pocketlm", *dict.fromkeys(peers)]:
@@ -75,10 +79,10 @@ def print_results(results: dict) -> str:
 
     table = Table(title=f"{results['model']}: {results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens, "
                         f"{results['threads']} threads, median of {results['repeats']}")
-    for column in ("engine", "weights", "prompt tok/s", "decode tok/s", "first token", "peak memory", "roofline", "decode vs pocketlm"):
-        table.add_column(column, justify="left" if column in ("engine", "weights") else "right")
+    for column in ("engine", "kernels", "weights", "prompt tok/s", "decode tok/s", "first token", "peak memory", "roofline", "decode vs pocketlm"):
+        table.add_column(column, justify="left" if column in ("engine", "kernels", "weights") else "right")
     for r in results["results"]:
-        table.add_row(r["engine"], r["weights"], f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+        table.add_row(r["engine"], r["kernels"], r["weights"], f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                       f"{r['ttft_s'] * 1000:.0f} ms", f"{r['peak_rss_mb']:.0f} MB",
                       f"{r['roofline_decode_tok_s']:.0f} ({r['fraction_of_roofline']:.0%})", f"{r['decode_vs_pocketlm']:.2f}x")
     console = Console(record=True, width=140, file=io.StringIO())
@@ -113,7 +117,12 @@ def _default_threads() -> int:
 
 def _run_child(engine: str, job: dict) -> dict:
     cmd = [sys.executable, "-m", "pocketlm.bench", engine, json.dumps(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if engine == "pocketlm" and job.get("kernel_target"):
+        env["POCKETLM_KERNEL_TARGET"] = job["kernel_target"]
+    if engine == "llama.cpp" and job.get("llama_cpp"):
+        env["PYTHONPATH"] = os.pathsep.join([job["llama_cpp"], *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         from pocketlm.errors import PocketLMError
@@ -147,8 +156,11 @@ def bench_pocketlm(job: dict) -> dict:
         g.text()
         runs.append(g.stats)
     runs = runs[1:]
+    from pocketlm import kernels
+
     return {
         "engine": "pocketlm",
+        "kernels": kernels.target() or "aten",
         "weights": lm.meta.get("weights", "float32"),
         "prompt_tok_s": statistics.median(s.prompt_tokens_per_s for s in runs),
         "decode_tok_s": statistics.median(s.decode_tokens_per_s for s in runs),
@@ -212,6 +224,7 @@ def bench_transformers(job: dict) -> dict:
         weights += model.get_output_embeddings().weight.numel() * 4
     return {
         "engine": "transformers",
+        "kernels": "aten",
         "weights": "float32",
         "prompt_tok_s": input_ids.shape[1] / statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
@@ -255,12 +268,29 @@ def bench_llama_cpp(job: dict) -> dict:
             decode.append((n_new - 1) / (time.perf_counter() - start))
     return {
         "engine": "llama.cpp",
+        "kernels": llama_cpp_target(),
         "weights": "gguf",
         "prompt_tok_s": n_prompt / statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
         "ttft_s": statistics.median(prefill),
         "weight_bytes_per_token": path.stat().st_size,  # an over-estimate: the file holds the embedding too
     }
+
+
+def llama_cpp_target() -> str:
+    """The instruction sets the loaded llama.cpp build uses, in pocketlm's target names (ggml's system info lists them:
+    "AVX2 = 1 | AVX512 = 0 | ..." or, in newer builds, "CPU : SSE3 = 1 | AVX2 = 1 | ...")."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    has = lambda feature: f"{feature} = 1" in info  # noqa: E731
+    if has("AVX512_VNNI"):
+        return "avx512-vnni"
+    if has("AVX512"):
+        return "avx512"
+    if has("AVX2"):
+        return "avx2-vnni" if has("AVX_VNNI") else "avx2"
+    return "neon" if has("NEON") else "other"
 
 
 def peak_rss_mb() -> float:

@@ -2,10 +2,11 @@
 
 import json
 
+from pocketlm import kernels
 from pocketlm.cli import main
 
 ROW_KEYS = {
-    "engine", "weights", "prompt_tok_s", "decode_tok_s", "ttft_s", "weight_bytes_per_token", "peak_rss_mb",
+    "engine", "kernels", "weights", "prompt_tok_s", "decode_tok_s", "ttft_s", "weight_bytes_per_token", "peak_rss_mb",
     "roofline_decode_tok_s", "fraction_of_roofline", "decode_vs_pocketlm", "prompt_vs_pocketlm",
 }
 
@@ -17,10 +18,11 @@ def test_bench_json_schema(tiny_llama_dir, capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"schema", "model", "source", "prompt_tokens", "new_tokens", "repeats", "threads",
                         "read_bandwidth_gb_s", "results", "skipped"}
-    assert out["schema"] == 1 and out["prompt_tokens"] == 24 and out["new_tokens"] == 4
+    assert out["schema"] == 2 and out["prompt_tokens"] == 24 and out["new_tokens"] == 4
     [ours] = out["results"]
     assert set(ours) == ROW_KEYS
     assert ours["engine"] == "pocketlm" and ours["weights"] == "int4" and ours["decode_vs_pocketlm"] == 1.0
+    assert ours["kernels"] == kernels.target()  # the target this CPU runs best, named in every row
     assert ours["decode_tok_s"] > 0 and ours["roofline_decode_tok_s"] > 0 and ours["peak_rss_mb"] > 0
     # int4 codes plus bf16 scales, and the int8 head: well under the float weights' bytes
     float_bytes = sum(f.stat().st_size for f in tiny_llama_dir.glob("*.safetensors"))

@@ -214,14 +214,25 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
 // (round_in_team): rounded by one thread before the team started, a batch's rows had cost SmolLM2's 8-row step
 // 1.1 ms (120 calls of 9 us while the other thread waited). One row is rounded here, in about the time a barrier
 // takes.
+#if defined(POCKETLM_AVX2)
+// 4 x 8 int32 (each in -127..127) -> 32 int8 in order: the packs interleave 128-bit halves, the permute undoes it
+static inline void store_int8x32(int8_t *out, const __m256i *v) {
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out), ordered);
+}
+#endif
+
 struct Int8Rows {
     std::vector<int8_t> hi, lo;
     std::vector<float> d, d_lo, group_sum;
+    std::vector<int32_t> block_sum_hi, block_sum_lo;  // the rounded values' sums per block of 32 (simd.h's u8_offset)
     const float *x;
     const int64_t M, K, g;
 
     Int8Rows(const float *x, int64_t M, int64_t K, int64_t g)
-        : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g), x(x), M(M), K(K), g(g) {
+        : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g), block_sum_hi(M * K / 32),
+          block_sum_lo(M * K / 32), x(x), M(M), K(K), g(g) {
         if (M == 1)
             for (int64_t u = 0; u < units(); u++) round(u);
     }
@@ -246,6 +257,13 @@ struct Int8Rows {
             // 16 lanes at a time: the rounding is the scalar loop's (round to nearest even)
             const __m512 x0 = _mm512_loadu_ps(x + at), x1 = _mm512_loadu_ps(x + at + 16);
             amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+#elif defined(POCKETLM_AVX2)
+            __m256 xs[4], top = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                xs[i] = _mm256_loadu_ps(x + at + 8 * i);
+                top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), xs[i]));  // |x|
+            }
+            amax = v_max_lane(top);
 #else
             for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[at + i]));
 #endif
@@ -264,6 +282,20 @@ struct Int8Rows {
                 sum_hi = _mm512_add_ps(sum_hi, h), sum_lo = _mm512_add_ps(sum_lo, l);
             }
             total_hi = _mm512_reduce_add_ps(sum_hi), total_lo = _mm512_reduce_add_ps(sum_lo);
+#elif defined(POCKETLM_AVX2)
+            // 8 lanes at a time, as the AVX-512 path
+            __m256i h_int[4], l_int[4];
+            __m256 sum_hi = _mm256_setzero_ps(), sum_lo = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                const __m256 h = _mm256_round_ps(_mm256_mul_ps(xs[i], _mm256_set1_ps(inv)), nearest);
+                __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_fnmadd_ps(h, _mm256_set1_ps(step), xs[i]), _mm256_set1_ps(inv_lo)), nearest);
+                l = _mm256_min_ps(_mm256_max_ps(l, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+                h_int[i] = _mm256_cvtps_epi32(h), l_int[i] = _mm256_cvtps_epi32(l);
+                sum_hi = _mm256_add_ps(sum_hi, h), sum_lo = _mm256_add_ps(sum_lo, l);
+            }
+            store_int8x32(&hi[at], h_int), store_int8x32(&lo[at], l_int);
+            total_hi = v_sum(sum_hi), total_lo = v_sum(sum_lo);
 #else
             for (int i = 0; i < 32; i++) {
                 const float h = std::nearbyint(x[at + i] * inv);
@@ -273,6 +305,7 @@ struct Int8Rows {
             }
 #endif
             d[m * (K / 32) + b] = step, d_lo[m * (K / 32) + b] = step_lo;
+            block_sum_hi[m * (K / 32) + b] = int32_t(total_hi), block_sum_lo[m * (K / 32) + b] = int32_t(total_lo);
             total += step * total_hi + step_lo * total_lo;
         }
         group_sum[unit] = total;
@@ -438,7 +471,7 @@ static void int8_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t 
         for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc_ints(acc_zero());
         for (int step = 0; step < 8; step++) {
             prefetch(p + step * 64 + PREFETCH);
-            const Bytes v = load_bytes(p + step * 64);
+            const Weights8 v = prepare_u8(load_bytes(p + step * 64));
             for (int m = 0; m < MT; m++) {
                 const int64_t k = (m0 + m) * K + blk * 32 + step * 4;
                 acc[m][0] = dot4_u8(acc[m][0], v, load4(&xq.hi[k]));
@@ -446,6 +479,8 @@ static void int8_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t 
             }
         }
         for (int m = 0; m < MT; m++) {
+            acc[m][0] = u8_offset(acc[m][0], xq.block_sum_hi[(m0 + m) * B + blk]);
+            acc[m][1] = u8_offset(acc[m][1], xq.block_sum_lo[(m0 + m) * B + blk]);
             res[m] = fma(to_floats(acc[m][0]), f_set1(xq.d[(m0 + m) * B + blk]), res[m]);
             res[m] = fma(to_floats(acc[m][1]), f_set1(xq.d_lo[(m0 + m) * B + blk]), res[m]);
         }

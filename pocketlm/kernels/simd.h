@@ -63,6 +63,7 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 //           AVX2's int16 sums hold a block's 8 products of a pass, at most 8 * 2 * 15 * 127 = 30480 < 32767)
 //   Ints    16 int32
 //   Floats  16 fp32
+//   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
 
 #if defined(POCKETLM_AVX512)
 using Bytes = __m512i;
@@ -79,8 +80,12 @@ static inline Acc acc_zero() { return _mm512_setzero_si512(); }
 static inline Acc dot4(Acc acc, Bytes codes, int32_t x) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x)); }
 static inline Ints acc_ints(Acc a) { return a; }
 static inline Ints add_ints(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
-// lane r = sum_j w[4r + j] * x[j] for weights stored as q + 128 (int8_pack's layout: bytes 0..255)
-static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x)); }
+// int8_pack's weights (q + 128, bytes 0..255): lane r += sum_j w[4r + j] * x[j], and at the end of a block of 32
+// activations u8_offset makes it sum_k (q + 128) x whatever dot4_u8 summed (vpdpbusd multiplies q + 128 itself)
+using Weights8 = Bytes;
+static inline Weights8 prepare_u8(Bytes w) { return w; }
+static inline Ints dot4_u8(Ints acc, const Weights8 &w, int32_t x) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x)); }
+static inline Ints u8_offset(Ints acc, int32_t) { return acc; }
 static inline Floats to_floats(Ints a) { return _mm512_cvtepi32_ps(a); }
 static inline Floats f_zero() { return _mm512_setzero_ps(); }
 static inline Floats f_set1(float v) { return _mm512_set1_ps(v); }
@@ -136,18 +141,23 @@ static inline Ints acc_ints(Acc a) {  // int16 pairs -> int32 lanes
 #endif
 
 // w stored as q + 128 (0..255) times x: vpmaddubsw would saturate (255 * 127 * 2 > 32767), so as llama.cpp's
-// q8_0 dot product: |q| times x with q's sign (each pair <= 2 * 127 * 127), then + 128 * sum x to get back to
-// sum (q + 128) x, which int8_packed_linear's arithmetic expects
-static inline __m256i dot4_u8_half(__m256i acc, __m256i w, __m256i xv, __m256i x128) {
-    const __m256i q = _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80)));  // q + 128 -> q as int8
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), x128));
+// q8_0 dot product: |q| times x with q's sign (each pair <= 2 * 127 * 127) sums q x; u8_offset adds 128 sum x
+// once a block, giving sum (q + 128) x, which int8_packed_linear's arithmetic expects
+struct Weights8 { __m256i abs_lo, abs_hi, q_lo, q_hi; };  // |q| and q (int8) of rows 0-7 and 8-15
+static inline Weights8 prepare_u8(Bytes w) {
+    const __m256i flip = _mm256_set1_epi8(char(0x80));  // q + 128 -> q as int8
+    const __m256i q_lo = _mm256_xor_si256(w.lo, flip), q_hi = _mm256_xor_si256(w.hi, flip);
+    return {_mm256_abs_epi8(q_lo), _mm256_abs_epi8(q_hi), q_lo, q_hi};
 }
-static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) {
-    int8_t b[4];
-    std::memcpy(b, &x, 4);
-    const __m256i xv = _mm256_set1_epi32(x), x128 = _mm256_set1_epi32(128 * (b[0] + b[1] + b[2] + b[3]));
-    return {dot4_u8_half(acc.lo, w.lo, xv, x128), dot4_u8_half(acc.hi, w.hi, xv, x128)};
+static inline Ints dot4_u8(Ints acc, const Weights8 &w, int32_t x) {
+    const __m256i xv = _mm256_set1_epi32(x), ones = _mm256_set1_epi16(1);
+    const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs_lo, _mm256_sign_epi8(xv, w.q_lo)), ones);
+    const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs_hi, _mm256_sign_epi8(xv, w.q_hi)), ones);
+    return {_mm256_add_epi32(acc.lo, lo), _mm256_add_epi32(acc.hi, hi)};
+}
+static inline Ints u8_offset(Ints acc, int32_t x_sum) {
+    const __m256i offset = _mm256_set1_epi32(128 * x_sum);
+    return {_mm256_add_epi32(acc.lo, offset), _mm256_add_epi32(acc.hi, offset)};
 }
 static inline Floats to_floats(Ints a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 static inline Floats f_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
@@ -213,12 +223,19 @@ static inline Ints add_ints(Ints a, Ints b) {
     for (int i = 0; i < 4; i++) a.v[i] = vaddq_s32(a.v[i], b.v[i]);
     return a;
 }
-static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) {  // (q + 128) x = q x + 128 x, q = w ^ 0x80 signed
-    int8_t b[4];
-    std::memcpy(b, &x, 4);
+// (q + 128) x = q x + 128 x: sdot sums q x (q = w ^ 0x80, signed), u8_offset adds 128 sum x once a block
+using Weights8 = Bytes;
+static inline Weights8 prepare_u8(Bytes w) {
+    for (int i = 0; i < 4; i++) w.v[i] = veorq_s8(w.v[i], vdupq_n_s8(int8_t(0x80)));
+    return w;
+}
+static inline Ints dot4_u8(Ints acc, const Weights8 &w, int32_t x) {
     const int8x16_t xv = vreinterpretq_s8_s32(vdupq_n_s32(x));
-    const int32x4_t x128 = vdupq_n_s32(128 * (b[0] + b[1] + b[2] + b[3]));
-    for (int i = 0; i < 4; i++) acc.v[i] = vaddq_s32(vdotq_s32(acc.v[i], veorq_s8(w.v[i], vdupq_n_s8(int8_t(0x80))), xv), x128);
+    for (int i = 0; i < 4; i++) acc.v[i] = vdotq_s32(acc.v[i], w.v[i], xv);
+    return acc;
+}
+static inline Ints u8_offset(Ints acc, int32_t x_sum) {
+    for (int i = 0; i < 4; i++) acc.v[i] = vaddq_s32(acc.v[i], vdupq_n_s32(128 * x_sum));
     return acc;
 }
 static inline Floats to_floats(Ints a) {
@@ -297,7 +314,10 @@ static inline Ints add_ints(Ints a, Ints b) {
     for (int r = 0; r < 16; r++) a.v[r] += b.v[r];
     return a;
 }
-static inline Ints dot4_u8(Ints acc, Bytes w, int32_t x) { return dot4(acc, w, x); }
+using Weights8 = Bytes;
+static inline Weights8 prepare_u8(Bytes w) { return w; }
+static inline Ints dot4_u8(Ints acc, const Weights8 &w, int32_t x) { return dot4(acc, w, x); }  // (q + 128) x itself
+static inline Ints u8_offset(Ints acc, int32_t) { return acc; }
 static inline Floats to_floats(Ints a) {
     Floats f;
     for (int r = 0; r < 16; r++) f.v[r] = float(a.v[r]);
