@@ -171,6 +171,106 @@ def test_gguf_lineage(small_llama_dir, tmp_path):
     assert meta["teacher"] == "smollm2-135m-instruct" and meta["source"] == str(path.resolve())
 
 
+# ---- Llama 3.x RoPE scaling: the rope_freqs tensor, both ways ------------------------------------------
+
+LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_llama32_dir(tmp_path_factory):
+    """Llama 3.2's RoPE (base 500,000, llama3 scaling 32 / 1 / 4 / 8192, 131k context, tied embedding) at tiny size.
+    head_dim 64: of the 32 rotary pairs 15 keep their frequency, 3 are smoothed and 14 are divided by 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import byte_level_metadata
+
+    folder = tmp_path_factory.mktemp("tiny-llama32")
+    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=dict(LLAMA32_ROPE), tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder
+
+
+def test_gguf_llama3_rope_writes_rope_freqs_as_llama_cpp(tiny_llama32_dir, tmp_path):
+    from test_gguf import converter_rope_factors
+
+    path = tmp_path / "llama32.gguf"
+    export(str(tiny_llama32_dir), "gguf", path, "q8_0")
+    f = read_gguf(path)
+    info = f.tensors["rope_freqs.weight"]
+    assert list(f.tensors)[0] == "rope_freqs.weight" and info.ggml_type == T.F32 and info.shape == (32,)
+    factors = converter_rope_factors(64, 500000.0, LLAMA32_ROPE)
+    assert info.data.tobytes() == factors.tobytes()  # bit for bit what llama.cpp's converter writes
+    assert (factors == 1).sum() == 15 and ((factors > 1) & (factors < 32)).sum() == 3 and (factors == 32).sum() == 14
+    assert not any("rope.scaling" in k for k in f.metadata)  # the converter writes no keys for llama3 RoPE
+
+
+def test_gguf_llama3_rope_matches_transformers(tiny_llama32_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "llama32.gguf"
+    export(str(tiny_llama32_dir), "gguf", path, "f32")
+    ours = load(str(path))
+    assert ours.config.rope_scaling == LLAMA32_ROPE
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama32_dir, dtype=torch.float32).eval()
+    no_scaling = {"rope_type": "default", "rope_theta": 500000.0}
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama32_dir, dtype=torch.float32, rope_parameters=no_scaling)
+    # 600 positions: the divided low frequencies turn far enough to change the logits
+    ids = torch.randint(0, hf.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, expected, unscaled = ours.model(ids), hf(ids).logits, plain.eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the test sees the scaling: plain RoPE is outside the tolerance, ~3000x further off than the GGUF model
+    assert not torch.allclose(unscaled, expected, rtol=1e-4, atol=1e-4)
+    assert (unscaled - expected).abs().max() > 100 * (got - expected).abs().max()
+
+
+def test_gguf_llama3_rope_round_trips(tiny_llama32_dir, tmp_path):
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    export(str(tiny_llama32_dir), "gguf", first, "f32")
+    export(str(first), "gguf", second, "f32")  # through pocketlm's reader and back
+
+    # config: the source's, RoPE scaling recovered from the factors alone
+    source = json.loads((tiny_llama32_dir / "config.json").read_text())
+    config, state_dict = gguf_to_hf(first)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+            "rope_parameters")  # fmt: skip
+    assert {k: config[k] for k in keys} == {k: source[k] for k in keys}
+    assert config["rope_scaling"] == LLAMA32_ROPE
+
+    # tensors: the source's exactly (no rope_freqs among the weights), and the same file bytes the second time
+    src = load(str(tiny_llama32_dir))
+    expected = {k: v for k, v in src.model.state_dict().items() if k != "lm_head.weight"}
+    assert set(state_dict) == set(expected)
+    assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
+    a, b = read_gguf(first), read_gguf(second)
+    assert list(a.tensors) == list(b.tensors)
+    assert all(a.tensors[k].data.tobytes() == b.tensors[k].data.tobytes() for k in a.tensors)
+    assert {k: v for k, v in a.metadata.items() if k != "pocketlm.lineage"} == {
+        k: v for k, v in b.metadata.items() if k != "pocketlm.lineage"
+    }
+
+
+def test_gguf_llama3_rope_is_refused_where_llama_cpp_has_no_rope_freqs(small_llama_dir, tmp_path):
+    from pocketlm.formats.gguf_write import write_gguf
+
+    config = json.loads((small_llama_dir / "config.json").read_text())
+    config |= {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rope_scaling": dict(LLAMA32_ROPE)}
+    config.pop("rope_parameters", None)
+    tokenizer = Tokenizer.from_hf_dir(small_llama_dir)
+    with pytest.raises(PocketLMError, match="llama3 RoPE scaling is not supported for qwen2"):
+        write_gguf(tmp_path / "qwen2.gguf", config, {}, tokenizer)
+    assert not list(tmp_path.iterdir())
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 

@@ -417,10 +417,96 @@ def test_tiny_round_trip(tmp_path, arch, tied):
 
 def test_unknown_tensor_is_refused(tmp_path):
     tensors = to_gguf_tensors("llama", tiny_hf_state_dict("llama", True), {})
-    tensors["rope_freqs.weight"] = (np.ones(32, dtype=np.float32), T.F32)  # Llama 3.1-style RoPE scaling
+    tensors["blk.0.attn_rot_embd.weight"] = (np.ones(32, dtype=np.float32), T.F32)
     path = write_gguf(tmp_path / "extra.gguf", "llama", tiny_metadata("llama"), tensors)
-    with pytest.raises(PocketLMError, match=r"extra\.gguf: 1 tensors have no Hugging Face name: rope_freqs\.weight"):
+    with pytest.raises(PocketLMError, match=r"extra\.gguf: 1 tensors have no Hugging Face name: blk\.0\.attn_rot_embd"):
         gguf_to_hf(path)
+    # llama.cpp reads rope_freqs for llama only: elsewhere it is a tensor pocketlm cannot place
+    tensors = to_gguf_tensors("qwen2", tiny_hf_state_dict("qwen2", True), {})
+    tensors["rope_freqs.weight"] = (np.ones(32, dtype=np.float32), T.F32)
+    path = write_gguf(tmp_path / "qwen2.gguf", "qwen2", tiny_metadata("qwen2"), tensors)
+    with pytest.raises(PocketLMError, match=r"qwen2\.gguf: 1 tensors have no Hugging Face name: rope_freqs\.weight"):
+        gguf_to_hf(path)
+
+
+# ---- Llama 3.1+ RoPE scaling: the rope_freqs tensor ----------------------------------------------
+
+
+def converter_rope_factors(head_dim: int, base: float, rope_params: dict) -> np.ndarray:
+    """llama.cpp's conversion/llama.py LlamaModel.generate_extra_tensors, copied: rope_freqs.weight (fp32)."""
+    import math
+
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = rope_params.get("factor", 8.0)
+    low_freq_factor = rope_params.get("low_freq_factor", 1.0)
+    high_freq_factor = rope_params.get("high_freq_factor", 4.0)
+    old_context_len = rope_params.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
+def llama3(factor, low, high, original) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": original}  # fmt: skip
+
+
+# (written, read back). head_dim 64 and rope base 50,000 (tiny_metadata): each puts 2+ of the 32 rotary pairs
+# in the smooth band, between the kept high frequencies and the divided low ones.
+LLAMA3_CASES = {
+    "llama-3.2": (llama3(32.0, 1.0, 4.0, 8192), llama3(32.0, 1.0, 4.0, 8192)),
+    "llama-3.1": (llama3(8.0, 1.0, 4.0, 8192), llama3(8.0, 1.0, 4.0, 8192)),
+    "solved": (llama3(16.0, 1.0, 3.0, 4096), llama3(16.0, 1.0, 3.0, 4096)),  # not the usual: from the smooth band
+    # only original/low and original/high reach the factors: low 2, high 8, 16384 is Llama 3's 1, 4, 8192
+    "scaled": (llama3(32.0, 2.0, 8.0, 16384), llama3(32.0, 1.0, 4.0, 8192)),
+}
+
+
+@pytest.mark.parametrize("written, expected", LLAMA3_CASES.values(), ids=LLAMA3_CASES.keys())
+def test_rope_freqs_from_the_converter_becomes_llama3_rope_scaling(tmp_path, written, expected):
+    hf = tiny_hf_state_dict("llama", True)
+    tensors = {"rope_freqs.weight": (converter_rope_factors(TINY["head_dim"], 50000.0, written), T.F32)}
+    tensors |= to_gguf_tensors("llama", hf, {"ffn_": T.F16})  # rope_freqs first, as the converter writes it
+    path = write_gguf(tmp_path / "llama3.gguf", "llama", tiny_metadata("llama"), tensors)
+    assert not any("rope.scaling" in k for k in read_gguf(path).metadata)  # the converter writes no keys for it
+    config, state_dict = gguf_to_hf(path)
+    assert config["rope_scaling"] == expected
+    assert config["rope_parameters"] == {**expected, "rope_theta": 50000.0}
+    assert set(state_dict) == set(hf)  # the factors are config, not a weight
+    assert all(torch.equal(state_dict[k], torch.from_numpy(v)) for k, v in hf.items())
+    if written == expected:  # pocketlm's own writer computes the same bytes
+        from pocketlm.formats.gguf import llama3_rope_factors
+
+        factors = llama3_rope_factors(TINY["head_dim"], 50000.0, expected).numpy()
+        assert factors.tobytes() == tensors["rope_freqs.weight"][0].tobytes()
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
+    tensors = to_gguf_tensors("llama", tiny_hf_state_dict("llama", True), {})
+    factors = converter_rope_factors(TINY["head_dim"], 50000.0, llama3(32.0, 1.0, 4.0, 8192))
+    bad = {
+        "random": np.random.default_rng(7).uniform(1, 8, size=32).astype(np.float32),
+        "bent": np.where(np.arange(32) == 19, factors * 1.01, factors).astype(np.float32),  # one smooth factor off
+        "short": factors[:16],
+    }
+    for name, values in bad.items():
+        path = write_gguf(tmp_path / f"{name}.gguf", "llama", tiny_metadata("llama"),
+                          {**tensors, "rope_freqs.weight": (values, T.F32)})  # fmt: skip
+        with pytest.raises(PocketLMError) as info:
+            gguf_to_hf(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: rope_freqs.weight ") and "\n" not in message, message
+        assert ("not Llama 3 RoPE scaling" if name != "short" else "has shape (16,), not (32,)") in message
 
 
 def test_missing_tensor_and_unsupported_type_and_arch(tmp_path):

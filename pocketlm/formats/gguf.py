@@ -392,6 +392,71 @@ def _rope_scaling(m: _Meta) -> dict | None:
     raise PocketLMError(f"{m.f.path}: RoPE scaling type '{kind}' is not supported (only linear)")
 
 
+# Llama 3.1+ RoPE scaling in a GGUF: llama.cpp's converter writes no rope.scaling.* keys for it, only this
+# tensor, one fp32 factor per rotary pair; llama.cpp divides each RoPE frequency by its factor. It is read
+# into the config (rope_scaling), never into the state dict.
+ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_USUAL = (1.0, 4.0, 8192)  # low_freq_factor, high_freq_factor, original context: Llama 3.1, 3.2, 3.3
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """(head_dim / 2,) fp32: rope_freqs.weight for transformers' llama3 `scaling`, op for op as llama.cpp's
+    converter computes it (conversion/llama.py LlamaModel.generate_extra_tensors), defaults included."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = scaling.get("factor", 8.0)
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context_len = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:  # a 0-d fp32 tensor: the converter's arithmetic below stays in fp32
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def _llama3_rope_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict:
+    """rope_freqs.weight -> transformers' llama3 rope_scaling dict, the inverse of `llama3_rope_factors`.
+
+    The largest factor is `factor`. Llama 3's usual low 1 / high 4 / 8192 are tried first; else the smooth
+    region (factors strictly between 1 and `factor`) gives the rest: there 1/f = (1 - s)/factor + s with
+    s = (orig / wavelen - low) / (high - low), a line in 1/wavelen. Its slope and intercept fix only
+    orig/low and orig/high, so low = 1 is assumed. The result must reproduce every stored factor.
+    """
+    info = f.tensors[ROPE_FREQS]
+    if info.shape != (head_dim // 2,):
+        raise PocketLMError(
+            f"{f.path}: {ROPE_FREQS} has shape {info.shape}, not ({head_dim // 2},) for head_dim {head_dim}"
+        )
+    stored = dequantize_tensor(info).double()  # (head_dim / 2,)
+    factor = stored.max().item()
+    candidates = [_LLAMA3_USUAL]
+    inv_wavelen = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)) / (2 * math.pi)
+    mid = (stored > 1 + 1e-6) & (stored < factor * (1 - 1e-6))
+    if factor > 1 and mid.sum() >= 2:
+        s = (1 / stored[mid] - 1 / factor) / (1 - 1 / factor)  # the smooth fraction of each middle factor
+        slope, intercept = np.polyfit(inv_wavelen[mid].numpy(), s.numpy(), 1)  # s = orig/(high-1) x - 1/(high-1)
+        if intercept < 0 < slope:
+            high, orig = 1 - 1 / intercept, -slope / intercept
+            candidates += [(1.0, round(high, 3), round(orig)), (1.0, high, orig)]  # round numbers first
+    for low, high, orig in candidates:
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                   "original_max_position_embeddings": orig}  # fmt: skip
+        if torch.allclose(llama3_rope_factors(head_dim, theta, scaling).double(), stored, rtol=1e-6, atol=0):
+            return scaling
+    raise PocketLMError(
+        f"{f.path}: {ROPE_FREQS} is not Llama 3 RoPE scaling (no factor, low/high_freq_factor and original "
+        f"context length reproduce its {len(stored)} values)"
+    )
+
+
 def _rope_parameters(theta: float, scaling: dict | None) -> dict:
     """transformers 5 writes RoPE settings as `rope_parameters`; the flat keys stay for version 4 readers."""
     return {"rope_type": "default", "rope_theta": theta} | (scaling or {})
@@ -399,6 +464,11 @@ def _rope_parameters(theta: float, scaling: dict | None) -> dict:
 
 def _llama_config(f: GGUFFile) -> dict[str, Any]:
     c = _common_config(f)
+    if ROPE_FREQS in f.tensors:  # llama.cpp reads rope_freqs for llama only (src/models/llama.cpp)
+        if c["rope_scaling"] is not None:  # llama.cpp would apply both; transformers has no such RoPE
+            kind = c["rope_scaling"]["rope_type"]
+            raise PocketLMError(f"{f.path}: {ROPE_FREQS} together with {kind} RoPE scaling is not supported")
+        c["rope_scaling"] = _llama3_rope_scaling(f, c["head_dim"], c["rope_theta"])
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -498,13 +568,14 @@ class _Architecture:
     config: Callable[[GGUFFile], dict[str, Any]]
     fix: Callable[[str, torch.Tensor, dict], torch.Tensor]
     required_biases: tuple[str, ...] = ()  # ...except these
+    config_tensors: tuple[str, ...] = ()  # tensors `config` reads, not weights: they have no Hugging Face name
 
     def required_block_tensors(self) -> list[str]:
         return [f"{n}.weight" for n in self.block_names] + [f"{n}.bias" for n in self.required_biases]
 
 
 ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture(LLAMA_BLOCK_NAMES, _llama_config, _llama_fix),
+    "llama": _Architecture(LLAMA_BLOCK_NAMES, _llama_config, _llama_fix, config_tensors=(ROPE_FREQS,)),
     "qwen2": _Architecture(LLAMA_BLOCK_NAMES, _qwen2_config, _no_fix, required_biases=("attn_q", "attn_k", "attn_v")),
     "gemma3": _Architecture(GEMMA3_BLOCK_NAMES, _gemma3_config, _gemma3_fix),
 }
@@ -517,6 +588,18 @@ def gguf_to_hf(gguf_file: GGUFFile | str | os.PathLike) -> tuple[dict[str, Any],
     head is not tied, and values equal to what `from_pretrained(..., gguf_file=...)` loads.
     """
     f = gguf_file if isinstance(gguf_file, GGUFFile) else read_gguf(gguf_file)
+    arch, config = model_config(f)
+    state_dict = {}
+    with _torch_threads(1):
+        for name, info in f.tensors.items():
+            if name not in arch.config_tensors:  # rope_freqs.weight is in the config, not a weight
+                state_dict[_hf_name(name, arch.block_names)] = arch.fix(name, dequantize_tensor(info), config)
+    return config, state_dict
+
+
+def model_config(f: GGUFFile) -> tuple[_Architecture, dict[str, Any]]:
+    """The file's architecture and config.json-style config, once every tensor the model needs is there with a
+    Hugging Face name and a GGML type pocketlm reads (one line otherwise, before any tensor is read)."""
     arch = ARCHITECTURES.get(f.architecture)
     if arch is None:
         raise PocketLMError(
@@ -527,21 +610,17 @@ def gguf_to_hf(gguf_file: GGUFFile | str | os.PathLike) -> tuple[dict[str, Any],
     required = ["token_embd.weight", "output_norm.weight"]
     required += [f"blk.{i}.{n}" for i in range(config["num_hidden_layers"]) for n in arch.required_block_tensors()]
     missing = [n for n in required if n not in f.tensors]
-    unnamed = [n for n in f.tensors if _hf_name(n, arch.block_names) is None]
+    weights = [n for n in f.tensors if n not in arch.config_tensors]
+    unnamed = [n for n in weights if _hf_name(n, arch.block_names) is None]
     if missing:
         raise PocketLMError(f"{f.path}: {len(missing)} tensors missing for a {f.architecture} model: {_few(missing)}")
-    if unnamed:  # e.g. Llama 3's rope_freqs.weight: refuse rather than silently build a different model
+    if unnamed:  # refuse rather than silently build a different model
         raise PocketLMError(f"{f.path}: {len(unnamed)} tensors have no Hugging Face name: {_few(unnamed)}")
     unsupported = [f"{n} ({t.ggml_type.name})" for n, t in f.tensors.items() if t.ggml_type not in DEQUANTIZERS]
     if unsupported:  # check all before dequantizing any
         supported = ", ".join(t.name for t in DEQUANTIZERS)
         raise PocketLMError(f"{f.path}: unsupported GGML types in {_few(unsupported)} (supported: {supported})")
-
-    state_dict = {}
-    with _torch_threads(1):
-        for name, info in f.tensors.items():
-            state_dict[_hf_name(name, arch.block_names)] = arch.fix(name, dequantize_tensor(info), config)
-    return config, state_dict
+    return arch, config
 
 
 @contextmanager

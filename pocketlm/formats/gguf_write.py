@@ -4,10 +4,11 @@
 
 What llama.cpp's convert_hf_to_gguf.py does, for the architectures gguf.py reads back (llama, qwen2,
 gemma3): HF tensor names -> GGUF names (gguf.py's tables, inverted), Q/K rows permuted for llama.cpp's
-RoPE (LlamaModel.permute), Gemma's norm weights + 1 (Gemma3Model.modify_tensors), the architecture's
-hyper-parameters under "<arch>.*" and the tokenizer under "tokenizer.ggml.*" (the inverse of
-Tokenizer.from_gguf_metadata). Matrices are stored in the chosen type through gguf-py's own quantizers
-(`gguf.quants.quantize`, bit for bit what llama.cpp's reference C code makes); 1-D tensors stay F32.
+RoPE (LlamaModel.permute), Gemma's norm weights + 1 (Gemma3Model.modify_tensors), llama3 RoPE scaling as
+the rope_freqs tensor (LlamaModel.generate_extra_tensors), the architecture's hyper-parameters under
+"<arch>.*" and the tokenizer under "tokenizer.ggml.*" (the inverse of Tokenizer.from_gguf_metadata).
+Matrices are stored in the chosen type through gguf-py's own quantizers (`gguf.quants.quantize`, bit for
+bit what llama.cpp's reference C code makes); 1-D tensors stay F32.
 
 The file is written as gguf-py's writer state machine walks it -- EMPTY -> HEADER -> KV_DATA -> TI_DATA ->
 WEIGHTS -- with every tensor's type and byte size planned up front, so tensors are converted and
@@ -33,7 +34,13 @@ from gguf.quants import quantize as gguf_quantize
 
 from pocketlm.config import FULL, SLIDING, Gemma3Config, LlamaConfig, config_from_hf
 from pocketlm.errors import PocketLMError
-from pocketlm.formats.gguf import GEMMA3_BLOCK_NAMES, LLAMA_BLOCK_NAMES, TOP_LEVEL_NAMES
+from pocketlm.formats.gguf import (
+    GEMMA3_BLOCK_NAMES,
+    LLAMA_BLOCK_NAMES,
+    ROPE_FREQS,
+    TOP_LEVEL_NAMES,
+    llama3_rope_factors,
+)
 
 # ---- tensor types ----------------------------------------------------------------------------------
 
@@ -183,9 +190,10 @@ def _u32(x: int) -> tuple[int, GGUFValueType]:
 
 def _llama_metadata(cfg: LlamaConfig, arch: str) -> dict[str, tuple]:
     """LlamaModel / Qwen2Model.set_gguf_parameters in convert_hf_to_gguf.py."""
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
-        # llama3 RoPE goes into a rope_freqs tensor that gguf.py (and so pocketlm) refuses to read back
-        raise PocketLMError(f"GGUF export of {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    rope_type = cfg.rope_scaling and cfg.rope_scaling["rope_type"]
+    if rope_type not in (None, "linear") and not (rope_type == "llama3" and arch == "llama"):
+        # llama3 RoPE is the rope_freqs tensor (_llama_extra_tensors), which llama.cpp reads for llama only
+        raise PocketLMError(f"GGUF export of {rope_type} RoPE scaling is not supported for {arch} (only linear)")
     if cfg.sliding_window is not None:
         raise PocketLMError(f"GGUF export of a {cfg.model_type} model with sliding-window attention is not supported")
     md = _common_metadata(cfg, arch)
@@ -198,6 +206,9 @@ def _llama_metadata(cfg: LlamaConfig, arch: str) -> dict[str, tuple]:
 
 def _gemma3_metadata(cfg: Gemma3Config, arch: str) -> dict[str, tuple]:
     """Gemma3Model.set_gguf_parameters. llama.cpp hard-codes what it does not store (see gguf.py _gemma3_config)."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
+        kind = cfg.rope_scaling["rope_type"]
+        raise PocketLMError(f"GGUF export of Gemma 3 with {kind} RoPE scaling is not supported (only linear)")
     derived = cfg.dim // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim
     if cfg.query_pre_attn_scalar != derived:
         raise PocketLMError(
@@ -239,10 +250,21 @@ def _common_metadata(cfg, arch: str) -> dict[str, tuple]:
         Keys.LLM.VOCAB_SIZE: _u32(cfg.vocab_size),
     }
     md = {k.format(arch=arch): v for k, v in md.items()}
-    if cfg.rope_scaling:  # linear only (checked by the caller)
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "linear":  # llama3: a tensor, not keys
         md[Keys.Rope.SCALING_TYPE.format(arch=arch)] = ("linear", GGUFValueType.STRING)
         md[Keys.Rope.SCALING_FACTOR.format(arch=arch)] = _f32(cfg.rope_scaling["factor"])
     return md
+
+
+def _llama_extra_tensors(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """LlamaModel.generate_extra_tensors: llama3 RoPE scaling as the rope_freqs tensor (F32), no metadata."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
+        return {ROPE_FREQS: llama3_rope_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+    return {}
+
+
+def _no_extra_tensors(cfg) -> dict[str, torch.Tensor]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -251,12 +273,13 @@ class _Architecture:
     block_names: dict[str, str]  # HF block module name -> GGUF name
     metadata: Any
     fix: Any
+    extra_tensors: Any = _no_extra_tensors  # GGUF tensors made from the config, written before the weights
 
 
 # model_type -> how it is stored; llama.cpp's convert_hf_to_gguf.py writes Mistral as "llama" too.
 ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix),
-    "mistral": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix),
+    "llama": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix, _llama_extra_tensors),
+    "mistral": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix, _llama_extra_tensors),
     "qwen2": _Architecture("qwen2", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _no_fix),
     "gemma3_text": _Architecture("gemma3", _invert(GEMMA3_BLOCK_NAMES), _gemma3_metadata, _gemma3_fix),
 }
@@ -390,15 +413,18 @@ def write_gguf(
     matrix_type, file_type = QUANT_TYPES[qtype]
     lineage = dict(lineage or {})
 
-    # Plan: (GGUF name, HF name, GGML type, torch shape) for every tensor, checked before any byte is written.
+    # Plan: (GGUF name, HF name, GGML type, torch shape) for every tensor, checked before any byte is written;
+    # the tensors made from the config (HF name None) come first, as convert_hf_to_gguf.py writes them.
     names = {k: gguf_name(k, arch.block_names) for k in state_dict}
     if cfg.tie_word_embeddings:  # convert_hf_to_gguf.py writes no output.weight for a tied head
         names.pop("lm_head.weight", None)
     unnamed = sorted(k for k, v in names.items() if v is None)
     if unnamed:
         raise PocketLMError(f"{len(unnamed)} tensors have no GGUF name for {arch.gguf_arch}: {', '.join(unnamed[:4])}")
-    plan = [(gg, hf, tensor_type(matrix_type, tuple(state_dict[hf].shape)), tuple(state_dict[hf].shape))
-            for hf, gg in names.items()]  # fmt: skip
+    extra = arch.extra_tensors(cfg)
+    plan = [(gg, None, T.F32, tuple(t.shape)) for gg, t in extra.items()]
+    plan += [(gg, hf, tensor_type(matrix_type, tuple(state_dict[hf].shape)), tuple(state_dict[hf].shape))
+             for hf, gg in names.items()]  # fmt: skip
 
     metadata = {
         Keys.General.TYPE: ("model", GGUFValueType.STRING),
@@ -426,7 +452,7 @@ def write_gguf(
         writer.write_kv_data_to_file()  # -> KV_DATA
         writer.write_ti_data_to_file()  # -> TI_DATA
         for gg, hf, gtype, _ in plan:  # -> WEIGHTS, one tensor at a time, in the order of the infos
-            w = arch.fix(gg, state_dict[hf].detach().to(torch.float32), cfg)
+            w = extra[gg] if hf is None else arch.fix(gg, state_dict[hf].detach().to(torch.float32), cfg)
             writer.write_tensor_data(encode_tensor(w, gtype))
         writer.close()
         os.replace(tmp, path)

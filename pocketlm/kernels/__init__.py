@@ -75,6 +75,8 @@ SIGNATURES = {
     "cpu_runs_target": [],
     "int4_packed_bytes": [I64, I64, I64],
     "int4_pack": [P, P, I64, I64, I64, P],
+    "int4_unpack": [P, I64, I64, I64, P, P],
+    "int4_pack_gguf": [P, I32, I64, I64, P, P],
     "int4_linear": [P, I64, I64, P, I64, I64, P, P, I32],
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "int8_packed_bytes": [I64, I64],
@@ -269,6 +271,23 @@ def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: i
     out = torch.empty(library().int4_packed_bytes(N, K, group_size), dtype=torch.uint8)
     library().int4_pack(ptr(codes), ptr(scales_and_zeros), N, K, group_size, ptr(out))
     return out
+
+
+def int4_unpack(packed: torch.Tensor, N: int, K: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_pack's inverse -> codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16."""
+    codes, scales_and_zeros = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(K // group_size, N, 2, dtype=torch.bfloat16)
+    library().int4_unpack(ptr(packed), N, K, group_size, ptr(codes), ptr(scales_and_zeros))
+    return codes, scales_and_zeros
+
+
+GGUF_GRID_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12}  # int4_pack_gguf's types (ggml's ids)
+
+
+def int4_pack_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, order: torch.Tensor | None, out: torch.Tensor) -> None:
+    """A GGML Q4_0 / Q4_1 / Q4_K tensor's bytes (N, K) -> int4_pack's layout (groups of 32) written into out, rows
+    taken in `order` (int64, or None: as they are)."""
+    order = None if order is None else order.to(torch.int64).contiguous()
+    library().int4_pack_gguf(ptr(blocks), GGUF_GRID_TYPES[ggml_type], N, K, ptr(order), ptr(out))
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int, bias) -> torch.Tensor:

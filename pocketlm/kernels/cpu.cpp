@@ -208,6 +208,83 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
         }
 }
 
+// The inverse of int4_pack: the kernel's layout -> codes (N, K/2) and scales_and_zeros (K/g, N, 2), for a layer that
+// keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained
+extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, uint8_t *codes, uint16_t *scales_and_zeros) {
+    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            const uint8_t *p = packed + (b * G + gi) * int4_group_bytes(g);
+            const uint16_t *sz = reinterpret_cast<const uint16_t *>(p);
+            for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
+                const int64_t n = b * ROWS + r;
+                scales_and_zeros[(gi * N + n) * 2] = sz[r], scales_and_zeros[(gi * N + n) * 2 + 1] = sz[ROWS + r];
+                uint8_t *row = codes + n * (K / 2) + gi * g / 2;
+                for (int64_t step = 0; step < g / 8; step++) {
+                    const uint8_t *o = p + 64 + step * 64 + r * 4;
+                    uint8_t *c = row + step * 4;
+                    c[0] = uint8_t((o[0] & 0x0F) | (o[1] & 0x0F) << 4), c[2] = uint8_t((o[0] >> 4) | (o[1] & 0xF0));
+                    c[1] = uint8_t((o[2] & 0x0F) | (o[3] & 0x0F) << 4), c[3] = uint8_t((o[2] >> 4) | (o[3] & 0xF0));
+                }
+            }
+        }
+}
+
+// bf16 of an fp32, rounded to nearest even (c10::BFloat16's round_to_nearest_even; scales are never NaN)
+static inline uint16_t float_to_bf16(float f) {
+    const uint32_t u = float_to_bits(f);
+    return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+enum GGMLType { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12 };  // ggml.h's type ids
+
+// Group gi (32 values) of row n of a GGML Q4_0, Q4_1 or Q4_K tensor with K columns -> its codes (0..15), scale and
+// zero in fp32, w = (q - 8) scale + zero; the arithmetic of pocketlm/quant/from_gguf.py's grid_groups. Blocks as
+// ggml-common.h's block_q4_0 (d | qs[16]: value j < 16 the low nibble of qs[j], j + 16 its high one), block_q4_1
+// (d | m | qs[16]), block_q4_K (d | dmin | scales[12] | qs[128]: 8 groups of 32, group s in the low (even s) or high
+// nibbles of qs[32 (s / 2) ..], its 6-bit scale and min unpacked as ggml-quants.c's get_scale_min_k4).
+static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int64_t gi, uint8_t *codes, float &scale, float &zero) {
+    auto f16 = [](const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); };
+    if (type == GGML_Q4_0 || type == GGML_Q4_1) {
+        const int64_t size = type == GGML_Q4_0 ? 18 : 20;
+        const uint8_t *block = data + (n * (K / 32) + gi) * size, *qs = block + size - 16;
+        for (int e = 0; e < 16; e++) codes[e] = qs[e] & 0x0F, codes[e + 16] = qs[e] >> 4;
+        scale = f16(block);
+        zero = type == GGML_Q4_0 ? 0.f : f16(block + 2) + 8.f * scale;  // w = d q + m
+        return;
+    }
+    const uint8_t *block = data + (n * (K / 256) + gi / 8) * 144, *sc = block + 4;
+    const int s = int(gi % 8);
+    const int scale6 = s < 4 ? sc[s] & 63 : (sc[s + 4] & 0x0F) | ((sc[s - 4] >> 6) << 4);
+    const int min6 = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+    const uint8_t *qs = block + 16 + (s / 2) * 32;
+    for (int e = 0; e < 32; e++) codes[e] = s % 2 ? qs[e] >> 4 : qs[e] & 0x0F;
+    scale = f16(block) * float(scale6);
+    zero = 8.f * scale - f16(block + 2) * float(min6);  // w = (d sc) q - dmin m
+}
+
+// A GGML Q4_0, Q4_1 or Q4_K tensor (N, K) -> int4_pack's layout with groups of 32, straight from the file's blocks
+// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are)
+extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, uint8_t *out) {
+    const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            uint8_t *p = out + (b * G + gi) * int4_group_bytes(32);
+            std::memset(p, 0, int4_group_bytes(32));  // the last block's rows past N stay zero
+            uint16_t *sz = reinterpret_cast<uint16_t *>(p);
+            for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
+                uint8_t codes[32];
+                float scale, zero;
+                gguf_group(data, type, K, order ? order[b * ROWS + r] : b * ROWS + r, gi, codes, scale, zero);
+                sz[r] = float_to_bf16(scale), sz[ROWS + r] = float_to_bf16(zero);
+                for (int step = 0; step < 4; step++)
+                    for (int j = 0; j < 4; j++) p[64 + step * 64 + r * 4 + j] = uint8_t(codes[8 * step + j] | codes[8 * step + 4 + j] << 4);
+            }
+        }
+}
+
 // Activations of M rows rounded for the kernel: hi and lo (M, K) int8, their scales d and d/254 per block of 32
 // (M, K/32), and each group's sum of the rounded values (M, K/g). Several rows are rounded one (row, group) unit at
 // a time by the kernel's threads, inside its parallel region, before they share out the weight blocks

@@ -1,0 +1,178 @@
+"""A quantized run of a GGUF reads its blocks straight into the quantized layers (pocketlm/quant/from_gguf.py): the
+same model as the float round trip gave (dequantize to a float folder, quantize that), with no float copy made."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm import kernels
+from pocketlm.cli import main
+from pocketlm.formats.gguf import read_gguf
+from pocketlm.load import convert_gguf, load
+from pocketlm.quant.from_gguf import grid_groups
+from pocketlm.quant.int4 import Int4Linear
+from pocketlm.quant.int8 import Int8Linear
+
+from tiny_models import logits
+
+
+def export(model_dir, qtype: str, path) -> str:
+    assert main(["export", str(model_dir), "--format", "gguf", "--type", qtype, "-o", str(path)]) == 0
+    return str(path)
+
+
+def converted_copies() -> list[str]:
+    folder = os.path.join(os.environ["POCKETLM_HOME"], "converted")
+    return [p for p in os.listdir(folder) if not p.endswith(".json")] if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q8_0"])
+def test_a_quantized_gguf_loads_as_the_float_round_trip_did_without_a_float_copy(tiny_dir, qtype, tmp_path, throwaway_home):
+    path = export(tiny_dir, qtype, tmp_path / f"tiny-{qtype}.gguf")
+    before = set(converted_copies())
+    direct = load(path, quant="auto")
+    assert set(converted_copies()) == before  # nothing written: no float folder, no quantized copy
+    assert direct.meta["weights"] == ("int4-mixed" if qtype != "q8_0" else "int8") == direct.meta["runtime_quant"]
+    grids = any(t.ggml_type.name in ("Q4_0", "Q4_K") for t in read_gguf(path).tensors.values() if len(t.shape) == 2)
+    kinds = {type(m) for m in direct.model.modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    assert kinds == ({Int4Linear, Int8Linear} if grids else {Int8Linear})  # the head stays int8
+    # the round trip's model: the GGUF dequantized into a float folder, quantized at load
+    folder = convert_gguf(Path(path))
+    round_trip = load(str(folder), quant=direct.meta["weights"])
+    ours, theirs, exact = logits(direct), logits(round_trip), logits(load(str(folder)))
+    if qtype == "q8_0":  # both round the dequantized rows to int8 alike
+        assert torch.equal(ours, theirs)
+    else:
+        # The same grids; the scales and zeros go to bf16 from the block's own fields here, from the group's
+        # minimum and step there: a few bf16 steps apart, and this path no further from the file's own values.
+        torch.testing.assert_close(ours, theirs, rtol=5e-3, atol=5e-3)
+        assert (ours - exact).abs().mean() <= 1.05 * (theirs - exact).abs().mean()
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+def test_the_kernel_layout_written_from_the_blocks_equals_the_torch_reading(tiny_dir, qtype, tmp_path, throwaway_home):
+    """cpu.cpp's int4_pack_gguf (the file's blocks straight into the kernels' layout) against grid_groups (the same
+    blocks read in torch): every layer's weight, (q - 8) * bf16(scale) + bf16(zero), equal."""
+    if not kernels.int4_kernel_on():
+        pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
+    path = export(tiny_dir, qtype, tmp_path / f"tiny-{qtype}.gguf")
+    f = read_gguf(path)
+    if f.tensors["blk.0.ffn_down.weight"].ggml_type.name.lower() != qtype:
+        pytest.skip(f"the tiny model's rows are too short for {qtype} (the exporter took another type)")
+    lm = load(path, quant="auto")
+    down = lm.model.model.layers[0].mlp.down_proj  # an int4 layer without reordered rows
+    assert isinstance(down, Int4Linear) and down.packed is not None and down._buffers["qweight"].numel() == 0
+    codes, scale, zero = grid_groups(f.tensors["blk.0.ffn_down.weight"])  # (N K / 32, 32), (N K / 32,) x 2
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    expected = ((codes.float() - 8) * bf16(scale)[:, None] + bf16(zero)[:, None]).view(down.out_features, -1)
+    assert torch.equal(down.dequantized(), expected)
+
+
+def test_a_layer_kept_in_the_kernel_layout_saves_and_loads_its_plain_codes():
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(torch.nn.Linear(64, 40, bias=True), 32)
+    state = layer.state_dict()
+    assert state["qweight"].shape == (40, 32) and state["scales_and_zeros"].shape == (2, 40, 2)
+    if kernels.int4_kernel_on():  # the plain buffers are given up for the kernel's layout
+        assert layer._buffers["qweight"].numel() == 0 and layer.packed is not None
+    again = Int4Linear(64, 40, 32, bias=True)
+    again.load_state_dict(state)
+    again.pack()
+    x = torch.randn(3, 64)
+    assert torch.equal(again(x), layer(x)) and torch.equal(again.dequantized(), layer.dequantized())
+
+
+def test_a_mixed_file_runs_its_4bit_tensors_int4_and_the_rest_int8(tmp_path, throwaway_home):
+    """A Q4_K_M-like file (Q4_K and Q4_1 matrices, Q6_K and Q5_0 ones, F32 norms): the 4-bit grids stay int4, the
+    others run int8, and the logits stay close to the float model's (the file dequantized)."""
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
+    from tiny_models import byte_level_metadata
+
+    from pocketlm.load import build, read_gguf_model
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.from_gguf import quantized_state_dict
+    from pocketlm.tokenizer import Tokenizer
+
+    mix = {"token_embd": T.Q8_0, "attn_output": T.Q6_K, "output.": T.Q6_K, "attn_q.": T.Q4_0, "attn_k.": T.Q4_1,
+           "attn_v": T.Q4_K, "ffn_gate": T.Q4_K, "ffn_up": T.Q4_0, "blk.0.ffn_down": T.Q5_0, "blk.1.ffn_down": T.Q4_1}
+    tensors = random_k_quants(to_gguf_tensors("llama", tiny_hf_state_dict("llama", False), mix))
+    path = write_gguf(tmp_path / "mixed.gguf", "llama", tiny_metadata("llama"), tensors)
+    types = {name: t.ggml_type.name for name, t in read_gguf(path).tensors.items()}
+    assert {"Q4_K", "Q4_1", "Q4_0", "Q6_K", "Q5_0"} <= set(types.values())
+    # load()'s steps, with a tokenizer from elsewhere: the file has none (gguf-py wrote only the model)
+    gguf_file, config = read_gguf_model(path)
+    scheme = QuantScheme.parse("int4-mixed")
+    config["pocketlm"]["quantization"] = scheme.to_dict()
+    state_dict, layers = quantized_state_dict(gguf_file, scheme, config)
+    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
+    lm = build("mixed", path, path, config, state_dict, tokenizer, torch.float32, "int4-mixed", layers)
+    for i, layer in enumerate(lm.model.model.layers):
+        for module, names in ((layer.self_attn.qkv_proj, ("attn_q", "attn_k", "attn_v")), (layer.mlp.down_proj, ("ffn_down",))):
+            grid = all(types[f"blk.{i}.{n}.weight"] in ("Q4_0", "Q4_1", "Q4_K") for n in names)
+            assert isinstance(module, Int4Linear if grid else Int8Linear), (i, names, types)
+    # the kernels' layout written from Q4_K blocks (attn_v, the fused layer's last rows) against the torch reading
+    qkv = lm.model.model.layers[0].self_attn.qkv_proj
+    v = gguf_file.tensors["blk.0.attn_v.weight"]
+    codes, scale, zero = grid_groups(v)
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    expected = ((codes.float() - 8) * bf16(scale)[:, None] + bf16(zero)[:, None]).view(v.shape)
+    assert torch.equal(qkv.dequantized()[-v.shape[0]:], expected)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])
+    from pocketlm.formats.gguf import gguf_to_hf
+
+    float_config, float_state_dict = gguf_to_hf(gguf_file)
+    float_config["pocketlm"] = {}
+    reference = build("mixed", path, path, float_config, float_state_dict, tokenizer, torch.float32, "none")
+    with torch.inference_mode():
+        ours, reference = lm.model(ids), reference.model(ids)
+    assert ((ours - reference).abs().max() / reference.abs().max()).item() < 0.05
+
+
+def test_loading_holds_about_the_quantized_model_not_a_float_one(tmp_path, throwaway_home, smollm2):
+    """Peak memory of a direct load, in a fresh process, after the imports: the int4 layers, the int8 head (with its
+    kernel's copy) and the tokenizer, well under the float model alone (7x the file)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                         num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    folder = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((smollm2.path / name).read_bytes())
+    path = export(folder, "q4_0", tmp_path / "model.gguf")
+    size = os.path.getsize(path)
+    code = ("import torch, pocketlm.load as L, pocketlm.quant.from_gguf, pocketlm.tokenizer\n"
+            "rss = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024\n"
+            "before = rss('VmRSS')\n"
+            f"L.load({path!r}, quant='auto')\n"
+            "print(before, rss('VmHWM'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True).stdout
+    before, peak = map(int, out.split())
+    float_bytes = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) * 4
+    assert peak - before < float_bytes / 2, (peak - before, size, float_bytes)
+
+
+def test_a_model_larger_than_the_memory_is_refused_before_it_loads(tmp_path, monkeypatch):
+    env = {**os.environ, "POCKETLM_MEMORY_LIMIT": "20MB"}
+    for quant in ("auto", "none"):
+        done = subprocess.run([sys.executable, "-m", "pocketlm.cli", "run", "smollm2", "Hi", "-n", "2", "--quant", quant],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "needs about" in done.stderr and "20 MB is available" in done.stderr
+
+
+def test_show_reads_a_gguf_without_converting_it(tmp_path, small_llama_dir, throwaway_home, capsys):
+    path = export(small_llama_dir, "q4_0", tmp_path / "tiny.gguf")
+    before = set(converted_copies())
+    capsys.readouterr()
+    assert main(["show", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["model_type"] == "llama" and info["quant"] == "Q4_0"
+    assert set(converted_copies()) == before
