@@ -61,6 +61,39 @@ def test_an_older_cpu_gets_the_avx2_build(monkeypatch):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip() == "pocketlm avx2"
 
 
+@needs_compiler
+def test_the_avx2_vnni_code_equals_the_scalar_build_bit_for_bit(tmp_path, monkeypatch):
+    """The avx2-vnni target's code (AVX-VNNI's 256-bit vpdpbusd), built with the same instruction's AVX-512 VL
+    encoding so that it runs on a CPU with AVX-512 VNNI but no AVX-VNNI (this one, if it has no avx_vnni)."""
+    if not {"avx2", "fma", "f16c", "avx512_vnni", "avx512vl"} <= kernels.cpu_flags():
+        pytest.skip("needs AVX-512 VNNI with VL (or run on a CPU with avx_vnni, where the avx2-vnni target itself runs)")
+    import pocketlm.quant.int8 as int8
+    from torch import nn
+
+    from pocketlm.quant.int4 import Int4Linear
+    from pocketlm.quant.int8 import Int8Linear
+
+    target = kernels.target_named("avx2-vnni")
+    path = tmp_path / "avx2-vnni-evex.so"
+    flags = [*kernels.COMPILE, "-march=x86-64-v3", "-mavx512vnni", "-mavx512vl", "-DPOCKETLM_AVXVNNI_AS_EVEX"]
+    subprocess.run([kernels.compiler(), *flags, str(kernels.SOURCE), "-o", str(path)], check=True, capture_output=True)
+    evex = kernels.open_library(path)
+    assert evex.kernel_target() == b"avx2-vnni" and evex.cpu_runs_target() and target.flags[-1] == "-mavxvnni"
+    monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    for M in (1, 2, 7):
+        x = torch.randn(M, 576)
+        int4, int8_layer = Int4Linear.from_linear(nn.Linear(576, 40, bias=True), 32), Int8Linear.from_linear(nn.Linear(576, 40))
+        runs = {}
+        for name in ("evex", "scalar"):
+            with kernels.using("scalar"):  # (which restores the library in use after)
+                if name == "evex":
+                    kernels._lib = evex
+                runs[name] = (kernels.int4_linear(x, int4.packed, 40, 32, int4.bias),
+                              kernels.int8_packed_linear(x, int8_layer.packed_weight, int8_layer.scales, None))
+        assert all(torch.equal(a, b) for a, b in zip(runs["evex"], runs["scalar"])), M
+
+
 def test_without_kernels_aten_is_named():
     env = {**os.environ, "POCKETLM_KERNELS": "0"}
     code = "from pocketlm import kernels; print(kernels.describe())"

@@ -166,6 +166,8 @@ extern "C" OLDEST_CPU int cpu_runs_target() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
 #if defined(__AVXVNNI__)
            && __builtin_cpu_supports("avxvnni")
+#elif defined(POCKETLM_AVXVNNI_AS_EVEX)
+           && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
 #endif
         ;
 #else
