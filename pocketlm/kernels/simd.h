@@ -59,8 +59,9 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 // ----------------------------------------------------------------------------------------------------- types
 //   Bytes   64 weight bytes: lane r holds bytes 4r..4r+3 (a block's 16 rows' 4 bytes each)
 //   Acc     16 running integer sums of products of code bytes (0..15) and activations (-127..127). ACC_SPLIT:
-//           how many independent sums a row keeps per block and pass (VNNI's 5-cycle latency wants two chains;
-//           AVX2's int16 sums hold a block's 8 products of a pass, at most 8 * 2 * 15 * 127 = 30480 < 32767)
+//           how many independent sums a row keeps per block and pass (AVX-512 VNNI's one-register Acc wants two
+//           chains against vpdpbusd's 5-cycle latency; AVX2's int16 sums hold a block's 8 products of a pass, at
+//           most 8 * 2 * 15 * 127 = 30480 < 32767)
 //   Ints    16 int32
 //   Floats  16 fp32
 //   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
@@ -126,7 +127,7 @@ static inline Ints add_ints(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.l
 #define DPBUSD256 _mm256_dpbusd_epi32
 #endif
 using Acc = Ints;
-static constexpr int ACC_SPLIT = 2;
+static constexpr int ACC_SPLIT = 1;  // two registers an Acc are two chains already; two rows' Accs fill the 16 registers
 static inline Acc acc_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {
     const __m256i xv = _mm256_set1_epi32(x);
@@ -199,7 +200,7 @@ struct Bytes { int8x16_t v[4]; };  // rows 0-3, 4-7, 8-11, 12-15
 struct Ints { int32x4_t v[4]; };
 struct Floats { float32x4_t v[4]; };
 using Acc = Ints;
-static constexpr int ACC_SPLIT = 2;
+static constexpr int ACC_SPLIT = 1;  // an Acc's four registers are four chains; two rows' Accs and the codes fit in 32
 
 static inline Bytes load_bytes(const uint8_t *p) {
     Bytes b;
