@@ -17,7 +17,7 @@ from pocketlm.load import load
 from pocketlm.models.fused_step import MAX_TOKENS, FusedStep
 from pocketlm.models.llama import KVCache, apply_rope
 from pocketlm.quant.int4 import Int4Linear
-from pocketlm.quant.int8 import Int8Linear
+from pocketlm.quant.int8 import Int8Linear, int8_rows
 
 if kernels.library() is None:
     if shutil.which(kernels.compiler()):  # a machine that can build them must: never skip silently there
@@ -108,14 +108,14 @@ def test_int8_kernel_is_the_exact_product():
 @pytest.mark.parametrize("N", [40, 64])  # 40: a last block of 16 output rows that is partly padding
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])  # the kernel's tiles: 8 rows, 4, 2, then one
 def test_int8_packed_kernel_matches_the_weight_and_ignores_the_batch(M, N, monkeypatch):
-    """An output head's int8 weight multiplied in integers (int8_packed_linear) with the int4 kernel's 16-bit
-    activations: close to the exact product, and a row's result is bit for bit its own, next to a row 50x larger."""
-    import pocketlm.quant.int8 as int8
-
-    monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)  # as large as a head
+    """An int8 weight multiplied in integers (int8_packed_linear) with the int4 kernel's 16-bit activations: close to
+    the exact product, and a row's result is bit for bit its own, next to a row 50x larger. The layer keeps only the
+    kernel's layout, and its plain rows read back equal."""
     torch.manual_seed(0)
-    layer = Int8Linear.from_linear(nn.Linear(576, N, bias=True))
-    assert layer.packed_weight is not None and layer.packed is None
+    linear = nn.Linear(576, N, bias=True)
+    layer = Int8Linear.from_linear(linear)
+    assert layer.packed_weight is not None and layer.packed is None and layer._buffers["weight"].numel() == 0
+    assert torch.equal(layer.weight, int8_rows(linear.weight.detach())[0])
     x = torch.randn(M, 576)
     x[:, 7] *= 40  # an outlier channel
     exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
@@ -205,19 +205,15 @@ def test_decoding_with_kernels_matches_aten(tiny_dir, quant, monkeypatch):
     torch.testing.assert_close(steps["pocketlm"], steps["aten"], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4", "int8", "int8-packed"])
+@pytest.mark.parametrize("quant", ["none", "int4", "int8"])
 def test_fused_decode_step_equals_the_modules(tiny_dir, quant, monkeypatch):
     """A whole decoded token in one call (pocketlm/models/fused_step.py) against the same model module by module,
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
-    same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu.
-    int8-packed: every int8 layer as large as a head, so on the packed int8 kernel."""
-    packed = quant == "int8-packed"
-    if packed:
-        import pocketlm.quant.int8 as int8
-
-        monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
-    lm = load(str(tiny_dir), quant="int8" if packed else quant)
-    assert (getattr(lm.model.lm_head, "packed_weight", None) is not None) == packed
+    same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu. Every int8
+    layer (the head, and each layer of an int8 model) runs the packed int8 kernel."""
+    lm = load(str(tiny_dir), quant=quant)
+    int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
+    assert all(m.packed_weight is not None for m in int8_layers) and (quant == "none") == (not int8_layers)
     model, steps = lm.model, {}
     ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
     T = ids.shape[1]
@@ -331,16 +327,12 @@ def test_a_short_prompt_chunk_takes_the_fused_step(tiny_dir, monkeypatch):
     assert caches["fused"][:, T - 1].abs().sum() > 0  # the chunk's last key was written
 
 
-@pytest.mark.parametrize("head", ["int8", "int8-packed"])  # int8-packed: the head as large as a real one's
-def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, head, monkeypatch):
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, quant):
     """Sequences at their own positions in their own cache rows (the server's continuous batching), decoded in one
     call, get bit for bit the logits each gets alone (the tests of 8 concurrent clients rest on this)."""
-    if head == "int8-packed":
-        import pocketlm.quant.int8 as int8
-
-        monkeypatch.setattr(int8, "PACK_MIN_WEIGHTS", 0)
-    lm = load(str(tiny_dir), quant="int4")
-    assert (lm.model.lm_head.packed_weight is not None) == (head == "int8-packed")
+    lm = load(str(tiny_dir), quant=quant)
+    assert lm.model.lm_head.packed_weight is not None
     model = lm.model
     prompts = [encode_raw(lm.tokenizer, text) for text in ("hello world", "the cat sat on the mat, and then", "a b c d")]
     fed = [[p[(t * 7) % len(p)] for t in range(20)] for p in prompts]  # the tokens each sequence is fed

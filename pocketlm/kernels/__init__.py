@@ -81,6 +81,7 @@ SIGNATURES = {
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "int8_packed_bytes": [I64, I64],
     "int8_pack": [P, I64, I64, P],
+    "int8_unpack": [P, I64, I64, P],
     "int8_packed_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
@@ -315,6 +316,13 @@ def int8_pack(weight: torch.Tensor) -> torch.Tensor:
     weight = weight.contiguous()
     out = torch.empty(library().int8_packed_bytes(N, K), dtype=torch.uint8)
     library().int8_pack(ptr(weight), N, K, ptr(out))
+    return out
+
+
+def int8_unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """int8_pack's inverse -> weight (N, K) int8."""
+    out = torch.empty(N, K, dtype=torch.int8)
+    library().int8_unpack(ptr(packed), N, K, ptr(out))
     return out
 
 

@@ -540,6 +540,16 @@ extern "C" void int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *out) {
         }
 }
 
+// The inverse of int8_pack: the kernel's layout -> w (N, K) int8, for a layer that keeps only the kernel's layout
+// (pocketlm/quant/int8.py) when its rows are read (saving, a prompt's float matmul)
+extern "C" void int8_unpack(const uint8_t *packed, int64_t N, int64_t K, int8_t *w) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *p = packed + n / ROWS * ROWS * K + n % ROWS * 4;
+        for (int64_t k = 0; k < K; k++) w[n * K + k] = int8_t(int(p[k / 4 * 64 + k % 4]) - 128);
+    }
+}
+
 // MT activation rows (from row m0) against one block of 16 weight rows -> res[m] lane r = sum_k (q + 128) x
 template <int MT>
 static void int8_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, Floats *res) {
