@@ -300,7 +300,7 @@ def test_a_short_prompt_chunk_takes_the_fused_step(tiny_dir, monkeypatch):
     """prefill() runs a short last chunk (the server's prompt after a shared prefix, a new chat turn) through the
     fused step, the head on its last token only: the logits the whole step gives that token, bit for bit, and
     what the modules give within float rounding; the cache row it writes holds what the modules write."""
-    from pocketlm.engine import generate
+    from pocketlm.engine import step as generate  # prefill, and the fused_logits it calls, live in engine/step.py
 
     lm = load(str(tiny_dir), quant="int4")
     model = lm.model
@@ -356,13 +356,15 @@ def test_fused_decode_step_of_a_batch_equals_each_sequence_alone(tiny_dir, quant
 
 
 def test_pocketlm_ps_counts_the_kernel_layouts(small_llama_dir):
-    """The server's memory figure (`pocketlm ps`) includes the copies the kernels read (int4_pack's layout), which
-    are no buffers: a quantized model holds both."""
+    """The server's memory figure (`pocketlm ps`) includes the layouts the kernels read (int4_pack's, int8_pack's),
+    which are no buffers; the int4 layers keep no other copy of their codes, the tied int8 head its plain rows too."""
     from pocketlm.serve.scheduler import model_bytes
 
     model = load(str(small_llama_dir), quant="int4").model
-    saved = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    layouts = sum(m.packed.numel() for m in model.modules() if isinstance(m, Int4Linear) and m.packed is not None)
+    saved = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layouts = sum(m.packed.numel() for m in int4) + model.lm_head.packed_weight.numel()
+    assert all(m._buffers["qweight"].numel() == 0 for m in int4)
     assert layouts > 0 and model_bytes(model) == sum(saved.values()) + layouts
 
 

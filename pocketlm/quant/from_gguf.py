@@ -30,7 +30,7 @@ from pocketlm.formats.gguf import ARCHITECTURES, GGUFFile, TensorInfo, _hf_name,
 from pocketlm.formats.gguf_quants import _f16, _k_scale_min, _nibbles, dequantize
 from pocketlm.quant import QuantScheme
 from pocketlm.quant.int4 import Int4Linear, pack_nibbles, quantize_groups
-from pocketlm.quant.int8 import int8_rows
+from pocketlm.quant.int8 import Int8Embedding, int8_rows
 
 GRID_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)  # blocks whose 32-wide groups are Int4Linear's groups of 32
 CHUNK_ROWS = 1024  # rows dequantized at a time: a 7B model's (14336, 4096) layer holds 16 MB of float, not 235
@@ -105,14 +105,19 @@ def float_rows(info: TensorInfo):
 
 def int8_layer(infos: list[TensorInfo], orders: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """Int8Linear's buffers of the tensors side by side, each row rounded on its own (int8_rows), so a chunk of rows
-    at a time and the rows reordered after."""
-    weights, scales = [], []
+    at a time straight into the result, the rows reordered after (Llama's q and k)."""
+    N, K = sum(info.shape[0] for info in infos), infos[0].shape[1]
+    weight, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.bfloat16)
+    start = 0
     for info, order in zip(infos, orders):
-        w, s = zip(*(int8_rows(rows) for _, rows in float_rows(info)))
-        w, s = torch.cat(w), torch.cat(s)
-        weights.append(w if order is None else w[order])
-        scales.append(s if order is None else s[order])
-    return {"weight": torch.cat(weights), "scales": torch.cat(scales)}
+        for first, rows in float_rows(info):
+            end = start + first + rows.shape[0]
+            weight[start + first : end], scales[start + first : end] = int8_rows(rows)
+        part = slice(start, start + info.shape[0])
+        if order is not None:
+            weight[part], scales[part] = weight[part][order], scales[part][order]
+        start += info.shape[0]
+    return {"weight": weight, "scales": scales}
 
 
 def release(info: TensorInfo) -> None:
@@ -127,7 +132,7 @@ def release(info: TensorInfo) -> None:
 def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, Int4Linear]]:
     """The state dict of the model `config` describes (gguf.py's config of f) quantized by `scheme`, as
     `pocketlm.quant.write_quantized` would save it (fused q/k/v and gate/up, int4 or int8 layers, float norms), and
-    the int4 layers made ready in the kernels' layout instead, by module name."""
+    the modules made ready instead, by name: int4 layers in the kernels' layout, an untied embedding's int8 rows."""
     arch = ARCHITECTURES[f.architecture]
     by_hf_name = {_hf_name(name, arch.block_names): info for name, info in f.tensors.items()}
     by_hf_name = {k: v for k, v in by_hf_name.items() if k is not None}
@@ -147,8 +152,12 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         module, _, kind = hf_name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
         fused = next((f_ for f_, parts in FUSED.items() if leaf in parts), None)
+        if hf_name == "model.embed_tokens.weight":  # untied: int8 rows, as a tied one reads the int8 head's
+            ready["model.embed_tokens"] = Int8Embedding.of_rows(**int8_layer([info], [None]))
+            release(info)
+            continue
         if not (fused or leaf in ("o_proj", "down_proj") or module == "lm_head"):
-            state_dict[hf_name] = float_tensor(hf_name, info)  # norms, an untied embedding
+            state_dict[hf_name] = float_tensor(hf_name, info)  # norms
             release(info)
             continue
         if kind != "weight":
