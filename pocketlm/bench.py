@@ -179,7 +179,13 @@ def weight_bytes_per_token(model) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, (nn.Linear, Int8Linear, Int4Linear)):
-            tensors = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if t is not None]
+            layout = getattr(m, "packed", None) if isinstance(m, Int4Linear) else getattr(m, "packed_weight", None)
+            if layout is not None:  # what the kernels read (the plain buffers, where kept, sit unread)
+                tensors = [layout, *(p for p in m.parameters(recurse=False) if p is not None)]
+                if isinstance(m, Int8Linear):
+                    tensors.append(m.scales)
+            else:
+                tensors = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if t is not None]
             total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 
