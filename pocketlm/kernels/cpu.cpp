@@ -593,19 +593,26 @@ extern "C" void int8_packed_linear(const float *x, int64_t M, int64_t K, const u
                 r = fnma(f_set1(128.f), f_set1(xq.group_sum[m]), r);
                 store_floats(out + m * N + n0, fma(r, s, bias_v), n);
             };
+            // tiles of 8, 4, 2 rows (as many as INT8_ROW_TILE allows), then one: written out, since through a
+            // lambda the compiler kept the 8-row tile's sums in memory (SmolLM2's head, 8 rows: 9.3 -> 12.9 ms)
             Floats res[8];
-            auto rows = [&](auto tile, int64_t &m) {  // tiles of T rows while T of them are left
-                constexpr int T = decltype(tile)::value;
-                for (; T <= INT8_ROW_TILE && m + T <= M; m += T) {
-                    int8_block<T>(xq, m, K, p, res);
-                    for (int i = 0; i < T; i++) store(m + i, res[i]);
-                }
-            };
             int64_t m = 0;
-            rows(std::integral_constant<int, 8>(), m);
-            rows(std::integral_constant<int, 4>(), m);
-            rows(std::integral_constant<int, 2>(), m);  // a speculative check's two rows, a batch's last two
-            rows(std::integral_constant<int, 1>(), m);
+            for (; INT8_ROW_TILE >= 8 && m + 8 <= M; m += 8) {
+                int8_block<INT8_ROW_TILE >= 8 ? 8 : 1>(xq, m, K, p, res);
+                for (int i = 0; i < 8; i++) store(m + i, res[i]);
+            }
+            for (; INT8_ROW_TILE >= 4 && m + 4 <= M; m += 4) {
+                int8_block<INT8_ROW_TILE >= 4 ? 4 : 1>(xq, m, K, p, res);
+                for (int i = 0; i < 4; i++) store(m + i, res[i]);
+            }
+            for (; INT8_ROW_TILE >= 2 && m + 2 <= M; m += 2) {  // a speculative check's two rows, a batch's last two
+                int8_block<2>(xq, m, K, p, res);
+                for (int i = 0; i < 2; i++) store(m + i, res[i]);
+            }
+            for (; m < M; m++) {
+                int8_block<1>(xq, m, K, p, res);
+                store(m, res[0]);
+            }
         }
     }
 }
