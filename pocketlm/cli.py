@@ -7,8 +7,10 @@ stderr, exit status 1, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pocketlm import registry
@@ -23,15 +25,25 @@ Ctrl-C stops an answer; it does not leave the chat."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pocketlm import threads
+
+    threads.start()  # how busy the cores are is read while the command starts (pocketlm/threads.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
     try:
-        return args.func(args) or 0
+        with compute_threads(args):
+            return args.func(args) or 0
     except PocketLMError as e:
         print(f"pocketlm: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"pocketlm: error: no space left on the device{f' writing {e.filename}' if e.filename else ''}: "
+              "free some and run it again (what was there before is intact)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -59,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_draft_flags(p)
     add_sampling_flags(p)
+    add_context_flag(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat", description="Chat in the terminal.\n\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,10 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_draft_flags(p)
     add_sampling_flags(p)
+    add_context_flag(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("embed", help="sentence embeddings as JSON", description="Print one JSON array (a unit vector) per text.")
-    p.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help=f"model name or path (optional, default {registry.DEFAULT_EMBED_MODEL}), then one or more texts")
+    p.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help=f"model name or path (optional, default {registry.DEFAULT_EMBED_MODEL}), then one or more texts; '-' reads one text a line from stdin")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("list", help="models installed and available")
@@ -97,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["int8", "int4"], required=True, help="bits per weight")
     p.add_argument("--group", type=int, choices=[32, 64, 128], default=32, help="int4: input channels per scale (default 32)")
     p.add_argument("-o", "--output", required=True, help="the folder to write")
+    add_calibration_flags(p)
+    add_quiet_flag(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="speed: prompt and decode tokens/s, time to first token, memory, vs peers", description="Measure prompt tokens/s, decode tokens/s, time to first token and peak memory over repeats after a warm-up, beside the memory-bandwidth bound (roofline). --vs runs a peer on the same model file in the same run and prints ratios.")
@@ -106,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measured runs after one warm-up (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the physical cores)")
     p.add_argument("--vs", action="append", default=[], choices=["transformers", "llama.cpp"], help="also run this peer on the same model (repeatable)")
+    p.add_argument("--kernel-target", metavar="NAME", help="pocketlm's CPU kernels for this run: avx512-vnni, avx2-vnni, avx2, neon-dotprod, scalar (default: the best this CPU runs; `pocketlm show` names it)")
+    p.add_argument("--llama-cpp", metavar="DIR", help="a folder holding another llama-cpp-python build (pip install --target DIR), e.g. one built for AVX2 only, for --vs llama.cpp")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/BENCHMARKS.md)")
     add_model_flags(p)
     p.set_defaults(func=cmd_bench)
@@ -135,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write report.md with PNG plots, results.json and predictions.jsonl to DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_flags(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="a teacher against its student: size, speed, perplexity, KL, task accuracy", description="Compare a smaller model (pruned, distilled, quantized) with the model it came from: parameters, size on disk, decode/prompt tokens/s and peak memory, perplexity, KL(teacher || student) and top-1 agreement on a text, and optionally a task's metrics; student / teacher ratios, a Markdown report with plots.")
@@ -150,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write report.md, compare.png, kl.png and results.json to DIR")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file", description="Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files) or a GGUF file for llama.cpp, with its lineage in the metadata.")
@@ -157,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a Hugging Face folder; gguf: one .gguf file")
     p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"], help="tensor type (default: f32 for hf, f16 for gguf; block quants only for gguf)")
     p.add_argument("-o", "--output", required=True, help="the folder or .gguf file to write")
+    add_quiet_flag(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prune", help="structured pruning: drop layers, heads, MLP channels, hidden channels, vocabulary", description="Make a smaller model of the same family: importance is measured on calibration text, then whole blocks (--drop-layers), attention heads (--heads, --kv-groups), MLP channels (--ffn), hidden channels (--hidden) or unused tokens (--vocab-from) are removed.")
@@ -172,18 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-from", metavar="FILE", help="keep only the tokens this text uses, plus every special token")
     p.add_argument("--vocab-size", type=int, metavar="N", help="with --vocab-from: top up to N tokens with the tokenizer's most frequent ones written in the text's characters")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_quiet_flag(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page", description="Serve models over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), with /metrics, /health and a chat page at /. Models load on first use.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="models to offer (default: every installed registry model); the first chat model is the default")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /api routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but the chat page and a minimal /health")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", help="let web pages of this origin call the server (repeatable; a pattern such as 'http://localhost:*'; '*' for any). Other origins get 403; only these get CORS headers")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="answer requests for this Host name too (repeatable; '*' for any). By default only loopback names and the --host address: a name that points here from elsewhere (DNS rebinding) gets 403")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory; the least recently used leaves first (default 2)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together, each in a KV cache slot of its own (default 8)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a free slot; more get 429 (default 16)")
     p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes; larger get 413 (default 2 MiB)")
-    p.add_argument("--threads", type=int, help="torch threads (default: one per core; 1 is faster on a machine busy with other work)")
+    add_threads_flag(p)
     add_model_flags(p)
     add_draft_flags(p)
     p.set_defaults(func=cmd_serve)
@@ -198,11 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketlm.finetune.args import add_finetune_arguments
 
     add_finetune_arguments(p)
+    add_threads_flag(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("distill", help="train a smaller student to match a teacher (knowledge distillation)", description="Knowledge distillation: the student learns the teacher's next-token distribution (forward KL, reverse KL or JSD at a temperature), mixed with the data's cross-entropy, optionally aligning hidden states. The teacher runs alongside, or --teacher-logits stores its top-k once for every later run. With --task classify the teacher is a classifier (a `finetune --task classify` folder) and the student's head learns its label distribution (DistilBERT's task distillation), starting from the teacher's head when their widths match. Same data formats, checkpoints, --resume, LoRA and torchrun as finetune; a plain-text file (.txt) is also data: every token is learned.")
-    add_finetune_arguments(p, distill=True)
-    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("distill", help="train a smaller student to match a teacher (knowledge distillation)", description="Knowledge distillation: the student learns the teacher's next-token distribution (forward KL, reverse KL or JSD at a temperature), mixed with the data's cross-entropy, optionally aligning hidden states. The teacher runs alongside, or --teacher-logits stores its top-k once for every later run. With --task classify the teacher is a classifier (a `finetune --task classify` folder) and the student's head learns its label distribution (DistilBERT's task distillation), starting from the teacher's head when their widths match. A teacher with another tokenizer teaches through the likelihoods of the text spans both tokenizations share (approximate likelihood matching); --on-policy mixes the student's own answers, scored by the teacher, into each batch (GKD); --teacher-answers trains on the teacher's own answers to the prompts (sequence-level). Same data formats, checkpoints, --resume, LoRA and torchrun as finetune (torchrun: the same-tokenizer, off-policy case); a plain-text file (.txt) is also data: every token is learned.")
+    from pocketlm.compress.distill_config import add_arguments as add_distill_arguments
+
+    add_distill_arguments(p)  # finetune's flags with --student and the teacher's, then the on-policy and sequence-level ones
+    add_threads_flag(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("shrink", help="a teacher and its data -> a smaller, faster student, evaluated, exported", description="One command for the whole road: split the data into training and held-out, measure the teacher, prune it to --size of its non-embedding parameters (blocks of least influence on the training text), distill it back (a classifier's label distribution, a generator's next tokens), quantize it, evaluate both on the held-out split (the task's metric, KL and top-1 agreement, speed, memory, size), write OUT/report.md (its first line: the quality kept at what size and speed) with plots, export a Hugging Face folder and a GGUF file, and with --serve serve it. Each stage keeps its output in OUT/stages: a killed or repeated command goes on at the stage it stopped in. --config takes a recipe YAML for the whole chain (recipes/shrink-*.yaml).")
+    from pocketlm.compress.shrink_config import add_arguments as add_shrink_arguments
+
+    add_shrink_arguments(p)
+    add_threads_flag(p)
+    p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("train-draft", help="train a draft head that makes a model decode faster (speculative decoding)", description="Train a draft head for speculative decoding (after EAGLE): a small MLP that reads the target model's own last hidden state and the token just chosen, and guesses the target's next tokens over its most frequent ones. The target stays frozen; its next-token distribution on the data (JSONL in any format finetune reads, or a .txt) is what the head learns. Use it with run, chat or serve: --draft HEAD_FOLDER. Runs on a GPU when there is one.")
     p.add_argument("--target", required=True, metavar="MODEL", help="the model the head will speed up (it runs frozen)")
@@ -222,14 +263,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto (default): a CUDA GPU when there is one")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt (written at every evaluation) with the same settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_train_draft)
 
     p = sub.add_parser("classify", help="label texts with a fine-tuned classification head", description="Print the predicted label and its probability for each text, with a model made by `pocketlm finetune --task classify`.")
     p.add_argument("model", help="the classifier's folder")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label ('-' reads one text per line from stdin)")
     p.add_argument("--json", action="store_true", help="one JSON object per text: label, probability, top 3")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_classify)
     return parser
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no closing line on stderr (off a terminal: "
+                   "no bar, only that line; pocketlm/progress.py)")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="compute threads (default: $POCKETLM_THREADS, else one per core "
+                   "that other processes leave idle: two threads on two busy cores run several times slower than one)")
+
+
+@contextmanager
+def compute_threads(args):
+    """For a command that computes (it has --threads; not a client of --server): set torch's threads for it, and
+    put them back after (main() also runs inside tests). args.threads becomes the count chosen; args.follow_threads
+    the most a long run may move to as the machine's load changes (threads.Follow), 0 when the count was given."""
+    if "threads" not in vars(args) or getattr(args, "server", None):
+        yield
+        return
+    import torch
+
+    from pocketlm import threads
+
+    before = torch.get_num_threads()
+    args.follow_threads = 0 if threads.explicit(args.threads) else before
+    args.threads = threads.configure(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 QUANT_CHOICES = ["auto", "none", "int8", "int4", "int4-g64", "int4-g128", "int4-mixed"]
@@ -260,7 +334,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
     d = SamplingParams()
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=d.max_new_tokens, help=f"most new tokens (default {d.max_new_tokens})")
+    g.add_argument("-n", "--max-tokens", type=int, help=f"most new tokens (default {d.max_new_tokens})")
     g.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
     g.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
     g.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
@@ -271,12 +345,24 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
 
 
+def add_context_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx-size", type=int, metavar="N", help="the context window in tokens, prompt and answer together "
+                   "(default: the model's own, its most); chat forgets its oldest turns to stay inside it")
+
+
+def context_size(args) -> int | None:
+    if args.ctx_size is not None and args.server:
+        raise PocketLMError("--ctx-size sets the window of a model run here; a server (--server) keeps its own")
+    return args.ctx_size
+
+
 def sampling_params(args):
     from pocketlm.engine.params import SamplingParams
 
+    tiny = 1e-6  # a temperature or top_p below this samples as 0 does, as the server's (serve/openai_compat.py SMALLEST)
     return SamplingParams(
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
+        max_new_tokens=SamplingParams.max_new_tokens if args.max_tokens is None else args.max_tokens,
+        temperature=0.0 if 0 <= args.temperature < tiny or 0 < args.top_p < tiny else args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
@@ -290,25 +376,73 @@ def sampling_params(args):
 def is_model_ref(word: str) -> bool:
     from pathlib import Path
 
-    return registry.lookup(word) is not None or Path(word).expanduser().exists()
+    return bool(word.strip()) and (registry.lookup(word) is not None or Path(word).expanduser().exists())
+
+
+def add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (pocketlm/quant/calibrate.py)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text (.txt, or .jsonl rows' text); with it the method defaults to gptq (without: the bundled WikiText-2 sample)")
+    g.add_argument("--method", choices=["gptq", "awq", "awq+gptq", "rtn"], help="gptq: Hessian-ordered rounding with error feedback; awq: activation-aware scales; awq+gptq: both; rtn: round to nearest (the default without --calib)")
+    g.add_argument("--calib-tokens", type=int, default=32768, metavar="N", help="calibration tokens, in sequences of 512 (default 32768)")
+    g.add_argument("--budget", type=float, metavar="KL", help="pick each linear's bits (int4 groups of 128/64/32, int8, float) for a mean KL to the float model of at most KL on the calibration text, at the fewest bits")
 
 
 def cmd_quantize(args) -> int:
     from pocketlm.quant import QuantScheme, write_quantized
 
     scheme = QuantScheme.parse(args.to if args.to == "int8" or args.group == 32 else f"int4-g{args.group}")
-    lm = load_model(args.model, quant="none")
-    write_quantized(lm, scheme, args.output)
+    method = args.method or ("gptq" if args.calib or args.budget is not None else "rtn")
+    if method == "rtn" and args.budget is None:
+        from pocketlm.progress import Progress
+
+        with Progress("quantize", quiet=args.quiet) as progress:
+            lm = load_model(args.model, quant="none")
+            progress.step(f"linear layers to {scheme.name}", poll=layers_quantized(lm.model))
+            write_quantized(lm, scheme, args.output)
+    else:  # calibration shows its own bars (one per pass over the layers)
+        from pocketlm.quant.calibrate import CalibConfig, quantize_calibrated
+
+        calib = CalibConfig(method=method, tokens=args.calib_tokens, quiet=args.quiet)
+        report = quantize_calibrated(args.model, args.output, scheme, args.calib, calib, budget=args.budget)
+        print(calibration_summary(report), file=sys.stderr)
+        scheme = QuantScheme.from_dict(json.loads((Path(args.output) / "config.json").read_text())["pocketlm"]["quantization"])
     size = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
     print(f"wrote {args.output} ({scheme.name}, {size:.0f} MB); run it with: pocketlm run {args.output} \"Hello\"")
     return 0
+
+
+def layers_quantized(model):
+    """A progress poll for quantize's one call: (linear layers swapped for int8/int4 ones, all linear layers), counted
+    by kind while the swap runs (q/k/v and gate/up are fused first, so the total shrinks once)."""
+    from torch import nn
+
+    def poll() -> tuple[int, int]:
+        modules = list(model.modules())  # a RuntimeError while fusing changes a dict: the display looks again later
+        done = sum(type(m).__name__ in ("Int4Linear", "Int8Linear") for m in modules)
+        return done, done + sum(isinstance(m, nn.Linear) for m in modules)
+
+    return poll
+
+
+def calibration_summary(report: dict) -> str:
+    if "plan" in report:
+        kinds = ", ".join(f"{n} {k}" for k, n in report["kinds"].items())
+        return (f"KL {report['kl_measured']:.4g} on {report['kl_tokens']} calibration tokens (budget {report['budget']:g}) at "
+                f"{report['bits_per_weight']:.2f} bits per weight: {kinds}; {report['seconds']:.0f} s")
+    errors = report.get("errors", {})
+    if not errors:
+        return f"{report['method']}: round to nearest"
+    ratio = sum(e for e, _ in errors.values()) / max(1e-30, sum(r for _, r in errors.values()))
+    return (f"{report['method']} on {report['tokens']} calibration tokens: layer output error {ratio:.2f}x round-to-nearest's "
+            f"(summed over {len(errors)} linears); {report.get('seconds', 0):.0f} s")
 
 
 def cmd_bench(args) -> int:
     from pocketlm.bench import print_results, run_bench
 
     results = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
-                        threads=args.threads, dtype=args.dtype, quant=args.quant, peers=args.vs)
+                        threads=args.threads, dtype=args.dtype, quant=args.quant, peers=args.vs,
+                        kernel_target=args.kernel_target, llama_cpp=args.llama_cpp)
     print(json.dumps(results, indent=2) if args.json else print_results(results))
     return 0
 
@@ -335,11 +469,17 @@ def cmd_run(args) -> int:
         if sys.stdin.isatty():
             raise PocketLMError("no prompt: pass one in quotes, e.g. pocketlm run \"Why is the sky blue?\", or pipe it on stdin")
         prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise PocketLMError("the prompt is empty: nothing came on stdin")
+    if not prompt.strip():
+        raise PocketLMError("the prompt is empty: pass one in quotes, e.g. pocketlm run \"Why is the sky blue?\"")
     params = sampling_params(args)
     if args.server:  # a client of a running server: no model loads here
         from pocketlm.serve.client import remote_answer
 
-        return print_answer(remote_answer(args, model_ref, prompt, params), args.json, model_ref, lambda: {"server": args.server})
+        return print_answer(remote_answer(args, model_ref, prompt, params), args.json, model_ref, lambda: {"server": args.server},
+                            args.max_tokens)
+    window = context_size(args)
     lm = load_model(model_ref, args.dtype, args.quant)
     check_generative(lm)
     if args.raw or not lm.tokenizer.has_chat_template:
@@ -348,11 +488,12 @@ def cmd_run(args) -> int:
         ids = encode_raw(lm.tokenizer, prompt)
     else:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
-    generation = generate(lm, ids, params, draft=load_draft(args, lm), draft_tokens=args.draft_tokens)
-    return print_answer(generation, args.json, lm.name, lambda: {"load_s": round(lm.load_s, 3), **generation.stats.to_dict()})
+    generation = generate(lm, ids, params, draft=load_draft(args, lm), draft_tokens=args.draft_tokens, context_length=window)
+    return print_answer(generation, args.json, lm.name, lambda: {"load_s": round(lm.load_s, 3), "threads": args.threads, **generation.stats.to_dict()},
+                        args.max_tokens)
 
 
-def print_answer(chunks, as_json: bool, model: str, extra) -> int:
+def print_answer(chunks, as_json: bool, model: str, extra, max_tokens: int | None) -> int:
     """`run`'s output, local or from a server: the text streamed as it comes, or one JSON object
     {"model", "text", **extra()} once the text is whole (extra() may read the finished run's stats)."""
     if as_json:
@@ -363,7 +504,20 @@ def print_answer(chunks, as_json: bool, model: str, extra) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    note_default_cap(chunks, max_tokens)
     return 0
+
+
+def note_default_cap(answer, max_tokens: int | None) -> None:
+    """An answer that the default -n cut short says so on stderr (stdout keeps only the text). Not when -n was
+    given, nor when the context window ended it first."""
+    from pocketlm.engine.params import SamplingParams
+
+    stats = getattr(answer, "stats", answer)  # a local Generation's stats, or a server's streamed answer
+    cap = SamplingParams.max_new_tokens
+    if max_tokens is None and getattr(stats, "finish_reason", None) == "length" and (getattr(stats, "completion_tokens", None) or cap) >= cap:
+        sys.stdout.flush()
+        print(f"(stopped at {cap} tokens: -n to change)", file=sys.stderr, flush=True)
 
 
 def check_generative(lm) -> None:
@@ -373,6 +527,7 @@ def check_generative(lm) -> None:
 
 def cmd_chat(args) -> int:
     params = sampling_params(args)
+    context_size(args)
     if args.server:  # a client of a running server: no model loads here
         from pocketlm.serve import client
 
@@ -385,16 +540,29 @@ def cmd_chat(args) -> int:
             messages = [{"role": "system", "content": system}] if system else []
             return client.texts(args, name, params, messages + history) if templated else client.texts(args, name, params, prompt=line)
     else:
-        from pocketlm.engine.generate import encode_chat, encode_raw, generate
+        from pocketlm.engine.generate import check_window, encode_raw, fit_chat, generate
 
         lm = load_model(args.model, args.dtype, args.quant)
         draft = load_draft(args, lm)
         check_generative(lm)
         name, templated = lm.name, lm.tokenizer.has_chat_template
+        window = check_window(lm, args.ctx_size)
+        reserve = min(params.max_new_tokens, window // 2)  # the room a prompt leaves for the answer
+        from pocketlm.threads import Follow
+
+        follow = Follow(args.follow_threads) if args.follow_threads else None  # a chat may last hours: follow the load
 
         def answer(history: list[dict], system: str | None, line: str):
-            ids = encode_chat(lm.tokenizer, history, system=system) if templated else encode_raw(lm.tokenizer, line)
-            return generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens)
+            if follow is not None:
+                follow.check()
+            if not templated:
+                return generate(lm, encode_raw(lm.tokenizer, line), params, draft=draft, draft_tokens=args.draft_tokens, context_length=window)
+            ids, dropped = fit_chat(lm.tokenizer, history, window, reserve, system)
+            if dropped:  # a context shift by whole turns, as the conversation goes on: forgotten for the later turns too
+                del history[:dropped]
+                print(f"(the conversation outgrew the {window}-token context window: forgot its oldest {dropped} messages"
+                      f"{', kept the system prompt' if system else ''}; /reset starts over)", file=sys.stderr, flush=True)
+            return generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens, context_length=window)
 
     interactive = sys.stdin.isatty()
     system = args.system
@@ -432,9 +600,10 @@ def cmd_chat(args) -> int:
                 print(f"unknown command {command}; /help lists them")
             continue
         history.append({"role": "user", "content": line})
-        said = []
+        said, chunks = [], None
         try:
-            for chunk in answer(history, system, line):
+            chunks = answer(history, system, line)
+            for chunk in chunks:
                 said.append(chunk)
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -445,6 +614,7 @@ def cmd_chat(args) -> int:
             print(f"pocketlm: error: {e}", file=sys.stderr)
             continue
         print("\n" if interactive else "", flush=True)
+        note_default_cap(chunks, args.max_tokens)
         history.append({"role": "assistant", "content": "".join(said)})
     return 0
 
@@ -454,6 +624,10 @@ def cmd_embed(args) -> int:
 
     words = list(args.words)
     model_ref = words.pop(0) if len(words) > 1 and is_model_ref(words[0]) else registry.DEFAULT_EMBED_MODEL
+    if words == ["-"]:  # as `run -`: the texts come on stdin, one a line
+        words = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not words:
+            raise PocketLMError("no text to embed: nothing came on stdin (one text a line)")
     if not words:
         raise PocketLMError("no text to embed: pocketlm embed [MODEL] TEXT...")
     lm = load_model(model_ref)
@@ -495,17 +669,20 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pocketlm.load import convert_gguf, read_config
+    from pocketlm.load import read_config, read_gguf_model
     from pocketlm.tokenizer import Tokenizer
 
     name, source = registry.resolve(args.model)
-    folder = convert_gguf(source) if source.is_file() else source
-    config = read_config(folder)
+    if source.is_file():  # a GGUF's header says it all: no converted copy is made to show it
+        gguf_file, config = read_gguf_model(source)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    else:
+        config = read_config(source)
+        tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
     info = {"name": name, "path": str(source), **config.pop("pocketlm", {})}
     entry = registry.lookup(name)
     if entry:
         info.update(license=entry.license, quant=entry.quant, params=entry.params, description=entry.description)
-    tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
     if tokenizer is not None:
         info["tokenizer"] = {
             "vocab_size": tokenizer.vocab_size,
@@ -588,7 +765,10 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from pocketlm.export import export
 
-    report = export(args.model, args.format, args.output, args.type)
+    from pocketlm.progress import Progress
+
+    with Progress("export", quiet=args.quiet) as progress:
+        report = export(args.model, args.format, args.output, args.type, progress=progress)
     print(f"wrote {report['path']} ({report['format']}, {report['type']}, {report['params'] / 1e6:.1f}M parameters, {report['bytes'] / 1e6:.1f} MB)")
     return 0
 
@@ -600,7 +780,10 @@ def cmd_prune(args) -> int:
         drop_layers=args.drop_layers, heads=args.heads, kv_groups=args.kv_groups, ffn=args.ffn, hidden=args.hidden,
         vocab_from=args.vocab_from, vocab_size=args.vocab_size,
     )
-    report = prune_model(args.model, args.output, spec, calib=args.calib, calib_tokens=args.calib_tokens)
+    from pocketlm.progress import Progress
+
+    with Progress("prune", quiet=args.quiet) as progress:
+        report = prune_model(args.model, args.output, spec, calib=args.calib, calib_tokens=args.calib_tokens, progress=progress)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -618,7 +801,8 @@ def cmd_serve(args) -> int:
     from pocketlm.serve.config import ServerConfig
 
     serve(ServerConfig(
-        models=args.models, host=args.host, port=args.port, api_key=args.api_key, max_loaded=args.max_loaded,
+        models=args.models, host=args.host, port=args.port, api_key=args.api_key, allow_origins=args.allow_origin,
+        allow_hosts=args.allow_host, follow_threads=args.follow_threads, max_loaded=args.max_loaded,
         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
         draft=args.draft, draft_tokens=args.draft_tokens or 4,
     ))
@@ -656,6 +840,31 @@ def cmd_finetune(args) -> int:
         where = summary["out"] if summary.get("model_written") else f"{summary['out']}/adapter (add --merge for a model folder)"
         ev = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("eval", {}).items() if k != "step")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{'; ' + ev if ev else ''}; wrote {where}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import os
+
+    from pocketlm.compress.distill_config import config_from_args
+    from pocketlm.compress.distill_recipe import distill
+
+    summary = distill(config_from_args(args))
+    if os.environ.get("RANK", "0") == "0" and not summary.get("stopped"):  # torchrun: process 0 reports
+        where = summary["out"] if summary.get("model_written") else f"{summary['out']}/adapter (add --merge for a model folder)"
+        ev = ", ".join(f"{k} {v:.4f}" for k, v in summary.get("eval", {}).items() if k != "step")
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}{'; ' + ev if ev else ''}; wrote {where}")
+    return 0
+
+
+def cmd_shrink(args) -> int:
+    from pocketlm.compress.shrink import shrink
+    from pocketlm.compress.shrink_config import config_from_args
+
+    results = shrink(config_from_args(args))
+    print(results["report"]["headline"])
+    print(f"report: {results['report']['report']}; the student: {results['quantize']['model']}; "
+          f"exported: {results['export']['hf']}, {results['export']['gguf']}")
     return 0
 
 

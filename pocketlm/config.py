@@ -4,7 +4,7 @@ No torch here: configs are data, so the registry, the CLI and the GGUF writer ca
 paying for a torch import. Derived values (head_dim, n_kv_heads, per-layer attention types, biases)
 are filled in `__post_init__`, so a config built by hand and one read from `config.json` agree.
 
-    cfg = config_from_hf(json.load(open("config.json")))   # LlamaConfig | Gemma3Config | BertConfig
+    cfg = config_from_hf(json.load(open("config.json")))   # the family's config (pocketlm/families.py)
     json.dump(cfg.to_hf(), open("config.json", "w"))        # loads back in transformers
 
 `from_hf` reads both RoPE spellings found on the Hub: the classic `rope_theta` + `rope_scaling` keys
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pocketlm.errors import PocketLMError
+from pocketlm.families import family
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -64,18 +65,6 @@ def _drop_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
 
-# transformers' defaults where config.json leaves a key out; they differ per model_type
-# (configuration_llama.py / configuration_mistral.py / configuration_qwen2.py).
-_LLAMA_DEFAULTS = {
-    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, sliding_window=None),
-    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
-                    sliding_window=4096, num_key_value_heads=8),
-    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
-                  sliding_window=4096, num_key_value_heads=32, max_window_layers=28),
-}
-_LLAMA_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
 @dataclass
 class LlamaConfig:
     """Llama-family decoder: Llama 2/3/3.2, TinyLlama, SmolLM2 (model_type llama), Mistral, Qwen2.
@@ -83,6 +72,17 @@ class LlamaConfig:
     The three differ only in biases and sliding-window attention, so one dataclass covers them;
     `model_type` says which HF class the weights came from and which config.json `to_hf` writes.
     """
+
+    # transformers' defaults where config.json leaves a key out; they differ per model_type
+    # (configuration_llama.py / configuration_mistral.py / configuration_qwen2.py).
+    DEFAULTS: ClassVar[dict[str, dict]] = {
+        "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, sliding_window=None),
+        "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                        sliding_window=4096, num_key_value_heads=8),
+        "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
+                      sliding_window=4096, num_key_value_heads=32, max_window_layers=28),
+    }
+    ARCHITECTURES: ClassVar[dict[str, str]] = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -115,7 +115,7 @@ class LlamaConfig:
     o_bias: bool = field(init=False)
 
     def __post_init__(self):
-        if self.model_type not in _LLAMA_ARCH:
+        if self.model_type not in self.ARCHITECTURES:
             raise PocketLMError(f"LlamaConfig does not cover model_type {self.model_type!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -152,10 +152,10 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
         model_type = d.get("model_type", "llama")
-        if model_type not in _LLAMA_ARCH:
+        if model_type not in cls.ARCHITECTURES:
             raise PocketLMError(f"LlamaConfig does not cover model_type {model_type!r}")
         _require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        dflt = _LLAMA_DEFAULTS[model_type]
+        dflt = cls.DEFAULTS[model_type]
 
         def get(key):
             return d.get(key, dflt.get(key))
@@ -201,7 +201,7 @@ class LlamaConfig:
 
     def to_hf(self) -> dict[str, Any]:
         d = {
-            "architectures": [_LLAMA_ARCH[self.model_type]],
+            "architectures": [self.ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
@@ -381,6 +381,123 @@ class Gemma3Config:
 
 
 @dataclass
+class Phi3Config:
+    """Phi-3 / Phi-4 mini decoder (transformers' Phi3Config / Phi3ForCausalLM): Llama's block with q/k/v and gate/up
+    stored fused (qkv_proj, gate_up_proj), RoPE on the first partial_rotary_factor of each head (Phi-4 mini: 0.75),
+    and an optional sliding window on every layer. LongRoPE scaling (the 128k-context releases) is refused."""
+
+    model_type: str = "phi3"
+    vocab_size: int = 32064
+    dim: int = 3072
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None  # None -> dim // n_heads (Phi3Attention reads config.head_dim when set)
+    intermediate_size: int = 8192
+    hidden_act: str = "silu"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 32000
+    pad_token_id: int | None = 32000
+    dtype: str | None = None
+
+    # derived in __post_init__
+    rotary_dim: int = field(init=False)  # the leading dims of each head that RoPE turns
+    layer_types: list[str] = field(init=False)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise PocketLMError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.hidden_act != "silu":
+            raise PocketLMError(f"hidden_act {self.hidden_act!r} is not supported for phi3 (only silu)")
+        self.rope_scaling = _rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)  # as Phi3RotaryEmbedding: int(hd * f)
+        if self.rotary_dim % 2:
+            raise PocketLMError(f"phi3: a rotary dimension of {self.rotary_dim} is odd")
+        self.layer_types = [FULL if self.sliding_window is None else SLIDING] * self.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    def window(self, layer_idx: int) -> int | None:
+        return self.sliding_window
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Phi3Config":
+        _require(d, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        if rope.get("type") in ("su", "yarn"):  # Phi3Config's old names for LongRoPE
+            rope["rope_type"] = "longrope"
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        dtype = d.get("dtype", d.get("torch_dtype"))
+        return cls(
+            vocab_size=d["vocab_size"],
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
+            intermediate_size=d["intermediate_size"],
+            hidden_act=d.get("hidden_act", "silu"),
+            norm_eps=d.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            rope_scaling={k: v for k, v in rope.items() if k != "partial_rotary_factor"},
+            partial_rotary_factor=partial,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            original_max_position_embeddings=d.get("original_max_position_embeddings", 4096),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            sliding_window=d.get("sliding_window"),
+            bos_token_id=d.get("bos_token_id", 1),
+            eos_token_id=d.get("eos_token_id", 32000),
+            pad_token_id=d.get("pad_token_id", 32000),
+            dtype=dtype if isinstance(dtype, str) else None,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "rope_parameters": {**_rope_parameters(self.rope_theta, self.rope_scaling),
+                                "partial_rotary_factor": self.partial_rotary_factor},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype,
+        }
+        if self.head_dim != self.dim // self.n_heads:
+            d["head_dim"] = self.head_dim
+        return copy.deepcopy({k: v for k, v in d.items() if v is not None or k == "sliding_window"})
+
+
+@dataclass
 class BertConfig:
     """BERT encoder (transformers' BertModel), e.g. sentence-transformers all-MiniLM-L6-v2."""
 
@@ -452,23 +569,9 @@ class BertConfig:
         })
 
 
-CONFIG_CLASSES = {
-    "llama": LlamaConfig,
-    "mistral": LlamaConfig,
-    "qwen2": LlamaConfig,
-    "gemma3_text": Gemma3Config,
-    "gemma3": Gemma3Config,
-    "bert": BertConfig,
-}
-
-ModelConfig = LlamaConfig | Gemma3Config | BertConfig
+ModelConfig = LlamaConfig | Gemma3Config | Phi3Config | BertConfig
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """The config for a Hugging Face `config.json` dict, picked by its model_type."""
-    model_type = d.get("model_type")
-    if model_type not in CONFIG_CLASSES:
-        raise PocketLMError(
-            f"unsupported model_type {model_type!r}: pocketlm supports {', '.join(sorted(CONFIG_CLASSES))}"
-        )
-    return CONFIG_CLASSES[model_type].from_hf(d)
+    """The config for a Hugging Face `config.json` dict, picked by its model_type (pocketlm.families)."""
+    return family(d.get("model_type")).config_class().from_hf(d)

@@ -3,6 +3,9 @@
     export("smollm2", "gguf", "smollm2-q8.gguf", qtype="q8_0")
     export("./pruned", "hf", "./pruned-hf")
 
+Both writers write under a temporary name (OUTPUT.tmpPID) and rename when the whole model is written, so a
+kill or a full disk leaves OUTPUT as it was (or absent), never half-written.
+
 Both read the model the way `pocketlm.load` does (a .gguf is dequantized once into the cache folder) and
 write through the one writer of each format: formats/hf.py `write_model_folder` and formats/gguf_write.py
 `write_gguf`. The model's lineage (config.json's "pocketlm" key: source, quant, teacher, data, recipe,
@@ -12,7 +15,9 @@ general.* keys.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,9 +44,11 @@ def read_model(ref: str) -> tuple[Path, Path, dict, dict[str, torch.Tensor], obj
     return source, folder, hf_config, state_dict, tokenizer
 
 
-def export(ref: str, fmt: str, output: str | os.PathLike, qtype: str | None = None) -> dict:
-    """Write model `ref` as `fmt` ("hf" or "gguf") to `output`; returns a small report (path, type, bytes, params)."""
-    from pocketlm.formats.gguf_write import QUANT_TYPES
+def export(ref: str, fmt: str, output: str | os.PathLike, qtype: str | None = None, progress=None) -> dict:
+    """Write model `ref` as `fmt` ("hf" or "gguf") to `output`; returns a small report (path, type, bytes, params).
+    progress: a pocketlm.progress.Progress that shows the write (the bytes written so far), or None."""
+    from pocketlm.formats.gguf_write import QUANT_TYPES, tensor_nbytes, tensor_type
+    from pocketlm.progress import NO_PROGRESS, file_growth
 
     if fmt not in FORMATS:
         raise PocketLMError(f"unknown export format {fmt!r}: choose hf or gguf")
@@ -62,18 +69,61 @@ def export(ref: str, fmt: str, output: str | os.PathLike, qtype: str | None = No
     lineage = {**hf_config.get("pocketlm", {}), "exported_from": str(source), "export_format": fmt, "export_type": qtype}
     n_params = sum(t.numel() for k, t in state_dict.items() if not (k == "lm_head.weight" and hf_config.get("tie_word_embeddings")))
 
-    if fmt == "hf":
-        from pocketlm.formats.hf import write_model_folder
+    remove_stale_parts(output)
+    progress = progress or NO_PROGRESS
+    tmp = output.with_name(f"{output.name}.tmp{os.getpid()}")  # the writers' temporary name
+    try:
+        if fmt == "hf":
+            from pocketlm.formats.hf import write_model_folder
 
-        dtype = HF_TYPES[qtype]
-        config = {**hf_config, "dtype": DTYPE_NAMES[dtype], "pocketlm": lineage}
-        config.pop("torch_dtype", None)
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        write_model_folder(output, config, tensors, tokenizer)
-        size = sum(p.stat().st_size for p in output.iterdir())
-    else:
-        from pocketlm.formats.gguf_write import write_gguf
+            dtype = HF_TYPES[qtype]
+            config = {**hf_config, "dtype": DTYPE_NAMES[dtype], "pocketlm": lineage}
+            config.pop("torch_dtype", None)
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            progress.step(f"writing {qtype} tensors", poll=file_growth(lambda: tmp / "model.safetensors", total))
+            write_model_folder(output, config, tensors, tokenizer)
+            size = sum(p.stat().st_size for p in output.iterdir())
+        else:
+            from pocketlm.formats.gguf_write import write_gguf
 
-        write_gguf(output, hf_config, state_dict, tokenizer, qtype=qtype, lineage=lineage)
-        size = output.stat().st_size
+            matrix_type = QUANT_TYPES[qtype][0]  # the file grows tensor by tensor, each encoded (block quants: slow) as written
+            total = sum(tensor_nbytes(tensor_type(matrix_type, tuple(t.shape)), tuple(t.shape)) for k, t in state_dict.items()
+                        if not (k == "lm_head.weight" and hf_config.get("tie_word_embeddings")))  # a tied head is not written
+            progress.step(f"encoding {qtype} tensors", poll=file_growth(lambda: tmp, total))
+            write_gguf(output, hf_config, state_dict, tokenizer, qtype=qtype, lineage=lineage)
+            size = output.stat().st_size
+    except Exception as e:
+        from pocketlm.cache import out_of_space
+
+        remove(tmp)
+        if out_of_space(e, output.parent):
+            raise PocketLMError(f"no space left on the device for {output}: free some space and export again "
+                                f"({'the folder' if fmt == 'hf' else 'the file'} that was there is as it was)") from None
+        raise
     return {"path": str(output), "format": fmt, "type": qtype, "bytes": size, "params": n_params, "source": str(source)}
+
+
+def remove_stale_parts(output: Path) -> None:
+    """OUTPUT.tmpPID left by an export that was killed (its process is gone); never read, only in the way."""
+    for part in output.parent.glob(f"{glob.escape(output.name)}.tmp*"):
+        pid = part.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            remove(part)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

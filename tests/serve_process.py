@@ -15,13 +15,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*args: str):
+def running_server(*args: str, log=None):
+    """log: a file for the server's output (a long run fills a pipe nobody reads); else a pipe, read if it fails to start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    output = open(log, "w") if log else subprocess.PIPE
     process = subprocess.Popen(
         # --threads 1: the test machine is shared; two OpenMP threads on two busy cores decode 10x slower
         [sys.executable, "-m", "pocketlm.cli", "serve", *args, "--port", str(port), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=output, stderr=subprocess.STDOUT, text=True,
     )
     try:
         wait_until_up(process, url + "/health")
@@ -33,3 +35,5 @@ def running_server(*args: str):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if log:
+            output.close()

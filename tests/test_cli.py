@@ -1,5 +1,6 @@
 """The `pocketlm` command end to end, as a separate process on the real models."""
 
+import argparse
 import json
 import math
 import shutil
@@ -177,3 +178,195 @@ def test_raw_prompt_and_bfloat16():
     assert raw["prompt_tokens"] < chat["prompt_tokens"]  # no template, no default system prompt
     bf16 = json.loads(pocketlm("run", "smollm2", "What is the capital of France?", "--dtype", "bfloat16", "--json", "-n", "12", *GREEDY).stdout)
     assert "Paris" in bf16["text"]
+
+
+# ------------------------------------------------------------------------- the small items of issue 26
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory, tiny_llama_dir):
+    """conftest's random 2-layer Llama (SmolLM2's tokenizer and chat template) with a context of 1,024 tokens,
+    so the default cap of 256 new tokens, not the context window, ends its answers (it decodes them in a second)."""
+    folder = tmp_path_factory.mktemp("long") / "tiny-long"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return folder
+
+
+CAP_NOTE = "(stopped at 256 tokens: -n to change)"
+
+
+def test_an_answer_the_default_cap_ends_says_so(long_tiny):
+    capped = pocketlm("run", str(long_tiny), "hello", "--temperature", "0")
+    assert capped.returncode == 0 and capped.stderr.strip() == CAP_NOTE, capped.stderr
+    assert CAP_NOTE not in capped.stdout
+    asked = pocketlm("run", str(long_tiny), "hello", "--temperature", "0", "-n", "256")  # -n given: the user knows
+    assert asked.returncode == 0 and asked.stdout == capped.stdout and CAP_NOTE not in asked.stderr
+    as_json = json.loads(pocketlm("run", str(long_tiny), "hello", "--temperature", "0", "--json").stdout)
+    assert as_json["finish_reason"] == "length" and as_json["completion_tokens"] == 256
+    chat = pocketlm("chat", str(long_tiny), "--temperature", "0", stdin="hello\n/bye\n")
+    assert chat.returncode == 0 and chat.stderr.count(CAP_NOTE) == 1, chat.stderr
+
+
+def test_an_answer_of_a_server_that_the_default_cap_ends_says_so(long_tiny):
+    from serve_process import running_server
+
+    with running_server(str(long_tiny)) as url:
+        remote = pocketlm("run", long_tiny.name, "hello", "--temperature", "0", "--server", url)  # the name it serves
+        short = pocketlm("run", long_tiny.name, "hello", "--temperature", "0", "--server", url, "-n", "8")
+    assert remote.returncode == 0 and remote.stderr.strip() == CAP_NOTE, remote.stderr
+    assert short.returncode == 0 and short.stderr == ""
+
+
+def test_embed_dash_reads_the_texts_from_stdin():
+    piped = pocketlm("embed", "-", stdin="first sentence\n\nsecond sentence\n")
+    named = pocketlm("embed", "minilm", "-", stdin="first sentence\nsecond sentence\n")
+    given = pocketlm("embed", "first sentence", "second sentence")
+    assert piped.returncode == named.returncode == 0, piped.stderr
+    assert piped.stdout == named.stdout == given.stdout and len(piped.stdout.splitlines()) == 2
+    assert_one_line_error(pocketlm("embed", "-", stdin=""), "nothing came on stdin")
+
+
+def test_an_empty_prompt_is_named_as_such():
+    assert_one_line_error(pocketlm("run", ""), "the prompt is empty")
+    assert_one_line_error(pocketlm("run", "smollm2", "  "), "the prompt is empty")
+    assert_one_line_error(pocketlm("run", "-", stdin=""), "the prompt is empty", "stdin")
+    assert_one_line_error(pocketlm("run", "smollm2", "-", stdin="\n"), "the prompt is empty")
+
+
+def test_a_misspelled_name_suggests_the_closest_first_and_pull_rm_suggest_no_path():
+    result = pocketlm("run", "smolm2", "hi")
+    assert_one_line_error(result, "Did you mean smollm2-135m-instruct")
+    for command in ("pull", "rm"):
+        result = pocketlm(command, "smolm2")
+        assert_one_line_error(result, "unknown model 'smolm2'", "Did you mean smollm2-135m-instruct")
+        assert ".gguf" not in result.stderr and "path" not in result.stderr
+
+
+def test_serve_on_a_busy_port_fails_in_one_line_before_serving():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = pocketlm("serve", "smollm2", "--port", port)
+    assert_one_line_error(result, "cannot listen on 127.0.0.1:" + port, "in use", "--port")
+    assert "serving" not in result.stdout
+    assert_one_line_error(pocketlm("serve", "smollm2", "--host", "203.0.113.1", "--port", port), "cannot listen on 203.0.113.1")
+
+
+def test_threads_flag_and_environment(monkeypatch):
+    from pocketlm import threads
+    from pocketlm.errors import PocketLMError
+
+    from pocketlm.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("run", "chat", "embed", "eval", "finetune", "distill", "prune", "quantize", "compare", "serve", "bench", "export",
+                    "train-draft", "classify"):
+        assert "--threads" in commands[command].format_help(), command
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("POCKETLM_THREADS", "3")
+    assert threads.choose(None, 2) == 3 and threads.choose(1, 2) == 1  # the flag wins over the environment
+    monkeypatch.setenv("POCKETLM_THREADS", "two")
+    with pytest.raises(PocketLMError, match="POCKETLM_THREADS"):
+        threads.choose(None, 2)
+    with pytest.raises(PocketLMError, match="--threads"):
+        threads.choose(0, 2)
+    bad = pocketlm("run", "smollm2", "hi", "--threads", "0")
+    assert_one_line_error(bad, "--threads must be >= 1")
+
+
+# ------------------------------------------------------------------------- issue 25: chat that keeps going, progress
+
+
+WINDOW_NOTE = "(the conversation outgrew the {}-token context window: forgot its oldest"
+
+
+def test_chat_forgets_its_oldest_turns_when_the_window_fills_and_answers_on(tiny_llama_dir):
+    """conftest's tiny Llama has a 256-token window: six long turns overfill it. Before, every turn from the fourth on
+    failed ("the prompt is ... tokens but the model's context window is 256"); now the oldest turns go, one line says so."""
+    turns = [f"Turn {i}: " + "tell me more about the old roman roads " * 6 for i in range(6)]
+    chat = pocketlm("chat", str(tiny_llama_dir), "-n", "8", *GREEDY, "--system", "Be brief.", stdin="\n".join(turns) + "\n")
+    assert chat.returncode == 0, chat.stderr
+    notes = chat.stderr.strip().splitlines()
+    assert notes and all(line.startswith(WINDOW_NOTE.format(256)) and "kept the system prompt" in line for line in notes), chat.stderr
+    assert "error" not in chat.stderr
+    short = pocketlm("chat", str(tiny_llama_dir), "-n", "8", *GREEDY, "--ctx-size", "128", stdin="\n".join(turns[:3]) + "\n")
+    assert short.returncode == 0 and short.stderr.startswith(WINDOW_NOTE.format(128)), short.stderr
+    assert len(short.stderr.strip().splitlines()) >= 2  # a smaller window fills sooner
+
+
+def test_fit_chat_drops_whole_turns_and_keeps_the_system_prompt(smollm2):
+    from pocketlm.engine.generate import encode_chat, fit_chat
+
+    tok = smollm2.tokenizer
+    history = []
+    for i in range(5):
+        history += [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"answer {i} " * 20}]
+    history.append({"role": "user", "content": "the last question"})
+    full = len(encode_chat(tok, history, system="Be brief."))
+    ids, dropped = fit_chat(tok, history, window=full, reserve=0, system="Be brief.")
+    assert dropped == 0 and len(ids) == full
+    ids, dropped = fit_chat(tok, history, window=full - 1, reserve=0, system="Be brief.")
+    assert dropped == 2 and ids == encode_chat(tok, history[2:], system="Be brief.")  # one whole turn, the oldest
+    ids, dropped = fit_chat(tok, [{"role": "system", "content": "Be brief."}, *history], window=full - 1, reserve=0)
+    assert dropped == 2 and tok.decode(ids).count("Be brief.") == 1  # a system message at the start stays too
+    ids, dropped = fit_chat(tok, history, window=10, reserve=5, system="Be brief.")
+    assert dropped == 10 and ids == encode_chat(tok, history[-1:], system="Be brief.")  # the newest message always stays
+
+
+def test_ctx_size_bounds_a_run(tiny_llama_dir):
+    assert_one_line_error(pocketlm("run", str(tiny_llama_dir), "word " * 80, "--ctx-size", "64"), "context window is 64")
+    assert_one_line_error(pocketlm("run", str(tiny_llama_dir), "hi", "--ctx-size", "300"), "takes 2 to 256")
+    out = json.loads(pocketlm("run", str(tiny_llama_dir), "hi", "--ctx-size", "40", "--json", *GREEDY).stdout)
+    assert out["prompt_tokens"] + out["completion_tokens"] <= 40 and out["finish_reason"] == "length"
+
+
+@pytest.fixture
+def slow_write(monkeypatch):
+    """The folder write of prune and quantize takes a moment, so the display has steps to show; and a command that
+    quick is shown at all (progress.SHOW_AFTER_S)."""
+    import time
+
+    from pocketlm import progress
+    from pocketlm.formats import hf
+
+    real = hf.write_model_folder
+    monkeypatch.setattr(hf, "write_model_folder", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 0.0)
+    monkeypatch.setattr(progress, "POLL_S", 0.02)
+
+
+def test_progress_keeps_json_on_stdout_and_says_one_line_off_a_terminal(small_llama_dir, tmp_path, capsys, slow_write):
+    from pocketlm.cli import main
+
+    prune = ["prune", str(small_llama_dir), "--drop-layers", "1", "--calib-tokens", "256", "--json"]
+    assert main([*prune, "-o", str(tmp_path / "p")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["params_after"]["total"] > 0  # stdout: the JSON document alone
+    assert err.startswith("pocketlm: prune: done in ") and err.count("\n") == 1, err  # off a terminal: no bar, one line
+    assert main([*prune, "-o", str(tmp_path / "q"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) and err == ""
+    assert main(["quantize", str(small_llama_dir), "--to", "int8", "-o", str(tmp_path / "i8")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("wrote ") and err.startswith("pocketlm: quantize: done in ") and err.count("\n") == 1, err
+
+
+def test_progress_bars_on_a_terminal_go_to_stderr_only(small_llama_dir, tmp_path, capsys, monkeypatch, slow_write):
+    import sys
+
+    from pocketlm.cli import main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["prune", str(small_llama_dir), "-o", str(tmp_path / "p"), "--drop-layers", "1", "--calib-tokens", "256", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["params_after"]["total"] > 0
+    assert "prune: writing" in err and "ETA" in err
+    assert "pocketlm: prune: done in " in err.rstrip().splitlines()[-1]  # the closing line, where the bar was erased
+    assert main(["export", str(small_llama_dir), "--format", "gguf", "--type", "q4_0", "-o", str(tmp_path / "m.gguf")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("wrote ") and "export: encoding q4_0 tensors" in err, err

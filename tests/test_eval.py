@@ -276,3 +276,95 @@ def test_smollm2_int8_agrees_with_fp32(capsys):
     out = eval_json(capsys, "smollm2-135m-instruct", "--task", "agreement", "--reference", "smollm2-135m-instruct",
                     "--quant", "int8", "--data", FIXTURES / "wikitext2_test_excerpt.txt", "--limit", 128)
     assert out["metrics"]["kl_mean"] < 0.05 and out["metrics"]["top1_agreement"] > 0.9
+
+
+# ------------------------------------------------------------------------------------ lm-evaluation-harness's tokenization
+
+
+def lm_eval_encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool):
+    """lm-evaluation-harness 0.4's TemplateLM._encode_pair (lm_eval/api/model.py), as written there, for a causal model."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole_enc = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
+    context_enc = tokenizer.encode(context, add_special_tokens=add_special_tokens)
+    return context_enc, whole_enc[len(context_enc):]
+
+
+@pytest.mark.parametrize("chat", ["off", "on"])
+def test_classify_scores_what_lm_eval_scores_for_the_same_prompt(tiny_llama_dir, capsys, tmp_path, chat):
+    """Every label's log-likelihood equals a plain forward of lm-eval's tokenization of the joined prompt. SmolLM2's
+    tokenizer (the tiny model's) makes "\\n\\n" one token alone and two before "Text": tokenized apart, as before,
+    the instruction and the shots end in other tokens and the scores differ."""
+    from pocketlm.load import load
+
+    data = EVAL / "sentiment" / "test.jsonl"
+    eval_json(capsys, tiny_llama_dir, "--task", "classify", "--data", data, "--shots", 2, "--chat", chat, "--report", tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    lm = load(str(tiny_llama_dir))
+    records = eval_data.read_jsonl(data)
+    shots = eval_data.pick_shots(eval_data.read_jsonl(EVAL / "sentiment" / "train.jsonl"), 2, "label", 0)
+    labels = {"negative": "negative", "positive": "positive"}
+    prompter = Prompter(TASKS["classify"], lm.tokenizer, labels, shots, chat=chat == "on")
+    apart_differs = False
+    for record, row in zip(records, rows):
+        prefix, query = prompter.render(record)
+        specials = chat == "off"
+        scores = {}
+        for label in labels:
+            context, continuation = lm_eval_encode_pair(lm.tokenizer, prefix + query, prompter.target_text({"label": label}), specials)
+            scores[label] = full_forward_logprob(lm.model, context, continuation)
+        apart = lm.tokenizer.encode(prefix, add_special_tokens=specials) + lm.tokenizer.encode(query, add_special_tokens=False)
+        apart_differs |= apart != lm_eval_encode_pair(lm.tokenizer, prefix + query, " x", specials)[0]
+        assert row["prediction"] == max(scores, key=scores.get)
+        assert row["logprob_label"] == pytest.approx(scores[row["label"]], abs=2e-4)
+        assert row["logprob_prediction"] == pytest.approx(scores[row["prediction"]], abs=2e-4)
+    assert apart_differs  # the case the test is about: tokenized apart, the prompt has other tokens
+
+
+def test_the_shared_prefix_is_what_every_joint_tokenization_starts_with(smollm2):
+    from pocketlm.eval.loglik import encode_choices, shared_prefix
+
+    tok = smollm2.tokenizer
+    head = "Classify the text into one of these labels: negative, positive.\n\n"
+    contexts = [encode_choices(tok, head + f"Text: {t}\nLabel:", [" positive"], False)[0] for t in ("good", "bad")]
+    alone = tok.encode(head, add_special_tokens=False)
+    assert alone[-1] == tok.encode("\n\n", add_special_tokens=False)[0]  # "\n\n" alone: one token ...
+    newline = tok.encode("\n", add_special_tokens=False)
+    prefix = shared_prefix(contexts)  # ... joined: two, and the prefix shared is the joined string's, up to the text
+    assert prefix[: len(alone) + 1] == alone[:-1] + newline * 2 and tok.decode(prefix).endswith("\n\nText:")
+    assert all(c[: len(prefix)] == prefix for c in contexts)
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # every context keeps a token of its own
+    # lm-eval's convention: the prompt's trailing whitespace goes to the label
+    context, (label,) = encode_choices(tok, "Label: ", ["positive"], False)
+    assert context == tok.encode("Label:", add_special_tokens=False) and tok.decode(label) == " positive"
+
+
+def test_results_say_the_quantization_that_ran(tiny_llama_dir, capsys, tmp_path):
+    """A folder written by `pocketlm quantize` runs int8 whatever --quant says (the default auto read it as "none")."""
+    assert main(["quantize", str(tiny_llama_dir), "--to", "int8", "-o", str(tmp_path / "q8"), "--quiet"]) == 0
+    capsys.readouterr()
+    out = eval_json(capsys, tmp_path / "q8", "--task", "classify", "--data", EVAL / "sentiment" / "test.jsonl", "--report", tmp_path / "r")
+    assert out["settings"]["quant"] == "int8"
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["settings"]["quant"] == "int8"
+    assert eval_json(capsys, tiny_llama_dir, "--task", "classify", "--data", EVAL / "intents.jsonl")["settings"]["quant"] == "none"
+
+
+@pytest.mark.parametrize("chat", ["off", "on"])
+def test_the_same_prompt_string_scores_the_same_however_the_task_builds_it(tiny_llama_dir, capsys, tmp_path, chat):
+    """classify (instruction, then the example) against a custom task whose one template holds the whole prompt: the
+    same string, so the same scores (the issue's 0.71 against 0.67 on sst2 came from tokenizing the two apart)."""
+    (tmp_path / "whole.yaml").write_text(
+        "scoring: loglikelihood\n"
+        'prompt: "Classify the text into one of these labels: negative, positive.\\n\\nText: {text}\\nLabel:"\n'
+        'target: " {label}"\n'
+        "labels: [negative, positive]\n")
+    data = EVAL / "sentiment" / "test.jsonl"
+    for name, task in (("classify", "classify"), ("whole", tmp_path / "whole.yaml")):
+        eval_json(capsys, tiny_llama_dir, "--task", task, "--data", data, "--chat", chat, "--report", tmp_path / name)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+            for name in ("classify", "whole")}
+    for a, b in zip(rows["classify"], rows["whole"]):
+        assert a["prediction"] == b["prediction"]
+        assert a["logprob_label"] == pytest.approx(b["logprob_label"], abs=2e-4)

@@ -323,6 +323,128 @@ def test_classification_head_on_a_bert_encoder(tmp_path, label_data):
     assert clf.predict(["it was neutral"])[0][0] in LABELS
 
 
+# ------------------------------------------------------------------------------------------ QLoRA and DPO
+
+
+def tensor_bytes(model, skip_lora: bool = False) -> int:
+    """Bytes of every tensor a model holds: parameters, buffers and the kernels' own layouts (Int4Linear.packed,
+    Int8Linear.packed_weight), each storage once."""
+    seen, total = set(), 0
+    for name, module in model.named_modules():
+        if skip_lora and "lora_" in name:
+            continue
+        tensors = list(module._parameters.values()) + list(module._buffers.values())
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            if t is not None and t.numel() and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def test_qlora_keeps_the_base_quantized_and_trains(tiny_model, chat_data, smollm2_folder):
+    from pocketlm.finetune.config import DEFAULT_LORA_TARGETS
+    from pocketlm.finetune.data import build_examples, read_jsonl
+    from pocketlm.finetune.lora import apply_lora, unwrap
+    from pocketlm.finetune.qlora import QuantLoraLinear
+    from pocketlm.finetune.recipe import CausalLMLoss
+    from pocketlm.load import load
+    from pocketlm.quant.int4 import Int4Linear
+
+    float_bytes = tensor_bytes(load(str(tiny_model)).model)
+    lm = load(str(tiny_model), quant="int4")
+    model = unwrap(apply_lora(lm.model, 4, 8, 0.0, DEFAULT_LORA_TARGETS))
+    wrapped = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    assert len(wrapped) == 7 * 2 and all(isinstance(m.base_layer, Int4Linear) for m in wrapped)  # q/k/v, gate/up split again
+    assert tensor_bytes(model, skip_lora=True) < 0.4 * float_bytes  # the base stays int4 (an int8 head and embedding)
+    codes = [m.base_layer.qweight.clone() for m in wrapped]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.ndim == 2 and p.numel() <= 4 * 64 for p in trainable)  # only the adapters
+    cfg = FinetuneConfig(model=str(tiny_model), data=str(chat_data), out="x", seq_len=64)
+    batch = collate(build_examples(lm.tokenizer, read_jsonl(chat_data)[:8], cfg), 0)
+    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
+    loss_fn, got = CausalLMLoss(model), []
+    for _ in range(6):
+        loss = loss_fn(batch["ids"], batch["labels"], batch["lengths"]) / (batch["labels"] != IGNORE).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        got.append(loss.item())
+    assert got[-1] < got[0] - 0.2, got  # it trains through the int4 layers
+    assert all(torch.equal(m.base_layer.qweight, c) for m, c in zip(wrapped, codes))  # and they stayed as they were
+
+
+def test_qlora_recipe_writes_a_peft_adapter_and_a_merged_float_model(tiny_model, chat_data, tmp_path, capsys):
+    from pocketlm.finetune.lora import load_adapter
+    from pocketlm.load import load
+
+    out = tmp_path / "qlora"
+    run(tiny_model, chat_data, out, lora_r=4, lora_alpha=8, lr=2e-2, steps=6, quant="int4", merge=True)
+    got = losses(out)
+    assert got[6] < got[1]
+    names = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert any(".q_proj.lora_A" in n for n in names) and not any("qkv_proj" in n for n in names)  # the float base's names
+    merged = load(str(out))
+    assert merged.meta["recipe"]["method"] == "qlora r=4 on int4" and merged.meta["weights"] == "float32"
+    adapted = load_adapter(load(str(tiny_model), quant="int4").model, out / "adapter")  # the adapter on the int4 base
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got_ = adapted(ids), merged.model(ids)
+    assert ((got_ - want).abs().max() / want.abs().max()).item() < 0.02  # the int4 kernel's 8-bit activations
+    # a quantized base trains adapters only
+    assert main(["finetune", str(tiny_model), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--quant", "int4"]) == 1
+    assert "QLoRA" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"Is {i} a number?", "chosen": "Yes, it is.", "rejected": "No, it is not."}) + "\n")
+    return path
+
+
+def pair_margin(model_dir, pair_data) -> float:
+    """Mean log pi(chosen) - log pi(rejected) over the pairs."""
+    from pocketlm.finetune.data import build_pairs, read_jsonl
+    from pocketlm.finetune.dpo import sequence_logps
+    from pocketlm.load import load
+
+    lm = load(str(model_dir))
+    pairs = build_pairs(lm.tokenizer, read_jsonl(pair_data), FinetuneConfig(model="m", data="d", out="o", seq_len=64))
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], 0)
+    with torch.no_grad():
+        logps = sequence_logps(lm.model, batch["ids"], batch["labels"])
+    return (logps[: len(pairs)] - logps[len(pairs) :]).mean().item()
+
+
+@pytest.mark.parametrize("lora_r, quant", [(0, "none"), (4, "none"), (4, "int4")])
+def test_dpo_raises_the_chosen_over_rejected_margin(tiny_model, pair_data, tmp_path, lora_r, quant):
+    out = tmp_path / "dpo"
+    before = pair_margin(tiny_model, pair_data)
+    summary = run(tiny_model, pair_data, out, task="dpo", steps=6, lr=1e-2 if lora_r else 1e-3, lora_r=lora_r, lora_alpha=8,
+                  quant=quant, merge=True, eval_split=0.25, dpo_beta=0.1)
+    after = pair_margin(out, pair_data)
+    assert after > before + 1.0, (before, after)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    margins = [r["margin"] for r in rows if "margin" in r]
+    assert margins[-1] > margins[0] and summary["eval"]["eval_accuracy"] == 1.0
+    assert load_lineage(out)["recipe"]["name"] == "dpo"
+
+
+def load_lineage(out) -> dict:
+    return json.loads((Path(out) / "config.json").read_text())["pocketlm"]
+
+
+def test_dpo_rows_need_prompt_chosen_rejected(tiny_model, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
+    assert main(["finetune", str(tiny_model), "--data", str(data), "-o", str(tmp_path / "o"), "--task", "dpo", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ":1: missing field 'rejected'" in err
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 

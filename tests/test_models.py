@@ -42,8 +42,8 @@ def randomized(hf_model):
     return hf_model.eval()
 
 
-def check_decoder(hf_model, cls, prefill=5):
-    """The whole decoder contract against one HF model."""
+def check_decoder(hf_model, cls, prefill=5, greedy=True):
+    """The whole decoder contract against one HF model (greedy: and 30 greedy tokens equal to its generate's)."""
     idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(2))
     sd = hf_model.state_dict()
     with torch.no_grad():
@@ -82,7 +82,25 @@ def check_decoder(hf_model, cls, prefill=5):
         hf2 = transformers.AutoModelForCausalLM.from_config(hc).eval()
         hf2.load_state_dict(model.state_dict())
         assert_close(hf2(idx).logits, ref)
+    if greedy:
+        check_greedy(hf_model, model)
     return cfg
+
+
+def check_greedy(hf_model, model, n: int = 30, prompt_len: int = 5):
+    """Greedy decoding through the cache (prefill, then a token at a time) picks transformers' n tokens."""
+    idx = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf_model.generate(idx, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                pad_token_id=0)[0, prompt_len:]  # fmt: skip
+        model.setup_cache(1, prompt_len + n)
+        logits = model(idx, input_pos=torch.arange(prompt_len))[:, -1]
+        ours = []
+        for t in range(n):
+            ours.append(int(logits.argmax()))
+            logits = model(torch.tensor([[ours[-1]]]), input_pos=torch.tensor([prompt_len + t]))[:, -1]
+        model.clear_cache()
+    assert ours == ref.tolist()
 
 
 def tiny_llama(**kw):
@@ -254,6 +272,18 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(family):
         assert_close(torch.stack(ours), ref)
 
 
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_fused_projections_partial_rotary(partial):
+    """Phi-3 mini (full rotary, untied) and Phi-4 mini's shape (partial rotary, tied, GQA), both with a sliding
+    window shorter than the sequence."""
+    hc = transformers.Phi3Config(**tiny_llama(num_key_value_heads=2, partial_rotary_factor=partial, sliding_window=6,
+                                              tie_word_embeddings=partial < 1, pad_token_id=0, eos_token_id=2))
+    torch.manual_seed(0)
+    hf = randomized(transformers.Phi3ForCausalLM(hc))
+    cfg = check_decoder(hf, model_class_for(config_from_hf(hc.to_dict())))
+    assert cfg.rotary_dim == int(16 * partial) and cfg.sliding_window == 6
+
+
 def test_gemma3_config_spellings():
     """transformers-4 keys (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern) and a
     multimodal gemma3 config's text_config read to the same config as transformers-5 rope_parameters."""
@@ -274,8 +304,8 @@ def test_llama_config_spellings_and_errors():
     assert cfg == config_from_hf(transformers.LlamaConfig(**tiny_llama(), rope_theta=5e5,
                                                           rope_scaling=dict(classic["rope_scaling"])).to_dict())
     assert cfg.rope_scaling["original_max_position_embeddings"] == 64  # HF's fallback: max_position_embeddings
-    with pytest.raises(PocketLMError, match="phi3.*bert, gemma3, gemma3_text, llama, mistral, qwen2"):
-        config_from_hf({"model_type": "phi3"})
+    with pytest.raises(PocketLMError, match="gpt_neo.*bert, gemma3, gemma3_text, llama, mistral, .*qwen2"):
+        config_from_hf({"model_type": "gpt_neo"})
     with pytest.raises(PocketLMError, match="yarn"):
         config_from_hf(dict(tiny_llama(), model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 

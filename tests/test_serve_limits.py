@@ -29,7 +29,7 @@ def server():
 
 
 def metric(url: str, name: str) -> float:
-    match = re.search(rf"^{name} ([0-9.e+]+)$", httpx.get(url + "/metrics").text, re.M)
+    match = re.search(rf"^{name} ([0-9.e+]+)$", httpx.get(url + "/metrics", headers=AUTH).text, re.M)  # the key: /metrics too
     return float(match.group(1)) if match else 0.0
 
 
@@ -49,7 +49,8 @@ def test_api_key(server):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == [CHAT]
-    assert httpx.get(server + "/health").status_code == 200  # health and metrics stay open for probes
+    assert httpx.get(server + "/health").json() == {"status": "ok"}  # a liveness probe needs no key, and learns no more
+    assert httpx.get(server + "/metrics").status_code == 401
 
 
 def test_body_over_the_limit_is_413(server):
@@ -88,7 +89,7 @@ def test_a_client_that_times_out_is_cancelled(server):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server + "/v1/completions", json=LONG, headers=AUTH, timeout=3)
     wait_for(lambda: metric(server, "pocketlm_cancelled_total") == before + 1, "the cancellation")
-    wait_for(lambda: httpx.get(server + "/health").json()["queue_depth"] == 0, "the worker to be free")
+    wait_for(lambda: httpx.get(server + "/health", headers=AUTH).json()["queue_depth"] == 0, "the worker to be free")
     done = httpx.post(server + "/v1/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 2}, headers=AUTH, timeout=300)
     assert done.status_code == 200
 

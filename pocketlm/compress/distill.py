@@ -98,13 +98,15 @@ class DistillLoss(nn.Module):
         # student width -> teacher width; trained with the student, not part of the saved model
         self.project = nn.Linear(student.cfg.dim, teacher_dim, bias=False) if hidden_weight else None
 
-    def forward(self, ids, labels, lengths, teacher_logp, teacher_idx=None, teacher_hidden=None) -> torch.Tensor:
+    def forward(self, ids, labels, lengths, teacher_logp, teacher_idx=None, teacher_hidden=None, ce_mask=None) -> torch.Tensor:
         # ids, labels (B, T); teacher_logp (N, V) online or (N, k+1) stored, teacher_idx None or (N, k),
-        # teacher_hidden None or (N, D_teacher); N = target positions in the batch
+        # teacher_hidden None or (N, D_teacher); N = target positions in the batch; ce_mask None or (N,) bool: the
+        # targets the data's cross-entropy counts (not a student's own sample, which has no right answer)
         keep = target_positions(labels)  # (B, T-1)
         h = self.model.hidden(ids)[:, :-1][keep]  # (N, D)
         logits = self.model.logits(h).float()  # (N, V)
-        loss = (1 - self.kd_weight) * F.cross_entropy(logits, labels[:, 1:][keep], reduction="sum")
+        rows = slice(None) if ce_mask is None else ce_mask
+        loss = (1 - self.kd_weight) * F.cross_entropy(logits[rows], labels[:, 1:][keep][rows], reduction="sum")
         logq = torch.log_softmax(logits / self.temperature, dim=-1)  # (N, V)
         if teacher_idx is not None:
             logq = coarsen(logq, teacher_idx)  # (N, k+1)

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm.errors import PocketLMError
+from pocketlm.families import FAMILIES, family
 
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_wikitext2.txt"
 CALIB_SEQ_LEN = 512  # tokens per calibration sequence
-DECODERS = ("llama", "mistral", "qwen2", "gemma3_text")
+DECODERS = tuple(f.model_type for f in FAMILIES.values() if f.prune)  # the families.py rows prune can cut
 
 
 @dataclass
@@ -88,8 +89,9 @@ class Importance:
 
 
 @torch.inference_mode()
-def measure_importance(model, batch: torch.Tensor) -> Importance:
-    """One forward pass per calibration sequence with hooks on every block, o_proj, down_proj and RMSNorm."""
+def measure_importance(model, batch: torch.Tensor, on_step=None) -> Importance:
+    """One forward pass per calibration sequence with hooks on every block, o_proj, down_proj and RMSNorm;
+    on_step() after each (a progress bar's advance)."""
     cfg = model.cfg
     layers = model.model.layers
     L, nh, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
@@ -134,6 +136,8 @@ def measure_importance(model, batch: torch.Tensor) -> Importance:
     try:
         for seq in batch:
             model.hidden(seq[None])  # (1, T, D); no KV cache: the causal mask is SDPA's
+            if on_step is not None:
+                on_step()
     finally:
         for h in handles:
             h.remove()
@@ -208,7 +212,7 @@ def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[d
     sd = dict(sd)
     changes: list[str] = []
     L, nh, nkv, hd = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    gemma = cfg.model_type == "gemma3_text"
+    gemma = family(cfg.model_type).scaled_embedding  # sqrt(D) embedding scale and (1 + w) norms
 
     # width inside each layer: heads and KV groups, MLP channels
     groups = spec.kv_groups if spec.kv_groups is not None else nkv
@@ -288,7 +292,7 @@ def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[d
         dim=dim,
         layer_types=[layer_types[i] for i in kept_layers],
     )
-    if cfg.model_type == "qwen2" and cfg.max_window_layers is not None:  # stays consistent with layer_types
+    if getattr(cfg, "max_window_layers", None) is not None:  # Qwen2's: stays consistent with layer_types
         new = replace(new, max_window_layers=sum(1 for i in kept_layers if i < cfg.max_window_layers))
     return sd, new, changes
 
@@ -422,9 +426,14 @@ def count_params(sd: dict, tied: bool) -> dict[str, int]:
 # ---- the recipe ----------------------------------------------------------------------------------------
 
 
-def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int = 4096, vocab_text: str | None = None):
-    """A loaded model (pocketlm.load.LoadedModel, fp32) -> (hf_config, state dict, tokenizer, report) of the pruned one."""
+def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int = 4096, vocab_text: str | None = None,
+          progress=None):
+    """A loaded model (pocketlm.load.LoadedModel, fp32) -> (hf_config, state dict, tokenizer, report) of the pruned one.
+    progress: a pocketlm.progress.Progress to count the calibration passes on, or None."""
     from pocketlm.config import config_from_hf
+    from pocketlm.progress import NO_PROGRESS
+
+    progress = progress or NO_PROGRESS
 
     cfg = lm.config
     if cfg.model_type not in DECODERS:
@@ -443,7 +452,8 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
     if needs_calibration:
         text = calib_text if calib_text is not None else read_text(DEFAULT_CALIB, "calibration")
         batch = calibration_batch(tokenizer, text, calib_tokens)
-        imp = measure_importance(lm.model, batch)
+        progress.step("calibration sequences", total=len(batch))
+        imp = measure_importance(lm.model, batch, on_step=progress.advance)
         sd, cfg, changes = prune_state_dict(sd, cfg, spec, imp)
         changes.insert(0, f"importance measured on {batch.numel()} calibration tokens")
     hf_config = cfg.to_hf()
@@ -470,10 +480,15 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
     return hf_config, sd, tokenizer, report
 
 
-def prune_model(ref: str, output: str | Path, spec: PruneSpec, calib: str | None = None, calib_tokens: int = 4096) -> dict:
-    """Load `ref`, prune it by `spec` and write the result to the folder `output`; returns the report."""
+def prune_model(ref: str, output: str | Path, spec: PruneSpec, calib: str | None = None, calib_tokens: int = 4096,
+                progress=None) -> dict:
+    """Load `ref`, prune it by `spec` and write the result to the folder `output`; returns the report.
+    progress: a pocketlm.progress.Progress that shows the calibration passes and the write, or None."""
+    import os
+
     from pocketlm.formats.hf import write_model_folder
     from pocketlm.load import load
+    from pocketlm.progress import NO_PROGRESS, file_growth
 
     output = Path(output).expanduser()
     calib_text = read_text(calib, "calibration") if calib else None
@@ -483,6 +498,9 @@ def prune_model(ref: str, output: str | Path, spec: PruneSpec, calib: str | None
     lm = load(ref)
     if output.resolve() in (lm.source.resolve(), lm.path.resolve()):
         raise PocketLMError(f"{output}: the output would overwrite the model being pruned")
-    hf_config, sd, tokenizer, report = prune(lm, spec, calib_text, calib_tokens, vocab_text)
+    hf_config, sd, tokenizer, report = prune(lm, spec, calib_text, calib_tokens, vocab_text, progress)
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    tmp = output.with_name(f"{output.name}.tmp{os.getpid()}") / "model.safetensors"  # write_model_folder's temporary name
+    (progress or NO_PROGRESS).step("writing", poll=file_growth(lambda: tmp, total))
     write_model_folder(output, hf_config, sd, tokenizer)
     return {"path": str(output), **report}

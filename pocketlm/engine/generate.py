@@ -1,6 +1,6 @@
 """Prefill then decode with a preallocated KV cache (the shape of gpt-fast's generate.py).
 
-`prefill` and `decode_one_token` are the small functions a compiler can take; `Sequence` is one sequence's
+`prefill` and `decode_one_token` (engine/step.py) are the small functions a compiler can take; `Sequence` is one sequence's
 state (it samples, detokenizes, holds back text while a stop string may be forming, and keeps the numbers
 a caller reports); `Generation` is the one generator that drives a Sequence through them.
 """
@@ -14,41 +14,9 @@ from typing import Iterator
 import torch
 
 from pocketlm.engine.sampling import SamplingParams, recent_ids, sample
+from pocketlm.engine.step import PREFILL_CHUNK, decode_one_token, prefill  # noqa: F401  (PREFILL_CHUNK: batch.py's)
 from pocketlm.errors import PocketLMError
-from pocketlm.models.fused_step import fused_logits
 from pocketlm.tokenizer import StreamDecoder
-
-PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the (T, S) attention mask and activations
-
-
-@torch.inference_mode()
-def prefill(model, idx: torch.Tensor, start: int = 0, slot: int | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt through the model, filling the cache from position `start` (in cache row `slot` alone,
-    for a batch of sequences: idx (1, T) then). idx (B, T) -> logits of the last position (B, V). hidden (B, D),
-    when given, receives the last position's final-norm hidden state (what a draft head starts from)."""
-    for begin in range(0, idx.size(1), PREFILL_CHUNK):
-        chunk = idx[:, begin : begin + PREFILL_CHUNK]  # (B, t)
-        input_pos = torch.arange(start + begin, start + begin + chunk.size(1))
-        if begin + PREFILL_CHUNK >= idx.size(1):  # the last chunk: a short one of one sequence takes the fused step
-            slots = None if slot is None else torch.tensor([slot])
-            logits = fused_logits(model, chunk, input_pos if slot is None else input_pos[None], slots, last_only=True, hidden=hidden)
-            if logits is not None:
-                return logits[:, -1]  # (1, V)
-        if slot is None:
-            h = model.hidden(chunk, input_pos)  # (B, t, D)
-        else:
-            h = model.hidden(chunk, input_pos[None], torch.tensor([slot]))  # (1, t, D)
-    if hidden is not None:
-        hidden.copy_(h[:, -1])
-    # Only the last position's logits: Gemma's 262k vocabulary makes the full (T, V) block large.
-    return model.logits(h[:, -1:])[:, -1]  # (B, V)
-
-
-@torch.inference_mode()
-def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """token (B, 1), input_pos (1,) -> logits (B, V)."""
-    return model(token, input_pos)[:, -1]
-
 
 class StopStrings:
     """Holds back the end of the text while it could still become a stop string."""
@@ -281,6 +249,22 @@ def encode_chat(tokenizer, messages: list[dict], system: str | None = None) -> l
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def fit_chat(tokenizer, messages: list[dict], window: int, reserve: int, system: str | None = None) -> tuple[list[int], int]:
+    """encode_chat of the latest turns that leave `reserve` tokens of a `window`-token context for the answer:
+    the oldest turns (a user message with its answer) are dropped first; `system`, or system messages at the
+    start, always stay. -> (prompt ids, messages dropped). The newest user message is never dropped: when it
+    does not fit alone, generation refuses it with both numbers (Sequence)."""
+    head = 0  # leading system messages stay
+    while head < len(messages) and messages[head].get("role") == "system":
+        head += 1
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, messages[:head] + messages[head + dropped :], system)
+        if len(ids) + reserve <= window or len(messages) - head - dropped <= 1:
+            return ids, dropped
+        dropped += 2 if len(messages) - head - dropped > 2 else 1  # whole turns, so the chat still opens with a user message
+
+
 def encode_raw(tokenizer, text: str) -> list[int]:
     """A plain completion prompt: BOS added if the model wants one."""
     return tokenizer.encode(text, add_special_tokens=True)
@@ -288,12 +272,15 @@ def encode_raw(tokenizer, text: str) -> list[int]:
 
 def generate(
     lm, prompt_ids: list[int], params: SamplingParams, processors=(), logprobs: int | None = None,
-    draft=None, draft_tokens: int | None = None,
+    draft=None, draft_tokens: int | None = None, context_length: int | None = None,
 ) -> Generation:
     """The one entry point for text generation on a loaded model (pocketlm.load.LoadedModel); `draft`, a
     LoadedModel with the same tokenizer or a draft head (pocketlm.load.load_draft), turns on speculative decoding,
     proposing draft_tokens per check (default: 1 for a head, whose second guess is right too rarely to pay for
-    the longer check on a CPU; 4 for a model; docs/BENCHMARKS.md)."""
+    the longer check on a CPU; 4 for a model; docs/BENCHMARKS.md). context_length: the window this request may
+    fill, prompt and answer (`--ctx-size`; the KV cache is sized to what the request can use of it), at most the
+    model's own (the default)."""
+    window = check_window(lm, context_length)
     if draft is not None:
         from pocketlm.engine.speculative import check_same_tokenizer
         from pocketlm.models.draft_head import DraftHead
@@ -301,4 +288,14 @@ def generate(
         check_same_tokenizer(lm.tokenizer, draft.tokenizer)
         draft = draft.model
         draft_tokens = draft_tokens or (1 if isinstance(draft, DraftHead) else 4)
-    return Generation(lm.model, lm.tokenizer, prompt_ids, params, lm.context_length, processors, logprobs, draft, draft_tokens or 4)
+    return Generation(lm.model, lm.tokenizer, prompt_ids, params, window, processors, logprobs, draft, draft_tokens or 4)
+
+
+def check_window(lm, context_length: int | None) -> int:
+    """A requested context window (None: the model's own) -> tokens, refused past the model's: its RoPE and training
+    stop there."""
+    if context_length is None:
+        return lm.context_length
+    if not 2 <= context_length <= lm.context_length:
+        raise PocketLMError(f"a context window of {context_length} tokens: {lm.name} takes 2 to {lm.context_length}")
+    return context_length

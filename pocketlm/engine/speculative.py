@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, greedy_token, recent_ids, token_distribution
+from pocketlm.engine.step import decode_one_token, prefill
 from pocketlm.errors import PocketLMError
 
 
@@ -35,16 +36,12 @@ class ModelDrafter:
         self.model = model
 
     def start(self, context: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        from pocketlm.engine.generate import prefill
-
         prefill(self.model, context[None])
         self.seen = len(context)  # context positions its cache holds
 
     def propose(self, ids: torch.Tensor, choose, params: SamplingParams, recent: torch.Tensor):
         """ids (N,): the text so far -> choose(the draft's logits (1, V) for token N). Feeds what its cache lacks:
         1 token, or 2 after a round that kept all k."""
-        from pocketlm.engine.generate import decode_one_token
-
         logits = decode_one_token(self.model, ids[self.seen :][None], torch.arange(self.seen, len(ids)))
         self.seen = len(ids)
         return choose(logits, ids)
@@ -118,8 +115,6 @@ def speculative_tokens(
     model's) must be set up for len(context) + the tokens to come + k + 1 positions. context (T,) is the prompt.
     draft: a model with the target's tokenizer, or a DraftHead trained on the target."""
     # not decorated with inference_mode: on a generator that decorator imports torch._dynamo (1.3 s of start-up)
-    from pocketlm.engine.generate import prefill
-
     drafter = drafter_for(draft)
 
     def recent(ids: torch.Tensor) -> torch.Tensor:

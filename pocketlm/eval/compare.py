@@ -39,12 +39,13 @@ def model_size(ref: str) -> dict:
 
     from pocketlm.compress.prune import count_params
     from pocketlm.config import config_from_hf
+    from pocketlm.families import is_encoder
     from pocketlm.load import model_folder, read_config
     from pocketlm.models import model_class_for
 
     name, source, folder = model_folder(ref)
     config = config_from_hf(read_config(folder))
-    if config.model_type == "bert":
+    if is_encoder(config):
         raise PocketLMError(f"{name} is an embedding model: compare takes generative models")
     with torch.device("meta"):  # the architecture's parameters: a quantized model's packed codes would miscount
         skeleton = model_class_for(config)(config)
@@ -57,28 +58,44 @@ def compare(teacher: str, student: str, text: str | None = None, tokens: int = 4
             task_data: str | None = None, limit: int | None = None, by: str = "loglikelihood", speed: bool = True,
             quant: str = "auto", progress: bool = True) -> dict:
     """The comparison as a dict: {"teacher": {metric: value}, "student": {...}, "agreement": {...}, ...}."""
-    from pocketlm.eval.tasks import EvalConfig, evaluate
-
-    agreement = evaluate(student, EvalConfig(task="agreement", data=text, limit=tokens, reference=teacher, progress=progress))
+    agreement = text_agreement(teacher, student, text, tokens, progress)
     sides = {"teacher": model_size(teacher), "student": model_size(student)}
     sides["teacher"]["perplexity"] = agreement.metrics["reference_perplexity"]
     sides["student"]["perplexity"] = agreement.metrics["perplexity"]
     task_metrics = []
     for side, ref in (("teacher", teacher), ("student", student)):
-        if speed:  # a short run: the ratio is the point, and it decodes as `pocketlm run` would (--quant auto)
-            out = evaluate(ref, EvalConfig(task="speed", limit=128, max_tokens=64), quant=quant)
-            sides[side].update({k: out.metrics[k] for k in ("decode_tok_s", "prompt_tok_s", "peak_rss_mb")})
-        if task:
-            out = evaluate(ref, EvalConfig(task=task, data=task_data, limit=limit, by=by, progress=progress))
-            task_metrics = list(out.metrics)
-            sides[side].update({f"{task}.{k}": v for k, v in out.metrics.items()})
+        sides[side].update(measure(ref, task, task_data, limit, by, speed, quant, progress))
+        task_metrics = [k for k in sides[side] if task and k.startswith(f"{task}.")]
     return {
         **sides,
         "agreement": {k: agreement.metrics[k] for k in ("kl_mean", "kl_median", "kl_p99", "top1_agreement")},
         "text": agreement.settings["data"], "tokens": agreement.n, "task": task, "task_data": task_data,
-        "task_metrics": [f"{task}.{k}" for k in task_metrics], "speed_quant": quant if speed else None,
+        "task_metrics": task_metrics, "speed_quant": quant if speed else None,
         "kl_per_token": agreement.distributions["KL(reference || model) per token"],
     }
+
+
+def text_agreement(teacher: str, student: str, text: str | None, tokens: int, progress: bool = True):
+    """KL(teacher || student), top-1 agreement and both perplexities on `tokens` tokens of a text (an EvalResult)."""
+    from pocketlm.eval.tasks import EvalConfig, evaluate
+
+    return evaluate(student, EvalConfig(task="agreement", data=text, limit=tokens, reference=teacher, progress=progress))
+
+
+def measure(ref: str, task: str | None = None, task_data: str | None = None, limit: int | None = None,
+            by: str = "loglikelihood", speed: bool = True, quant: str = "auto", progress: bool = True) -> dict:
+    """One side's speed and memory (a short `pocketlm bench` run, decoding as `pocketlm run` would: --quant auto)
+    and an eval task's metrics, named "TASK.metric"."""
+    from pocketlm.eval.tasks import EvalConfig, evaluate
+
+    out = {}
+    if speed:
+        result = evaluate(ref, EvalConfig(task="speed", limit=128, max_tokens=64), quant=quant)
+        out.update({k: result.metrics[k] for k in ("decode_tok_s", "prompt_tok_s", "peak_rss_mb")})
+    if task:
+        result = evaluate(ref, EvalConfig(task=task, data=task_data, limit=limit, by=by, progress=progress))
+        out.update({f"{task}.{k}": v for k, v in result.metrics.items()})
+    return out
 
 
 def table_rows(result: dict) -> list[tuple[str, float, float, float]]:
@@ -117,12 +134,38 @@ def print_comparison(result: dict) -> None:
 
 def write_comparison(result: dict, folder: str | Path) -> Path:
     """folder/report.md, compare.png (student / teacher per metric), kl.png (KL per token), results.json."""
-    from pocketlm.eval.report import _pyplot, plot_histogram
+    from pocketlm.eval.report import plot_histogram
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "kl_per_token"}, indent=2) + "\n")
-    rows = table_rows(result)
+    plot_ratios(table_rows(result), folder / "compare.png")
+    plot_histogram("KL(teacher || student) per token (nats)", result["kl_per_token"], folder / "kl.png")
+    t, s = result["teacher"], result["student"]
+    lines = [f"# {s['model']} against its teacher {t['model']}", "", *report_lines(result),
+             "![student / teacher](compare.png)", "", "![KL per token](kl.png)", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def report_lines(result: dict) -> list[str]:
+    """The comparison as Markdown: the table of teacher, student and their ratio, then the KL and speed notes."""
+    a = result["agreement"]
+    speed_note = f"Speed: `pocketlm bench`, a 128-token prompt and 64 new tokens, --quant {result['speed_quant']}."
+    return [
+        "| metric | teacher | student | student / teacher |", "|---|---:|---:|---:|",
+        *[f"| {label} | {tv:.4g} | {sv:.4g} | {ratio:.3f} |" for label, tv, sv, ratio in table_rows(result)], "",
+        f"KL(teacher || student) over {result['tokens']} tokens of `{result['text']}`: mean {a['kl_mean']:.4f}, "
+        f"median {a['kl_median']:.4f}, 99th percentile {a['kl_p99']:.4f} nats; top-1 agreement "
+        f"{100 * a['top1_agreement']:.2f}%.", "",
+        *([speed_note, ""] if result["speed_quant"] else []),
+    ]
+
+
+def plot_ratios(rows: list[tuple[str, float, float, float]], path: Path) -> Path:
+    """A horizontal bar per metric: student / teacher, with the line at 1 (the same)."""
+    from pocketlm.eval.report import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
@@ -134,22 +177,6 @@ def write_comparison(result: dict, folder: str | Path) -> Path:
         ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize=8)
     ax.set_xlabel("student / teacher (1 = the same)")
     fig.tight_layout()
-    fig.savefig(folder / "compare.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    plot_histogram("KL(teacher || student) per token (nats)", result["kl_per_token"], folder / "kl.png")
-
-    t, s, a = result["teacher"], result["student"], result["agreement"]
-    speed_note = f"Speed: `pocketlm bench`, a 128-token prompt and 64 new tokens, --quant {result['speed_quant']}."
-    lines = [
-        f"# {s['model']} against its teacher {t['model']}", "",
-        "| metric | teacher | student | student / teacher |", "|---|---:|---:|---:|",
-        *[f"| {label} | {tv:.4g} | {sv:.4g} | {ratio:.3f} |" for label, tv, sv, ratio in rows], "",
-        f"KL(teacher || student) over {result['tokens']} tokens of `{result['text']}`: mean {a['kl_mean']:.4f}, "
-        f"median {a['kl_median']:.4f}, 99th percentile {a['kl_p99']:.4f} nats; top-1 agreement "
-        f"{100 * a['top1_agreement']:.2f}%.", "",
-        *([speed_note, ""] if result["speed_quant"] else []),
-        "![student / teacher](compare.png)", "", "![KL per token](kl.png)", "",
-    ]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines))
     return path

@@ -1,11 +1,16 @@
 """Log-likelihood of each of a fixed set of continuations (the labels) after a prompt.
 
-The score of a label is sum_j log p(label[j] | prompt, label[:j]): lm-evaluation-harness's `loglikelihood`
-request, whose argmax over the choices is its multiple-choice `acc`. The prompt is tokenized apart from the
-continuation, as the harness does, so each label's tokens are the same in every prompt.
+The score of a label is sum_j log p(label[j] | context, label[:j]): lm-evaluation-harness's `loglikelihood`
+request, whose argmax over the choices is its multiple-choice `acc`. Context and label are tokenized as the
+harness tokenizes them (`encode_choices`, its `_encode_pair`): the context string (instruction, few-shot examples
+and the example, joined) in one piece, and each label as the tokens of context + label past the context's own, with
+whitespace at the end of the context moved to the label. So a label's tokens can differ between examples, and a
+boundary the separate pieces would tokenize differently (SmolLM2's "\n\n" is one token alone and two before
+"Text") is scored as the whole string reads.
 
-A prompt is a prefix shared by every example (instruction, label list, few-shot examples) plus a query (the
-example itself). Two ways to score, both exact:
+The context's first tokens that every example shares (`shared_prefix`: the instruction, label list and few-shot
+examples, up to where the joint tokenization first differs) run once per data set; the rest of a context, the
+query, per example. Two ways to score, both exact:
   - "cache": the prefix runs once for the whole data set and its keys/values are kept; per example the query
     runs once on top of a copy of them, and the labels' tokens run batched against copies of that KV cache
     (one row per label, as many rows per pass as fit KV_BUDGET_BYTES, longest labels first), each row attending
@@ -56,20 +61,45 @@ def _target_logprobs(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.cat(out) if out else torch.zeros(0)
 
 
-class ChoiceScorer:
-    """score(query_ids) -> sum of log-probs of each continuation after prefix_ids + query_ids, as (L,) fp32."""
+def encode_choices(tokenizer, context: str, continuations: list[str], add_special_tokens: bool) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each continuation's ids) as lm-evaluation-harness's `_encode_pair` (lm_eval/api/model.py) makes
+    them for each (context, continuation) request: whitespace at the end of the context moves to the start of the
+    continuation, then whole = enc(context + continuation), context_ids = enc(context), continuation = whole past
+    len(context_ids). add_special_tokens: BOS where the model wants one (a raw prompt), none for a rendered chat
+    template, which writes its own."""
+    n_spaces = len(context) - len(context.rstrip())
+    context_ids = tokenizer.encode(context[: len(context) - n_spaces], add_special_tokens=add_special_tokens)
+    conts = []
+    for continuation in continuations:
+        whole = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
+        conts.append(whole[len(context_ids):])
+        if not conts[-1]:
+            raise PocketLMError(f"the label {continuation!r} has no tokens of its own after the prompt (they merge into "
+                                f"the prompt's last token): end the prompt with a space or a new line")
+    return context_ids, conts
 
-    def __init__(self, model, prefix_ids: list[int], continuations: list[list[int]], context_length: int,
+
+def shared_prefix(contexts: list[list[int]]) -> list[int]:
+    """The longest run of tokens every context starts with, leaving each at least one token of its own (the query,
+    whose last logits score the labels' first tokens)."""
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for ids in contexts[1:]:
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    return first[: max(n, 0)]
+
+
+class ChoiceScorer:
+    """score(query_ids, continuations) -> sum of log-probs of each continuation after prefix_ids + query_ids, (L,)
+    fp32. The continuations may change with every example (encode_choices); given to the constructor, they are the
+    default of score()."""
+
+    def __init__(self, model, prefix_ids: list[int], continuations: list[list[int]] | None, context_length: int,
                  method: str = "cache"):
         if method not in METHODS:
             raise PocketLMError(f"unknown scoring method {method!r}: choose one of {', '.join(METHODS)}")
-        if not continuations or any(len(c) == 0 for c in continuations):
-            raise PocketLMError("every label must be at least one token long")
         self.model, self.method, self.context_length = model, method, context_length
         self.prefix = torch.tensor(prefix_ids, dtype=torch.long)  # (P,)
-        self.conts = continuations
-        self.max_cont = max(len(c) for c in continuations)
-        self.first = torch.tensor([c[0] for c in continuations])  # (L,)
+        self.default_conts = continuations
         self.prefix_kv = None
         if method == "cache" and len(prefix_ids):
             self.prefix_kv = self._run_prefix()
@@ -99,9 +129,15 @@ class ChoiceScorer:
             )
 
     @torch.inference_mode()
-    def score(self, query_ids: list[int]) -> torch.Tensor:
+    def score(self, query_ids: list[int], continuations: list[list[int]] | None = None) -> torch.Tensor:
+        continuations = continuations if continuations is not None else self.default_conts
+        if not continuations or any(len(c) == 0 for c in continuations):
+            raise PocketLMError("every label must be at least one token long")
         if not query_ids:
             raise PocketLMError("an example's prompt is empty")
+        self.conts = continuations  # this example's: read by the two methods below
+        self.max_cont = max(len(c) for c in continuations)
+        self.first = torch.tensor([c[0] for c in continuations])  # (L,)
         self.check_length(len(query_ids))
         query = torch.tensor(query_ids, dtype=torch.long)
         return self._score_cache(query) if self.method == "cache" else self._score_batch(query)

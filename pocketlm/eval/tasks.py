@@ -12,8 +12,9 @@ Scoring kinds:
 
 A prompt is `instruction`, then the few-shot examples (prompt + target each), then the example's prompt,
 joined by `separator` (lm-evaluation-harness's description + fewshot_delimiter layout). With the model's
-chat template the shots become earlier user/assistant turns instead. The shots are fixed for a run, so the
-prompt's prefix is the same for every example and is computed once.
+chat template the shots become earlier user/assistant turns instead. The whole prompt is one string, tokenized in
+one piece as lm-evaluation-harness tokenizes a request's context (loglik.encode_choices); the shots are fixed for a
+run, so the tokens every example's prompt starts with are computed once.
 """
 
 from __future__ import annotations
@@ -336,7 +337,19 @@ class Prompter:
         prefix, _, rest = rendered.partition(SENTINEL)
         return prefix, rest
 
+    def context(self, record: dict) -> str:
+        """The whole prompt of a record, one string: what lm-evaluation-harness's request holds as its context."""
+        prefix, query = self.render(record)
+        return prefix + query
+
+    def context_ids(self, record: dict) -> list[int]:
+        """The prompt tokenized in one piece (a chat template writes BOS itself; a raw prompt gets it where the model
+        wants one), as lm-evaluation-harness tokenizes a generation request's context."""
+        return self.tokenizer.encode(self.context(record), add_special_tokens=not self.chat)
+
     def encode(self, record: dict) -> tuple[list[int], list[int]]:
+        """(prefix ids, query ids) tokenized apart: not what is scored (context_ids, loglik.encode_choices); kept
+        for bench/bench_eval_loglik.py, which times the scorer on a fixed prefix."""
         prefix, query = self.render(record)
         if self.chat:  # the template writes BOS itself
             return self.tokenizer.encode(prefix, add_special_tokens=False), self.tokenizer.encode(query, add_special_tokens=False)
@@ -389,19 +402,26 @@ def evaluate(model_ref: str, cfg: EvalConfig, dtype: str = "float32", quant: str
         result.seconds = time.perf_counter() - start
         return result
     lm = load_generative(model_ref, dtype, quant)
-    settings = {"dtype": dtype, "quant": lm.meta.get("runtime_quant", quant)}  # "auto" resolved by the loader
+    settings = {"dtype": dtype, "quant": quant_that_ran(lm)}
     if cfg.task == "perplexity":
         result = run_perplexity(lm, cfg, text_path)
     elif cfg.task == "agreement":
         ref = load_generative(cfg.reference, cfg.reference_dtype, cfg.reference_quant)
         result = run_agreement(lm, ref, cfg, text_path)
-        settings.update(reference=ref.name, reference_dtype=cfg.reference_dtype,
-                        reference_quant=ref.meta.get("runtime_quant", cfg.reference_quant))
+        settings.update(reference=ref.name, reference_dtype=cfg.reference_dtype, reference_quant=quant_that_ran(ref))
     else:
         result = run_records(lm, prepared, cfg)
     result.settings = {**settings, **result.settings}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def quant_that_ran(lm) -> str:
+    """The quantization of the weights the run read: the loader's "weights" ("int4-mixed", "int8", "int4-g64", ...;
+    a folder written by `pocketlm quantize` runs its own scheme, whatever --quant said), "none" for float weights.
+    Not the --quant asked for: "auto" resolves per file, and a quantized folder says "none" there."""
+    weights = lm.meta.get("weights") or lm.meta.get("runtime_quant") or "none"
+    return "none" if weights in ("float32", "bfloat16", "float16") else weights
 
 
 def load_generative(ref: str, dtype: str, quant: str):
@@ -435,7 +455,7 @@ def run_records(lm, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
     else:
         result = score_generated(lm, prepared, prompter, cfg)
         settings["max_tokens"] = cfg.max_tokens or spec.max_tokens
-    result.settings = settings
+    result.settings = {**settings, **result.settings}
     return result
 
 
@@ -469,21 +489,23 @@ def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
     return result
 
 
-def check_prefix(prompter: Prompter, record: dict, prefix_ids: list[int]) -> list[int]:
-    ids, query = prompter.encode(record)
-    if ids != prefix_ids:  # a chat template that renders differently per example: cannot share the prefix
-        raise PocketLMError("the prompt's start differs between examples; the shared prefix cannot be reused")
-    return query
-
-
 def score_loglikelihood(lm, prepared: Prepared, prompter: Prompter, cfg: EvalConfig) -> EvalResult:
-    from pocketlm.eval.loglik import ChoiceScorer
+    """Every label's log-likelihood after each record's prompt, tokenized as lm-evaluation-harness does
+    (loglik.encode_choices); the tokens all prompts start with run once (loglik.shared_prefix)."""
+    from pocketlm.eval.loglik import ChoiceScorer, encode_choices, shared_prefix
 
     spec, labels = prepared.spec, list(prepared.labels)
-    prefix_ids, _ = prompter.encode(prepared.records[0])
     targets = [prompter.target_text({**prepared.records[0], spec.label_key: label}) for label in labels]
-    continuations = [lm.tokenizer.encode(t, add_special_tokens=False) for t in targets]
-    scorer = ChoiceScorer(lm.model, prefix_ids, continuations, lm.context_length, cfg.method)
+    # Contextual calibration's content-free inputs (below): every field of a record set to "N/A", "" or "[MASK]".
+    content_free = [{**{key: text for key in prepared.records[0]}, spec.label_key: labels[0]} for text in CONTENT_FREE]
+
+    def encoded(record: dict, with_labels: bool = True) -> tuple[list[int], list[list[int]]]:
+        return encode_choices(lm.tokenizer, prompter.context(record), targets if with_labels else [], not prompter.chat)
+
+    contexts = [encoded(r, False)[0] for r in prepared.records + (content_free if cfg.calibrate else [])]
+    prefix_ids = shared_prefix(contexts)
+    P = len(prefix_ids)
+    scorer = ChoiceScorer(lm.model, prefix_ids, None, lm.context_length, cfg.method)
     # lm-evaluation-harness's acc_norm divides by the continuation's length in bytes; "chars" is that, in characters
     lengths = [max(len(t), 1) if cfg.norm == "chars" else 1 for t in targets]
     # Contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): divide each label's probability by its
@@ -493,15 +515,17 @@ def score_loglikelihood(lm, prepared: Prepared, prompter: Prompter, cfg: EvalCon
     if cfg.calibrate:
         import torch
 
-        content_free = [{**{key: text for key in prepared.records[0]}, spec.label_key: labels[0]}
-                        for text in CONTENT_FREE]
-        cf = torch.stack([scorer.score(check_prefix(prompter, r, prefix_ids)) for r in content_free])  # (3, L)
+        cf = []
+        for record in content_free:
+            context, conts = encoded(record)
+            cf.append(scorer.score(context[P:], conts))
+        cf = torch.stack(cf)  # (3, L)
         bias = (torch.logsumexp(cf, dim=0) - math.log(len(CONTENT_FREE))).tolist()  # log mean probability
     y_true, y_pred, examples = [], [], []
     with progress_bar(f"{spec.name} ({len(labels)} labels)", len(prepared.records), cfg.progress) as advance:
         for record in prepared.records:
-            query = check_prefix(prompter, record, prefix_ids)
-            scores = scorer.score(query).tolist()
+            context, conts = encoded(record)
+            scores = scorer.score(context[P:], conts).tolist()
             normed = [(s - b) / n for s, b, n in zip(scores, bias, lengths)]
             best = max(range(len(labels)), key=normed.__getitem__)
             truth = str(record[spec.label_key])
@@ -511,7 +535,9 @@ def score_loglikelihood(lm, prepared: Prepared, prompter: Prompter, cfg: EvalCon
                              "correct": truth == labels[best], "logprob_prediction": round(scores[best], 4),
                              "logprob_label": round(scores[labels.index(truth)], 4) if truth in labels else None})
             advance()
-    return classification_result(spec, lm.name, y_true, y_pred, labels, examples)
+    result = classification_result(spec, lm.name, y_true, y_pred, labels, examples)
+    result.settings = {"shared_prefix_tokens": P}
+    return result
 
 
 def normalize(text: str) -> str:
@@ -548,8 +574,7 @@ def score_generated(lm, prepared: Prepared, prompter: Prompter, cfg: EvalConfig)
     predictions, references, examples = [], [], []
     with progress_bar(f"{spec.name} (generating)", len(prepared.records), cfg.progress) as advance:
         for record in prepared.records:
-            prefix, query = prompter.encode(record)
-            answer = generate_answer(lm, prefix + query, max_tokens, stop)
+            answer = generate_answer(lm, prompter.context_ids(record), max_tokens, stop)
             predictions.append(answer)
             refs = record.get(spec.references_key) if spec.references_key else None
             references.append([str(r) for r in refs] if refs else [prompter.target_text(record).strip()])

@@ -14,7 +14,7 @@ from pocketlm.finetune.config import DEFAULT_LORA_TARGETS, KD_LOSSES, POOLINGS, 
 FLAGS = [
     ("--data", "data", str, "training data, JSONL: {messages} | {prompt, completion} | {text, label} | {instruction, input, output}"),
     ("-o/--out", "out", str, "output folder: the fine-tuned model folder (checkpoints/ inside while training)"),
-    ("--task", "task", str, f"{' | '.join(TASKS)}: sft generates the answer; classify trains a head (default sft)"),
+    ("--task", "task", str, f"{' | '.join(TASKS)}: sft generates the answer; classify trains a head; dpo learns preferences from {{prompt, chosen, rejected}} rows (default sft)"),
     ("--template", "template", str, "user message for {text, label} rows, with {text} (default '{text}')"),
     ("--system", "system", str, "system prompt before every conversation that has none"),
     ("--eval-data", "eval_data", str, "held-out JSONL (default: none, or --eval-split)"),
@@ -39,6 +39,8 @@ FLAGS = [
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
     ("--lora-targets", "lora_targets", str, f"comma-separated Linear names (default {','.join(DEFAULT_LORA_TARGETS)})"),
     ("--merge", "merge", "flag", "LoRA: also write the merged full model folder (the adapter is always saved)"),
+    ("--quant", "quant", str, "the base's weights while training: none (float, default), int4, int4-g64, int4-g128, int8 (QLoRA: the base stays quantized; needs --lora-r), auto (as saved)"),
+    ("--dpo-beta", "dpo_beta", float, "dpo: beta, the weight of the KL to the reference (default 0.1)"),
     ("--pooling", "pooling", str, f"classify: {' | '.join(POOLINGS)} (default: last for decoders, mean for encoders)"),
     ("--head-lr", "head_lr", float, "classify: the head's peak learning rate (default: --lr)"),
     ("--freeze-embeddings", "freeze_embeddings", "flag", "keep the token embedding and output head as loaded (full fine-tuning; fewer parameters to train)"),
@@ -54,7 +56,7 @@ FLAGS = [
 ]
 
 DISTILL_FLAGS = [
-    ("--teacher", "teacher", str, "the teacher: registry name or path; it must share the student's tokenizer (--task classify: a classifier folder, any tokenizer)"),
+    ("--teacher", "teacher", str, "the teacher: registry name or path, any tokenizer (another one's is aligned by characters; --task classify: a classifier folder)"),
     ("--kd-loss", "kd_loss", str, f"{' | '.join(KD_LOSSES)} (default forward_kl)"),
     ("--kd-temperature", "kd_temperature", float, "softmax temperature of both distributions (default 1)"),
     ("--kd-weight", "kd_weight", float, "weight of the distillation term; the data's cross-entropy gets 1 - this (default 0.5)"),

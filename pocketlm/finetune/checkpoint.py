@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ MUST_MATCH = (
     "model", "data", "task", "template", "system", "seq_len", "pack", "group_by_length", "lr", "min_lr_ratio", "warmup_steps",
     "warmup_ratio", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_targets", "pooling", "head_lr", "seed",
     "freeze_embeddings", "teacher", "kd_loss", "kd_temperature", "kd_weight", "hidden_weight", "teacher_top_k",
+    "quant", "dpo_beta",
 )
 
 
@@ -35,12 +37,22 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, sc
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in params.items()}, tmp / "trainable.safetensors")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-        tmp / "optimizer.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    try:
+        save_file({k: v.contiguous() for k, v in params.items()}, tmp / "trainable.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+            tmp / "optimizer.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    except BaseException as e:  # a full disk, Ctrl-C: the earlier checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        from pocketlm.cache import out_of_space
+
+        if isinstance(e, Exception) and out_of_space(e, root):
+            kept = latest(folder)
+            raise PocketLMError(f"no space left on the device for the checkpoint of step {step} in {root}: free some space, then "
+                                + (f"--resume goes on from {kept.name}" if kept else "start again")) from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in complete(folder)[:-keep] if keep > 0 else []:
@@ -85,4 +97,6 @@ def load(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
+    if os.environ.get("RANK", "0") == "0":  # torchrun: process 0 says it
+        print(f"resumed from {path} (step {state['step']} of {state.get('total_steps', '?')})", file=sys.stderr, flush=True)
     return state

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pocketlm.errors import PocketLMError
 
-TASKS = ("sft", "classify")
+TASKS = ("sft", "classify", "dpo")
+QUANTS = ("none", "auto", "int8", "int4", "int4-g64", "int4-g128")  # the base's weights (QLoRA: LoRA on a quantized base)
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")  # pocketlm.compress.distill.divergence
 POOLINGS = ("last", "mean")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,7 +27,8 @@ class FinetuneConfig:
     data: str = ""  # training JSONL
     out: str = ""  # run folder: the final model folder, with checkpoints/ inside while training
 
-    task: str = "sft"  # "sft": generate the answer (chat template, loss on assistant tokens); "classify": a head
+    task: str = "sft"  # "sft": generate the answer (chat template, loss on assistant tokens); "classify": a head;
+    # "dpo": preference pairs {"prompt","chosen","rejected"} (pocketlm/finetune/dpo.py)
     # {"text","label"} rows as chat: the user message is template.format(text=...), the answer the label
     template: str = "{text}"
     system: str | None = None  # system prompt put before every conversation that has none
@@ -58,6 +60,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     merge: bool = False  # LoRA: also write the merged full model folder (the adapter is always written)
+    # the base model's weights while training: "none" (float), or int4/int8 (QLoRA: LoRA adapters over a base that
+    # stays quantized in memory); "auto": as the model was saved (a `pocketlm quantize` folder stays quantized)
+    quant: str = "none"
+    dpo_beta: float = 0.1  # dpo: the KL penalty's weight (Rafailov et al. 2023's beta)
 
     pooling: str = ""  # classify: "last" (decoders' default) or "mean" (encoders' default)
     head_lr: float = 0.0  # classify: the new head's peak learning rate (0 = lr); it starts from scratch
@@ -104,6 +110,11 @@ class FinetuneConfig:
             (self.lora_r >= 0, "lora_r must be >= 0"),
             (not self.lora_r or self.lora_targets, "lora_targets is empty"),
             (not (self.freeze_embeddings and self.lora_r), "freeze_embeddings is for full fine-tuning: LoRA already freezes them"),
+            (self.quant in QUANTS, f"quant must be one of {', '.join(QUANTS)}, not {self.quant!r}"),
+            (self.quant in ("none", "auto") or self.lora_r, f"quant {self.quant}: a quantized base trains LoRA adapters only (QLoRA): give lora_r"),
+            (self.dpo_beta > 0, "dpo_beta must be > 0"),
+            (not (self.task == "dpo" and self.teacher), "dpo trains on preference pairs, without a teacher"),
+            (not (self.task == "dpo" and self.pack), "pack is for sft: a dpo pair's two answers are scored whole"),
             ("{text}" in self.template, "template must contain {text}"),
             (self.kd_loss in KD_LOSSES, f"kd_loss must be one of {', '.join(KD_LOSSES)}, not {self.kd_loss!r}"),
             (self.kd_temperature > 0, "kd_temperature must be > 0"),

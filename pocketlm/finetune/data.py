@@ -132,9 +132,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """ids and labels (ids on the assistant's tokens, IGNORE elsewhere) of a conversation in the chat template."""
+def encode_conversation(tokenizer, messages: list[dict], first_answer: int = 0) -> tuple[list[int], list[int]]:
+    """ids and labels (ids on the assistant's tokens, IGNORE elsewhere) of a conversation in the chat template;
+    the assistant turns before the `first_answer`-th are context only (a preference pair's prompt)."""
     full, spans = assistant_spans(tokenizer, messages)
+    spans = spans[first_answer:]
     # add_special_tokens=False: the template writes BOS itself (as encode_chat does at inference)
     enc = tokenizer.backend.encode(full, add_special_tokens=False)
     ids, labels = list(enc.ids), []
@@ -191,6 +193,47 @@ def build_examples(tokenizer, rows, cfg) -> list[Example]:
             prompt_ids = ids[:first]
         examples.append(Example(ids[: cfg.seq_len], labels[: cfg.seq_len], answer, prompt_ids))
     return examples
+
+
+# ------------------------------------------------------------------------------------ preference pairs
+
+
+def build_pairs(tokenizer, rows, cfg) -> list[tuple[Example, Example]]:
+    """{"prompt", "chosen", "rejected"} rows (TRL's preference format: strings, or lists of messages) -> (chosen,
+    rejected) Examples over the same prompt, labels on the answer's tokens only, cut to cfg.seq_len."""
+    pairs = []
+    for path, n, row in rows:
+        where = f"{path}:{n}"
+        for key in ("prompt", "chosen", "rejected"):
+            if row.get(key) is None:
+                raise PocketLMError(f"{where}: missing field {key!r} (dpo needs {{prompt, chosen, rejected}} rows)")
+        pair = tuple(_answer_example(tokenizer, row["prompt"], row[key], where, cfg) for key in ("chosen", "rejected"))
+        pairs.append(pair)
+    return pairs
+
+
+def _messages(value, role: str, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise PocketLMError(f"{where}: prompt, chosen and rejected are strings or lists of {{\"role\", \"content\"}} messages")
+
+
+def _answer_example(tokenizer, prompt, answer, where: str, cfg) -> Example:
+    prompt_messages, answer_messages = _messages(prompt, "user", where), _messages(answer, "assistant", where)
+    if cfg.system and prompt_messages[0]["role"] != "system":
+        prompt_messages = [{"role": "system", "content": cfg.system}, *prompt_messages]
+    if tokenizer.has_chat_template:
+        earlier = sum(m["role"] == "assistant" for m in prompt_messages)
+        ids, labels = encode_conversation(tokenizer, prompt_messages + answer_messages, first_answer=earlier)
+    else:  # a base model: the prompt as raw text, the answer after it (TRL's plain-text pairs), EOS at the end
+        prompt_text = "\n\n".join(m["content"] for m in prompt_messages)
+        ids, labels = encode_raw_pair(tokenizer, prompt_text, "".join(m["content"] for m in answer_messages))
+    ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
+    if all(label == IGNORE for label in labels[1:]):
+        raise PocketLMError(f"{where}: no answer token within --seq-len {cfg.seq_len}: give a larger one")
+    return Example(ids, labels)
 
 
 # ------------------------------------------------------------------------------------------ packing

@@ -122,10 +122,12 @@ def barrier(procs) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run the recipe; returns a summary (steps, final loss, eval metrics, output paths)."""
-    from pocketlm.load import load
-
     if not cfg.model or not cfg.data or not cfg.out:
         raise PocketLMError("finetune needs a model, --data FILE.jsonl and -o OUT_DIR (or the same keys in --config)")
+    if cfg.task == "dpo":  # its own recipe: pairs, a reference, another loss
+        from pocketlm.finetune.dpo import dpo
+
+        return dpo(cfg)
     procs = setup_processes(cfg)
     out = Path(cfg.out).expanduser()
     torch.manual_seed(cfg.seed)  # LoRA and head initialization: the same on every process
@@ -134,7 +136,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     eval_rows = read_jsonl(cfg.eval_data) if cfg.eval_data else []
 
     # ---- 2. model: fp32, parameters copied off the read-only memory map (the optimizer writes them in place)
-    lm = load(cfg.model)
+    lm = load_base(cfg)
     model, tokenizer = lm.model, lm.tokenizer
     if tokenizer is None:
         raise PocketLMError(f"{lm.path}: no tokenizer.json: cannot tokenize the training data")
@@ -385,11 +387,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "base": {k: v for k, v in lm.meta.items() if k != "runtime_quant"},
             "data": str(Path(cfg.data).expanduser().resolve()),
             "recipe": {"name": "distill" if cfg.teacher else "finetune", "task": cfg.task,
-                       "method": f"lora r={cfg.lora_r}" if cfg.lora else "full",
+                       "method": lora_method(cfg, lm),
                        **{k: v for k, v in cfg.to_dict().items() if k in checkpoint.MUST_MATCH or k in (
                            "batch_size", "grad_accum", "steps", "epochs", "bf16", "merge", "teacher_logits")}},
             "steps": step, "global_batch": global_batch, "world_size": procs.world,
-            "final_loss": last_loss, "eval": last_eval, "quant": None,
+            "final_loss": last_loss, "eval": last_eval, "quant": None,  # a merged QLoRA model is float too
         }
         if peft_model is not None:
             save_adapter(peft_model, out / "adapter")
@@ -417,6 +419,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def load_base(cfg: FinetuneConfig):
+    """The model to train: fp32, or with --quant (or a quantized folder under auto) its linear layers int4/int8,
+    which then stay quantized and frozen while LoRA adapters train (QLoRA)."""
+    from pocketlm.load import load
+
+    lm = load(cfg.model, quant=cfg.quant)
+    if lm.meta.get("weights", "float32") not in ("float32", "bfloat16") and not cfg.lora:
+        raise PocketLMError(f"{lm.name} is quantized ({lm.meta['weights']}): train LoRA adapters over it (--lora-r, QLoRA), "
+                            "or fine-tune the float model it came from")
+    return lm
+
+
+def lora_method(cfg: FinetuneConfig, lm) -> str:
+    if not cfg.lora:
+        return "full"
+    weights = lm.meta.get("weights", "float32")
+    return f"qlora r={cfg.lora_r} on {weights}" if weights not in ("float32", "bfloat16") else f"lora r={cfg.lora_r}"
 
 
 def load_teacher(cfg: FinetuneConfig, student):

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
+from pocketlm import families
 from pocketlm.errors import PocketLMError
+from pocketlm.families import GEMMA3_GGUF_NAMES, GGUF_TOP_LEVEL_NAMES, LLAMA_GGUF_NAMES
 from pocketlm.formats.gguf_quants import DEQUANTIZERS, dequantize
 
 # ---- file-format constants -------------------------------------------------------------------------
@@ -276,42 +278,13 @@ def dequantize_tensor(info: TensorInfo) -> torch.Tensor:
 
 
 # ---- GGUF names -> Hugging Face names --------------------------------------------------------------
-# Read in reverse from gguf-py's tensor_mapping.py (MODEL_TENSOR <-> HF module names). A GGUF tensor is
-# "<name>.weight" / "<name>.bias"; block tensors are "blk.<i>.<name>" -> "model.layers.<i>.<hf name>".
+# The tables are each family's (pocketlm/families.py: Gguf.block_names), read in reverse from gguf-py's
+# tensor_mapping.py. A GGUF tensor is "<name>.weight" / "<name>.bias"; block tensors are "blk.<i>.<name>" ->
+# "model.layers.<i>.<hf name>".
 
-TOP_LEVEL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
-LLAMA_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-GEMMA3_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",  # Gemma's "ffn_norm" is the pre-FFN norm, not Llama's post-attention one
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+TOP_LEVEL_NAMES = GGUF_TOP_LEVEL_NAMES
+LLAMA_BLOCK_NAMES = LLAMA_GGUF_NAMES  # the names other modules and tests import
+GEMMA3_BLOCK_NAMES = GEMMA3_GGUF_NAMES
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -462,6 +435,21 @@ def _rope_parameters(theta: float, scaling: dict | None) -> dict:
     return {"rope_type": "default", "rope_theta": theta} | (scaling or {})
 
 
+# config readers, by llama.cpp architecture: a family's row (families.py) names the architecture, its reader is here
+_CONFIG_READERS: dict[str, tuple[Callable[[GGUFFile], dict[str, Any]], tuple[str, ...]]] = {}
+
+
+def _reads(arch: str, config_tensors: tuple[str, ...] = ()):
+    """Register the config.json reader of GGUF architecture `arch`; config_tensors: tensors it reads (not weights)."""
+
+    def register(fn):
+        _CONFIG_READERS[arch] = (fn, config_tensors)
+        return fn
+
+    return register
+
+
+@_reads("llama", config_tensors=(ROPE_FREQS,))
 def _llama_config(f: GGUFFile) -> dict[str, Any]:
     c = _common_config(f)
     if ROPE_FREQS in f.tensors:  # llama.cpp reads rope_freqs for llama only (src/models/llama.cpp)
@@ -481,6 +469,7 @@ def _llama_config(f: GGUFFile) -> dict[str, Any]:
     }
 
 
+@_reads("qwen2")
 def _qwen2_config(f: GGUFFile) -> dict[str, Any]:
     c = _common_config(f)
     return {
@@ -494,6 +483,7 @@ def _qwen2_config(f: GGUFFile) -> dict[str, Any]:
     }
 
 
+@_reads("gemma3")
 def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
     # Gemma 3 hyper-parameters llama.cpp does not store but hard-codes (llama-model.cpp, LLM_ARCH_GEMMA3):
     # every 6th layer is global (set_swa_pattern(6)), local layers use RoPE base 10,000, and the query scale
@@ -574,10 +564,17 @@ class _Architecture:
         return [f"{n}.weight" for n in self.block_names] + [f"{n}.bias" for n in self.required_biases]
 
 
+_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix}  # by families.Gguf.fix
+
+
+def _architecture(g: families.Gguf) -> _Architecture:
+    config, config_tensors = _CONFIG_READERS[g.arch]
+    return _Architecture(g.block_names, config, _FIXES[g.fix], g.required_biases, config_tensors)
+
+
+# llama.cpp architecture -> how to read it: from each family that a GGUF reads back as (families.gguf_reader)
 ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture(LLAMA_BLOCK_NAMES, _llama_config, _llama_fix, config_tensors=(ROPE_FREQS,)),
-    "qwen2": _Architecture(LLAMA_BLOCK_NAMES, _qwen2_config, _no_fix, required_biases=("attn_q", "attn_k", "attn_v")),
-    "gemma3": _Architecture(GEMMA3_BLOCK_NAMES, _gemma3_config, _gemma3_fix),
+    f.gguf.arch: _architecture(f.gguf) for f in families.FAMILIES.values() if f.gguf and f.gguf.reads
 }
 
 

@@ -32,15 +32,10 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, Keys, LlamaFileTyp
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
+from pocketlm import families
 from pocketlm.config import FULL, SLIDING, Gemma3Config, LlamaConfig, config_from_hf
 from pocketlm.errors import PocketLMError
-from pocketlm.formats.gguf import (
-    GEMMA3_BLOCK_NAMES,
-    LLAMA_BLOCK_NAMES,
-    ROPE_FREQS,
-    TOP_LEVEL_NAMES,
-    llama3_rope_factors,
-)
+from pocketlm.formats.gguf import ROPE_FREQS, TOP_LEVEL_NAMES, llama3_rope_factors
 
 # ---- tensor types ----------------------------------------------------------------------------------
 
@@ -188,6 +183,34 @@ def _u32(x: int) -> tuple[int, GGUFValueType]:
     return (int(x), GGUFValueType.UINT32)
 
 
+# metadata writers and extra tensors, by llama.cpp architecture (a family's row in families.py names it)
+_WRITERS: dict[str, tuple[Any, Any]] = {}
+
+
+def _writes(*archs: str, extra_tensors=None):
+    """Register the metadata writer of GGUF architectures `archs`; extra_tensors(cfg): tensors made from the config."""
+
+    def register(fn):
+        for arch in archs:
+            _WRITERS[arch] = (fn, extra_tensors or _no_extra_tensors)
+        return fn
+
+    return register
+
+
+def _no_extra_tensors(cfg) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _llama_extra_tensors(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """LlamaModel.generate_extra_tensors: llama3 RoPE scaling as the rope_freqs tensor (F32), no metadata."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
+        return {ROPE_FREQS: llama3_rope_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+    return {}
+
+
+@_writes("llama", extra_tensors=_llama_extra_tensors)
+@_writes("qwen2")
 def _llama_metadata(cfg: LlamaConfig, arch: str) -> dict[str, tuple]:
     """LlamaModel / Qwen2Model.set_gguf_parameters in convert_hf_to_gguf.py."""
     rope_type = cfg.rope_scaling and cfg.rope_scaling["rope_type"]
@@ -204,6 +227,7 @@ def _llama_metadata(cfg: LlamaConfig, arch: str) -> dict[str, tuple]:
     return md
 
 
+@_writes("gemma3")
 def _gemma3_metadata(cfg: Gemma3Config, arch: str) -> dict[str, tuple]:
     """Gemma3Model.set_gguf_parameters. llama.cpp hard-codes what it does not store (see gguf.py _gemma3_config)."""
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
@@ -256,17 +280,6 @@ def _common_metadata(cfg, arch: str) -> dict[str, tuple]:
     return md
 
 
-def _llama_extra_tensors(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """LlamaModel.generate_extra_tensors: llama3 RoPE scaling as the rope_freqs tensor (F32), no metadata."""
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
-        return {ROPE_FREQS: llama3_rope_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
-    return {}
-
-
-def _no_extra_tensors(cfg) -> dict[str, torch.Tensor]:
-    return {}
-
-
 @dataclass(frozen=True)
 class _Architecture:
     gguf_arch: str
@@ -276,13 +289,16 @@ class _Architecture:
     extra_tensors: Any = _no_extra_tensors  # GGUF tensors made from the config, written before the weights
 
 
-# model_type -> how it is stored; llama.cpp's convert_hf_to_gguf.py writes Mistral as "llama" too.
-ARCHITECTURES: dict[str, _Architecture] = {
-    "llama": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix, _llama_extra_tensors),
-    "mistral": _Architecture("llama", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _llama_fix, _llama_extra_tensors),
-    "qwen2": _Architecture("qwen2", _invert(LLAMA_BLOCK_NAMES), _llama_metadata, _no_fix),
-    "gemma3_text": _Architecture("gemma3", _invert(GEMMA3_BLOCK_NAMES), _gemma3_metadata, _gemma3_fix),
-}
+_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix}  # by families.Gguf.fix
+
+
+def _architecture(g: families.Gguf) -> _Architecture:
+    metadata, extra_tensors = _WRITERS[g.arch]
+    return _Architecture(g.arch, _invert(g.block_names), metadata, _FIXES[g.fix], extra_tensors)
+
+
+# model_type -> how it is stored, from each family's row (llama.cpp's convert_hf_to_gguf.py writes Mistral as "llama")
+ARCHITECTURES: dict[str, _Architecture] = {f.model_type: _architecture(f.gguf) for f in families.FAMILIES.values() if f.gguf}
 
 
 # ---- the tokenizer: the inverse of Tokenizer.from_gguf_metadata ---------------------------------------

@@ -1,4 +1,5 @@
-"""Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files).
+"""Read a Hugging Face folder's config.json; write a model as such a folder (config.json, model.safetensors,
+tokenizer files).
 
 The one writer every producer of a model uses: GGUF conversion, `quantize`, `finetune`, `prune`,
 `distill` and `export --format hf`. The folder appears whole or not at all: it is written beside the
@@ -14,6 +15,20 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from pocketlm.errors import PocketLMError
+
+
+def read_config(folder: Path) -> dict:
+    """folder/config.json as a dict; one line when it is missing or not JSON. (Here, below load.py and quant/, so
+    both read it without importing each other.)"""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise PocketLMError(f"{folder}: no config.json (a model folder needs config.json, *.safetensors, tokenizer.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise PocketLMError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_model_folder(folder: Path, hf_config: dict, state_dict: dict[str, torch.Tensor], tokenizer=None) -> Path:

@@ -9,35 +9,29 @@ Every model's parameter names equal Hugging Face's state_dict keys for the same 
     model.tie_weights()
     model.init_buffers()
 
-Decoders (LlamaForCausalLM, Gemma3ForCausalLM): hidden(idx, input_pos) -> (B, T, D), logits(h) -> (B, T, V),
+Decoders (DecoderLM subclasses, models/decoder.py): hidden(idx, input_pos) -> (B, T, D), logits(h) -> (B, T, V),
 forward = logits(hidden(...)); setup_cache(batch_size, max_seq_len, dtype, keep) / clear_cache(). With
 hidden(idx, input_pos, slots), each row is a sequence of its own in cache row slots[b] at positions
 input_pos[b] (continuous batching); copy_cache_prefix(src, dst, n) copies a row's first n positions.
 Encoder (BertModel): forward(input_ids, attention_mask, token_type_ids) -> (B, T, D); embed(...) -> (B, D).
+
+The model class of each model_type is pocketlm/families.py's row; the class is imported when first asked for.
 """
 
-from pocketlm.errors import PocketLMError
-from pocketlm.models.bert import BertModel
-from pocketlm.models.gemma3 import Gemma3ForCausalLM
-from pocketlm.models.llama import LlamaForCausalLM
-
-MODEL_CLASSES = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "gemma3_text": Gemma3ForCausalLM,
-    "gemma3": Gemma3ForCausalLM,  # Gemma3Config reads a multimodal config down to its text model
-    "bert": BertModel,
-}
+from pocketlm.families import FAMILIES, family
 
 
 def model_class_for(config) -> type:
     """The model class for a pocketlm config (pocketlm.config.config_from_hf)."""
-    if config.model_type not in MODEL_CLASSES:
-        raise PocketLMError(
-            f"no model for model_type {config.model_type!r}: pocketlm supports {', '.join(sorted(MODEL_CLASSES))}"
-        )
-    return MODEL_CLASSES[config.model_type]
+    return family(config.model_type).model_class()
 
 
-__all__ = ["MODEL_CLASSES", "model_class_for", "LlamaForCausalLM", "Gemma3ForCausalLM", "BertModel"]
+def __getattr__(name: str) -> type:
+    """`from pocketlm.models import LlamaForCausalLM`: any family's model class by its name, imported on use."""
+    for row in FAMILIES.values():
+        if row.model.rsplit(":", 1)[1] == name:
+            return row.model_class()
+    raise AttributeError(f"module 'pocketlm.models' has no attribute {name!r}")
+
+
+__all__ = ["model_class_for"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import kernels
-from pocketlm.models.llama import RMSNorm
+from pocketlm.models.decoder import RMSNorm
 
 ARCHITECTURE = "PocketLMDraftHead"
 

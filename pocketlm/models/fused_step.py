@@ -11,12 +11,16 @@ llama.cpp does the same with its graph: built once, computed per token with no i
         logits = model.logits(model.hidden(idx, input_pos, slots))
 
 The step reads the layers as they are when it is built (at the first decoded token after setup_cache, which
-drops it) and holds on to every tensor it points at, so a pointer never outlives its memory.
+drops it) and holds on to every tensor it points at, so a pointer never outlives its memory. It knows no family:
+the model says what the step needs (`model.fused_spec()`: norm offset, activation, attention and embedding scales,
+final softcap; `model.fused_layer(layer)`: RoPE tables and which norms), or raises Unsupported for what cpu.cpp's
+decode_step does not compute (partial rotary, attention softcapping, LayerNorm, ...): the modules then run.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,32 +62,42 @@ class DraftHeadStruct(ctypes.Structure):
 
 
 class Unsupported(Exception):
-    """A part the fused step has no kernel for (a LoRA wrapper, bf16 weights, ...): the modules run instead."""
+    """A part the fused step has no kernel for (a LoRA wrapper, bf16 weights, a family's own arithmetic, ...): the
+    modules run instead."""
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """What a decoder family tells the fused step about itself (DecoderLM.fused_spec): the layer is always
+    x += [post_attn_norm](attn(attn_norm(x))); x += [post_mlp_norm](mlp(mlp_norm(x))) with RMSNorms, a gated MLP
+    and full-width RoPE, optional q/k norms."""
+
+    norm_offset: float  # RMSNorm scales by (norm_offset + w): 0 Llama, 1 Gemma
+    gelu: bool  # the gate's activation: GELU-tanh, else SiLU
+    attn_scale: float  # softmax(q k^T * attn_scale)
+    embed_scale: float = 1.0  # the embedding's rows times this (Gemma: sqrt(D))
+    final_softcap: float | None = None  # logits = tanh(logits / cap) * cap
 
 
 class FusedStep:
     def __init__(self, model: nn.Module):
-        from pocketlm.models.gemma3 import Gemma3ForCausalLM
-
         self.keep: list[torch.Tensor] = []  # every tensor a struct points at
         self.rope_len = 1 << 62  # positions the RoPE tables cover (the shortest of them)
         cfg, inner = model.cfg, model.model
-        gemma = isinstance(model, Gemma3ForCausalLM)
+        spec = model.fused_spec()  # raises Unsupported for a family the kernels do not compute
         layers = inner.layers
         if not len(layers):
             raise Unsupported("no layers")  # a layer-truncated draft cut to its embedding
         cache = layers[0].self_attn.kv_cache
         self.rows, self.S = cache.k.shape[0], cache.k.shape[2]
         self.vocab = model.lm_head.out_features
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self.layers = (Layer * len(layers))(*(self.layer(layer, inner, gemma) for layer in layers))
+        self.softcap = spec.final_softcap
+        self.layers = (Layer * len(layers))(*(self.layer(layer, model) for layer in layers))
         embed, embed_scales = self.embedding(inner.embed_tokens)
-        attn = layers[0].self_attn
         self.model = Model(
             n_layers=len(layers), D=cfg.dim, nh=cfg.n_heads, n_kv=cfg.n_kv_heads, hd=cfg.head_dim, F=cfg.intermediate_size,
-            S=self.S, eps=inner.norm.eps, norm_offset=1.0 if gemma else 0.0,
-            attn_scale=attn.scale if gemma else cfg.head_dim**-0.5,
-            embed_scale=float(inner.embed_scale) if gemma else 1.0, gelu=int(gemma),
+            S=self.S, eps=inner.norm.eps, norm_offset=spec.norm_offset, attn_scale=spec.attn_scale,
+            embed_scale=spec.embed_scale, gelu=int(spec.gelu),
             embed=embed, embed_scales=embed_scales, final_norm=self.vector(inner.norm.weight),
             head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers), kv_half=int(cache.k.dtype == torch.float16),
         )  # fmt: skip
@@ -130,8 +144,8 @@ class FusedStep:
             return self.pointer(module.weight.detach()), None
         raise Unsupported(f"a {type(module).__name__} embedding")
 
-    def layer(self, layer: nn.Module, inner: nn.Module, gemma: bool) -> Layer:
-        attn, mlp = layer.self_attn, layer.mlp
+    def layer(self, layer: nn.Module, model: nn.Module) -> Layer:
+        attn, mlp, inner = layer.self_attn, layer.mlp, model.model
         qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
         cache, cfg = attn.kv_cache, inner.cfg
@@ -142,16 +156,12 @@ class FusedStep:
         expected = [(cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim, 2 * cfg.intermediate_size, cfg.intermediate_size]
         if shapes != expected + [cfg.dim] * (len(qkv) + len(gate_up) + 2):
             raise Unsupported("layers whose shapes differ from the config's")  # decode_step sizes its buffers by the config
-        if gemma:
-            cos, sin = (inner.local_cos, inner.local_sin) if layer.sliding else (inner.global_cos, inner.global_sin)
-            norms = dict(mlp_norm=layer.pre_feedforward_layernorm.weight, post_attn_norm=layer.post_attention_layernorm.weight,
-                         post_mlp_norm=layer.post_feedforward_layernorm.weight, q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight)
-        else:
-            cos, sin = inner.rope_cos, inner.rope_sin
-            norms = dict(mlp_norm=layer.post_attention_layernorm.weight)
+        cos, sin, norms = model.fused_layer(layer)  # norms by the Layer struct's field names
+        if cos.shape[-1] != cfg.head_dim:
+            raise Unsupported("partial rotary embeddings")  # cpu.cpp rotates the whole head
         self.rope_len = min(self.rope_len, cos.shape[0])
         return Layer(
-            attn_norm=self.vector(layer.input_layernorm.weight), **{k: self.vector(v) for k, v in norms.items()},
+            **{k: self.vector(v) for k, v in norms.items()},
             qkv=(Linear * 3)(*map(self.linear, qkv)), gate_up=(Linear * 2)(*map(self.linear, gate_up)),
             o=self.linear(attn.o_proj), down=self.linear(mlp.down_proj), n_qkv=len(qkv), n_gate_up=len(gate_up),
             k_cache=self.pointer(cache.k), v_cache=self.pointer(cache.v), cos=self.pointer(cos), sin=self.pointer(sin),

@@ -11,7 +11,8 @@ apart from Llama, each matched to HF below:
   - local layers: sliding-window mask and RoPE base rope_local_base_freq; global layers: full causal mask
     and RoPE base rope_theta with rope_scaling
   - optional tanh softcapping of the final logits
-The KV cache, RoPE, attention-span and projection-fusing helpers are Llama's (same layout, same HF conventions).
+The KV cache, RoPE, attention-span and projection-fusing helpers and the wrapper are the shared decoder runtime's
+(models/decoder.py: same layout, same HF conventions).
 
 Shapes: B batch, T new tokens, S cache length, D model dim, nh query heads, n_kv key/value heads,
 hd head dim, V vocab.
@@ -26,20 +27,19 @@ from torch import nn
 from pocketlm import kernels
 from pocketlm.config import Gemma3Config
 from pocketlm.errors import PocketLMError
-from pocketlm.models.fused_step import FusedStep, fused_logits
-from pocketlm.models.llama import (
+from pocketlm.models.decoder import (
     ROPE_TABLE_LEN,
+    DecoderLM,
+    FusedSpec,
     KVCache,
     apply_rope,
     attend_rows,
     attention_spans,
     decodes_alone,
-    fuse_layer_projections,
     rope_at,
     rope_inv_freq,
     rope_tables,
     row_spans,
-    setup_caches,
 )
 
 
@@ -168,6 +168,10 @@ class Gemma3TextModel(nn.Module):
         self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
+    @property
+    def rope_len(self) -> int:
+        return self.global_cos.shape[0]
+
     def build_buffers(self, n: int, device=None):
         """(Re)build the non-persistent buffers: fp32 RoPE tables for positions 0..n-1, one pair per layer
         kind (HF's Gemma3RotaryEmbedding keeps sliding_attention_inv_freq / full_attention_inv_freq),
@@ -211,54 +215,15 @@ class Gemma3TextModel(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
-class Gemma3ForCausalLM(nn.Module):
-    """HF's Gemma3ForCausalLM: parameters under "model." plus "lm_head" (tied to the embedding in every release)."""
+class Gemma3ForCausalLM(DecoderLM):
+    """HF's Gemma3ForCausalLM: parameters under "model." plus "lm_head" (tied to the embedding in every release).
+    Caches, tying, fusing and forward are DecoderLM's (models/decoder.py)."""
 
     def __init__(self, cfg: Gemma3Config):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.model = Gemma3TextModel(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.decode_step: FusedStep | bool | None = None  # built at the first decoded token after setup_cache
-        self.kv_dtype: torch.dtype | None = None  # a KV cache narrower than fp32 activations (load(): fp16 when quantized)
         self.tie_weights()
-
-    def tie_weights(self):
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def fuse_projections(self):
-        """For inference: q/k/v and gate/up become one Linear each (as Llama's)."""
-        fuse_layer_projections(self.model.layers)
-
-    def init_buffers(self, device="cpu"):
-        """Rebuild the non-persistent buffers (RoPE tables, embedding scale), e.g. after meta-device construction."""
-        self.model.build_buffers(self.model.global_cos.shape[0], device)
-
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, keep: bool = False):
-        """Allocate a KVCache per layer (B, n_kv, max_seq_len, hd). dtype: the activations' (default: the
-        parameters'); under fp32 activations, kv_dtype when set. keep: grow the caches there are, keeping what
-        they hold.
-
-        Sliding layers get a full-length cache too and attend to the window's slice of it: simpler than HF's
-        ring buffer, at the cost of memory (fine at Gemma 3 270M's one KV head)."""
-        device = setup_caches(self, batch_size, max_seq_len, dtype, keep)
-        if self.model.global_cos.shape[0] < max_seq_len:
-            self.model.build_buffers(max_seq_len, device)
-
-    def copy_cache_prefix(self, src: int, dst: int, n: int):
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache.copy_prefix(src, dst, n)
-
-    def clear_cache(self):
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-        self.model.has_cache = False
-        self.decode_step = None
-
-    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> final-norm hidden states (B, T, D); slots as Llama's."""
-        return self.model(idx, input_pos, slots)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)  # (B, T, V)
@@ -267,8 +232,16 @@ class Gemma3ForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
-        logits = fused_logits(self, idx, input_pos, slots)  # decoded tokens: one call into the kernels
-        if logits is not None:
-            return logits  # (B, T, V)
-        return self.logits(self.hidden(idx, input_pos, slots))
+    def fused_spec(self) -> FusedSpec:
+        # norms scale by (1 + w); GELU-tanh gate; query_pre_attn_scalar; sqrt(D) embedding scale; the final softcap
+        return FusedSpec(norm_offset=1.0, gelu=True, attn_scale=self.cfg.query_pre_attn_scalar**-0.5,
+                         embed_scale=float(self.model.embed_scale), final_softcap=self.cfg.final_logit_softcapping)
+
+    def fused_layer(self, layer):
+        inner, attn = self.model, layer.self_attn
+        cos, sin = (inner.local_cos, inner.local_sin) if layer.sliding else (inner.global_cos, inner.global_sin)
+        norms = dict(attn_norm=layer.input_layernorm.weight, mlp_norm=layer.pre_feedforward_layernorm.weight,
+                     post_attn_norm=layer.post_attention_layernorm.weight,
+                     post_mlp_norm=layer.post_feedforward_layernorm.weight, q_norm=attn.q_norm.weight,
+                     k_norm=attn.k_norm.weight)  # fmt: skip
+        return cos, sin, norms

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import kernels
+from pocketlm.quant.grad import linear_with_grad
 
 GROUP_SIZES = (32, 64, 128)
 # From this many input rows on, multiply by the weight dequantized in float. pocketlm's int4 kernel costs about
@@ -41,6 +42,16 @@ def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     whose codes do not reach both 0 and 15 onto another grid: +24% perplexity on Gemma 3 270M."""
     N, K = w.shape
     groups = w.float().reshape(N, K // group_size, group_size)  # (N, K/g, g)
+    lo, scale, on_grid = group_grid(groups)  # (N, K/g, 1) each
+    codes = ((groups - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+    return codes, scales_and_zeros.to(torch.bfloat16), bool(on_grid.all())
+
+
+def group_grid(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """groups (N, K/g, g) float -> each group's lowest level, step and whether it was already on a 4-bit grid,
+    (N, K/g, 1) each (quantize_groups' rule; pocketlm.quant.calibrate starts its clipping search from it)."""
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/g, 1)
     # the smallest gap between distinct values is the grid step, or a multiple of it when codes are unused
     gaps = groups.sort(-1).values.diff(dim=-1)  # (N, K/g, g-1)
@@ -55,10 +66,7 @@ def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
         step = torch.where(fits & ~on_grid, candidate, step)
         on_grid |= fits
     scale = torch.where(on_grid, step, (hi - lo).clamp(min=1e-8) / 15)  # (N, K/g, 1)
-    codes = ((groups - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
-    zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero
-    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
-    return codes, scales_and_zeros.to(torch.bfloat16), bool(on_grid.all())
+    return lo, scale, on_grid
 
 
 def dequantize_groups(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -89,12 +97,45 @@ class Int4Linear(nn.Module):
         if in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of the group size {group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        # what a checkpoint holds: plain nibbles and bf16 scales/zeros
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel_weight: torch.Tensor | None = None  # aten's packed layout, made by pack() without pocketlm's kernels
         self.packed: torch.Tensor | None = None  # pocketlm's kernel's layout (kernels.int4_pack), made by pack()
+        # What a checkpoint holds: plain nibbles and bf16 scales/zeros, buffers read through the properties below
+        # (set into _buffers: register_buffer refuses a name a property has).
+        self._buffers["qweight"] = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        self._buffers["scales_and_zeros"] = torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    # Where pocketlm's kernel runs, the layer keeps only the kernel's layout (`packed` holds the same codes, scales
+    # and zeros) and its buffers stay empty: an int4 model's memory is its codes once, not twice (a 7B model's
+    # 3.6 GB). qweight and scales_and_zeros unpack them again when read: saving, training, aten's path.
+    @property
+    def qweight(self) -> torch.Tensor:  # (N, K/2) uint8, element 2j in the low nibble of byte j
+        return self._plain()[0]
+
+    @property
+    def scales_and_zeros(self) -> torch.Tensor:  # (K/g, N, 2) bf16
+        return self._plain()[1]
+
+    def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        qweight, scales_and_zeros = self._buffers["qweight"], self._buffers["scales_and_zeros"]
+        if qweight.numel() or self.packed is None:
+            return qweight, scales_and_zeros
+        return kernels.int4_unpack(self.packed, self.out_features, self.in_features, self.group_size)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"], destination[prefix + "scales_and_zeros"] = self._plain()
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, in_features: int, out_features: int, group_size: int, bias=None) -> Int4Linear:
+        """A layer that holds only the kernel's layout (kernels.int4_pack's, or int4_pack_gguf's from a GGUF's blocks)."""
+        with torch.device("meta"):  # no buffers to fill
+            q = cls(in_features, out_features, group_size, bias=bias is not None)
+        q._buffers["qweight"], q._buffers["scales_and_zeros"] = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.bfloat16)
+        q.packed = packed
+        if bias is not None:
+            q.bias = nn.Parameter(bias.float(), requires_grad=False)
+        return q
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, quantized=None) -> Int4Linear:
@@ -108,10 +149,15 @@ class Int4Linear(nn.Module):
 
     def pack(self) -> Int4Linear:
         """Make what the decode kernel reads (call again after loading a state dict): the codes, scales and zeros
-        laid out for pocketlm's kernel, or, where it is not built, the codes in aten's packed layout."""
+        laid out for pocketlm's kernel (the plain buffers then emptied), or, where it is not built, the codes in
+        aten's packed layout."""
+        qweight, scales_and_zeros = self._plain()
         self.kernel_weight = self.packed = None
-        if kernels.int4_kernel_on() and self.group_size in GROUP_SIZES and self.qweight.device.type == "cpu":
-            self.packed = kernels.int4_pack(self.qweight, self.scales_and_zeros, self.group_size)
+        self._buffers["qweight"], self._buffers["scales_and_zeros"] = qweight, scales_and_zeros
+        if kernels.int4_kernel_on() and self.group_size in GROUP_SIZES and qweight.device.type == "cpu":
+            self.packed = kernels.int4_pack(qweight, scales_and_zeros, self.group_size)
+            self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8)
+            self._buffers["scales_and_zeros"] = torch.empty(0, dtype=torch.bfloat16)
         else:
             self.aten_weight()
         return self
@@ -126,15 +172,18 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K), made in a few vectorized passes (dequantize_groups' arithmetic)."""
         N, K, g = self.out_features, self.in_features, self.group_size
+        qweight, scales_and_zeros = self._plain()
         q = torch.empty(N, K // g, g)
         pairs = q.view(N, K // g, g // 2, 2)
-        packed = self.qweight.view(N, K // g, g // 2)
+        packed = qweight.view(N, K // g, g // 2)
         pairs[..., 0], pairs[..., 1] = packed & 0xF, packed >> 4
-        sz = self.scales_and_zeros.float().transpose(0, 1).contiguous()  # (N, K/g, 2)
+        sz = scales_and_zeros.float().transpose(0, 1).contiguous()  # (N, K/g, 2)
         return torch.addcmul(sz[..., 1:], q.sub_(8), sz[..., :1]).view(N, K)  # (q - 8) * scale + zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out)
+        if x.requires_grad and torch.is_grad_enabled():  # training through the frozen weight (QLoRA): quant/grad.py
+            return linear_with_grad(x, self)
         shape = x.shape
         if x.numel() // shape[-1] >= DEQUANTIZE_ROWS:
             # many rows (a long training or evaluation batch): past about 1,000 rows a float matmul on the weight

@@ -4,11 +4,13 @@ Decode on a CPU reads every weight once per token, so a quarter of fp32's bytes 
 matmul for a few rows is aten's `_weight_int8pack_mm`, which wants bf16 activations (with fp32 ones it is
 slow, see ../shared/docs/FINDINGS.md); its bf16 result needs the head's `refine` (below).
 
-Where pocketlm's kernels are built (pocketlm/kernels), a few rows go through them instead: `int8_linear`
-multiplies the int8 weight by exact fp32 activations; a layer as large as an output head (PACK_MIN_WEIGHTS)
-gets a second copy of its weight laid out for `int8_packed_linear`, which multiplies in integers with the int4
-kernel's 16-bit activations: a batch of 8 rows through SmolLM2's head (a server's 8
-streams) then costs 3.6 ms instead of 5.9, one row 0.85 ms instead of 1.19 (AVX-512 VNNI; bench/bench_kernels.py's last table).
+Where pocketlm's kernels are built (pocketlm/kernels), a few rows go through them instead: every layer (whose
+input width is a multiple of 32) is laid out for `int8_packed_linear`, which multiplies in integers with the int4
+kernel's 16-bit activations, and keeps only that layout (a tied head keeps its plain rows too, for the embedding):
+a batch of 8 rows through SmolLM2's head (a server's 8 streams) costs 3.6 ms instead of 5.9 with `int8_linear`'s
+exact fp32 activations, one row 0.85 ms instead of 1.19 (AVX-512 VNNI; bench/bench_kernels.py's last table), and
+Gemma 3's int8 layers (its Q4_K_M file's 5-8-bit tensors) make a decoded token 1.3-1.4x faster than with
+int8_linear (docs/BENCHMARKS.md).
 
 Without pocketlm's kernels, a layer as large as an output head uses fbgemm (`quantized::linear_dynamic`,
 the x86 engine of torch.ao's dynamic quantization): int8 weights times uint8 activations with VNNI, 1.3-1.5x
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import kernels
+from pocketlm.quant.grad import linear_with_grad
 
 # From this many input rows on, multiply by the weight dequantized in float (MKL). aten's int8 kernel costs
 # about 0.7 ms per row of a 3072 x 576 layer, converting the weight a few ms once; fbgemm breaks even with
@@ -46,44 +49,72 @@ FINE = 254  # r's magnification: (v - round(v)) in [-0.5, 0.5] -> [-127, 127]
 # fbgemm's path costs 100-170 us a call beyond the matmul itself (its ten small ops, and the switch into and
 # out of its AVX-512 VNNI code: the ops right after it run slower), so it pays only where reading the weight
 # dominates: output heads (SmolLM2 28M weights: 1.3x, Gemma 3 168M: 1.5x at one row, 1.7x at eight).
-# Layers of 0.3-2.6M weights are 2-4x faster on aten's kernel (bench/bench_int8.py). The same size decides where
-# pocketlm's packed int8 kernel gets its copy: the heads, whose batches it speeds up.
+# Layers of 0.3-2.6M weights are 2-4x faster on aten's kernel (bench/bench_int8.py).
 PACK_MIN_WEIGHTS = 8 * 2**20
 PACK_ROWS = 32768  # output rows per fbgemm block (see pack)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) float -> (weight (out, in) int8, scales (out,) bf16): each row rounded to nearest on its own
+    symmetric grid, max |w| / 127 (rounded with the fp32 scale, kept as bf16)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    return (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
 
 
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self.packed: list | None = None  # fbgemm's copy of the weight in blocks of PACK_ROWS rows, made by pack()
         self.packed_weight: torch.Tensor | None = None  # or the weight in int8_packed_linear's layout, made by pack()
+        self.keep_rows = False  # a tied head: the embedding reads its plain rows (Int8Embedding), kept beside the layout
+        # set into _buffers: register_buffer refuses the name of the `weight` property below
+        self._buffers["weight"] = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    # Where pocketlm's int8 kernel runs, a layer keeps only its layout (`packed_weight`), as an int4 layer does, and
+    # `weight` unpacks the plain (out, in) int8 rows again when read: saving, a prompt's float matmul.
+    @property
+    def weight(self) -> torch.Tensor:  # (out, in) int8
+        plain = self._buffers["weight"]
+        if plain.numel() or self.packed_weight is None:
+            return plain
+        return kernels.int8_unpack(self.packed_weight, self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight
+
+    def keep_plain_rows(self) -> None:
+        """Keep the plain rows beside the kernel's layout (a tied head: the embedding looks its rows up)."""
+        self.keep_rows = True
+        self._buffers["weight"] = self.weight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()  # (out, in)
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device)
-        q.weight.copy_((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        q.scales.copy_(scales.to(torch.bfloat16))
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
+        q.weight, q.scales = int8_rows(linear.weight.detach())
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone())
         return q.pack()
 
     def pack(self) -> Int8Linear:
-        """Give a layer as large as an output head its kernel's copy of the weight (call again after loading a state
-        dict): int8_packed_linear's layout where that kernel is on, else fbgemm's where pocketlm's kernels are not
-        built (they read the int8 weight as it is, with exact fp32 activations). A small layer does without."""
+        """Lay the weight out for the kernel that multiplies it (call again after loading a state dict): every layer
+        int8_packed_linear's layout where that kernel is on (the plain rows then dropped, unless keep_rows), else a
+        layer as large as an output head fbgemm's where pocketlm's kernels are not built."""
+        plain = self.weight
         self.packed = self.packed_weight = None
-        if self.weight.device.type != "cpu" or self.weight.numel() < PACK_MIN_WEIGHTS:
+        self._buffers["weight"] = plain
+        if plain.device.type != "cpu":
             return self
         if kernels.int8_kernel_on() and self.in_features % 32 == 0:  # the kernel's activations come in blocks of 32
-            self.packed_weight = kernels.int8_pack(self.weight)
+            self.packed_weight = kernels.int8_pack(plain)
+            if not self.keep_rows:
+                self._buffers["weight"] = torch.empty(0, dtype=torch.int8)
             return self
-        if "x86" not in torch.backends.quantized.supported_engines or kernels.library() is not None:
+        if plain.numel() < PACK_MIN_WEIGHTS or "x86" not in torch.backends.quantized.supported_engines or kernels.library() is not None:
             return self
 
         def pack_rows(begin: int):
@@ -120,6 +151,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out)
+        if x.requires_grad and torch.is_grad_enabled():  # training through the frozen weight (QLoRA): quant/grad.py
+            return linear_with_grad(x, self)
         shape = x.shape
         rows = x.numel() // shape[-1]
         fbgemm = self.packed is not None and x.device.type == "cpu"
@@ -149,10 +182,21 @@ class Int8Embedding(nn.Module):
     (Gemma 3 270M's 262k x 640 table is 671 MB in fp32, 168 MB in int8). A looked-up row is
     weight[i] * scales[i], in `dtype`."""
 
-    def __init__(self, head: Int8Linear, dtype=torch.float32):
+    def __init__(self, head: Int8Linear, dtype=torch.float32, own: bool = False):
         super().__init__()
         self.head = [head]  # a list, so the head's buffers are not registered (and saved) twice
+        if own:  # an untied model's embedding: a table of its own (never multiplied as a layer), registered
+            self.table = head
         self.dtype = dtype
+
+    @classmethod
+    def of_rows(cls, weight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> Int8Embedding:
+        """An untied embedding held as int8 rows (int8_rows' weight and scales), a quarter of its fp32 bytes (a GGUF
+        read directly: pocketlm/quant/from_gguf.py)."""
+        with torch.device("meta"):
+            table = Int8Linear(weight.shape[1], weight.shape[0])
+        table.weight, table.scales = weight, scales
+        return cls(table, dtype, own=True)
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads embed_tokens.weight.dtype / .device

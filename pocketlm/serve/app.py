@@ -22,14 +22,26 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pocketlm import registry
+from pocketlm.errors import PocketLMError
 from pocketlm.serve import openai_compat as oa
+from pocketlm.serve import openapi
 from pocketlm.serve.config import ServerConfig
+from pocketlm.serve.guard import Guard
 from pocketlm.serve.metrics import Metrics
 from pocketlm.serve.protocol import Done, Embedded, Failed, Finished, Started
 from pocketlm.serve.scheduler import Job, ModelPool, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/api/ps", "/")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/api/ps",
+          "/openapi.json", "/")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON in ASCII (\\u escapes): a string the client sent, quoted back in a message, cannot fail to encode;
+    and a NaN is written as NaN (Python's json reads it) rather than failing the response, as Starlette's would."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 def served_models(config: ServerConfig) -> dict[str, tuple[str, str]]:
@@ -98,11 +110,9 @@ def create_app(config: ServerConfig) -> Starlette:
     if config.draft:
         registry.resolve(config.draft)  # a draft that is not there fails now, with the usual message
     names = list(models)
-    if config.threads:
+    if config.threads:  # `pocketlm serve` chose them (pocketlm/threads.py: fewer than the cores when others are busy)
         import torch
 
-        # On a machine shared with other busy processes, fewer threads than cores avoids OpenMP threads
-        # waiting on each other's preempted peers (measured: 1 thread 10x faster than 2 under load).
         torch.set_num_threads(config.threads)
     default_generate = next((n for n, (_, kind) in models.items() if kind != "embed"), None)
     default_embed = next((n for n, (_, kind) in models.items() if kind == "embed"), None)
@@ -111,15 +121,11 @@ def create_app(config: ServerConfig) -> Starlette:
     outbox = Outbox()
     scheduler = Scheduler(config, pool, metrics, hand_over=outbox.hand_over)
     metrics.queue_depth.set_function(scheduler.depth)
+    described = openapi.spec(config)
 
     # ------------------------------------------------------------------------------------ plumbing
 
-    def authorize(request: Request) -> None:
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            raise oa.APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-
-    async def read_json(request: Request) -> dict:
-        authorize(request)
+    async def read_json(request: Request) -> dict:  # the API key, Host and Origin were checked by guard.Guard
         limit = config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -129,13 +135,7 @@ def create_app(config: ServerConfig) -> Starlette:
             body += part
             if len(body) > limit:
                 raise oa.APIError(413, f"request body is over {limit} bytes, the most this server takes")
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise oa.APIError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise oa.APIError(400, "the request body must be a JSON object")
-        return data
+        return oa.parse_body(bytes(body))
 
     def observe(event) -> None:  # runs in the worker thread; prometheus_client is thread-safe
         if isinstance(event, Started):
@@ -208,7 +208,7 @@ def create_app(config: ServerConfig) -> Starlette:
                 if isinstance(collected[-1], Failed):
                     raise failed(collected[-1])
             finished = True
-            return JSONResponse(oa.response(plan, collected))
+            return SafeJSONResponse(oa.response(plan, collected))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         finally:
@@ -253,26 +253,26 @@ def create_app(config: ServerConfig) -> Starlette:
             return Response(status_code=499)
         if isinstance(event, Failed):
             raise failed(event)
-        return JSONResponse(oa.embedding_response(event, base64=body.get("encoding_format") == "base64"))
+        return SafeJSONResponse(oa.embedding_response(event, base64=body.get("encoding_format") == "base64"))
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "pocketlm", "kind": models[name][1]}
 
     async def list_models(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
+        return SafeJSONResponse({"object": "list", "data": [model_card(n) for n in names]})
 
     async def get_model(request: Request) -> Response:
-        authorize(request)
         name = request.path_params["name"]
         if name not in models:
             raise oa.APIError(404, f"model '{name}' does not exist here; available models: {', '.join(names)}",
                               "model", "model_not_found")
-        return JSONResponse(model_card(name))
+        return SafeJSONResponse(model_card(name))
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": names, "loaded": [m["name"] for m in pool.snapshot()],
-                             "queue_depth": scheduler.depth()})
+        if not request.state.authorized:  # a probe without the key learns only that the server is up
+            return SafeJSONResponse({"status": "ok"})
+        return SafeJSONResponse({"status": "ok", "models": names, "loaded": [m["name"] for m in pool.snapshot()],
+                                 "queue_depth": scheduler.depth()})
 
     async def metrics_page(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -280,23 +280,35 @@ def create_app(config: ServerConfig) -> Starlette:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def ps(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse({"models": pool.snapshot(), "queue_depth": scheduler.depth()})
+        return SafeJSONResponse({"models": pool.snapshot(), "queue_depth": scheduler.depth()})
+
+    async def openapi_json(request: Request) -> Response:
+        return SafeJSONResponse(described)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
     # ------------------------------------------------------------------------------------- errors
 
+    # Each handler answers whatever the request held: its messages are ASCII-escaped JSON, and the last one
+    # falls back to a fixed body if even that fails.
+
     async def api_error(request: Request, exc: oa.APIError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return SafeJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return await api_error(request, oa.APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))))
 
+    async def user_error(request: Request, exc: PocketLMError) -> Response:  # a value only the engine could check
+        return await api_error(request, oa.APIError(400, str(exc)))
+
     async def server_error(request: Request, exc: Exception) -> Response:
-        return await api_error(request, oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        try:
+            return await api_error(request, oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        except Exception:
+            return Response(b'{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}',
+                            status_code=500, media_type="application/json")
 
     app = Starlette(
         routes=[
@@ -308,12 +320,14 @@ def create_app(config: ServerConfig) -> Starlette:
             Route("/health", health),
             Route("/metrics", metrics_page),
             Route("/api/ps", ps),
+            Route("/openapi.json", openapi_json),
             Route("/", index),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        exception_handlers={oa.APIError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={oa.APIError: api_error, HTTPException: http_error, PocketLMError: user_error, Exception: server_error},
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(Guard, config=config)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last, so outermost: refused requests count too
     app.state.scheduler, app.state.pool, app.state.metrics = scheduler, pool, metrics
     return app
 
@@ -347,8 +361,31 @@ class MetricsMiddleware:
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
+    listening = bind(config.host, config.port)  # a busy port fails here, in one line, before "serving on"
     app = create_app(config)
     print(f"pocketlm: serving {', '.join(app.state.pool.refs)} on http://{config.host}:{config.port} "
           f"(OpenAI API under /v1, chat page at /)", flush=True)
     # A short graceful shutdown: open streams must not keep Ctrl-C waiting.
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server.run(sockets=[listening])
+
+
+def bind(host: str, port: int):
+    """A listening socket on (host, port), or a PocketLMError saying why not (the port is taken, no such address)."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise PocketLMError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = f"port {port} is in use (another server is running? pick another with --port)" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise PocketLMError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock

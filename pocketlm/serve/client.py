@@ -52,7 +52,7 @@ def wait_until_up(process, url: str, limit_s: float = 120) -> None:
 
 def stream(server: str, path: str, body: dict, api_key: str | None = None) -> Iterator[dict]:
     """POST with stream: true; yield each server-sent event's JSON until data: [DONE]."""
-    response = call(server, path, {**body, "stream": True}, api_key)
+    response = call(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}}, api_key)
     with response:
         for line in response:
             line = line.decode("utf-8").strip()
@@ -76,13 +76,30 @@ def request_params(params) -> dict:
     }
 
 
-def texts(args, model: str, params, messages: list[dict] | None = None, prompt: str | None = None) -> Iterator[str]:
+class Streamed:
+    """A streamed answer's text chunks, and why it ended (finish_reason: "stop" or "length") once it has."""
+
+    def __init__(self, chunks: Iterator[dict], chat: bool):
+        self.chunks, self.chat, self.finish_reason, self.completion_tokens = chunks, chat, None, None
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.chunks:
+            if chunk.get("usage"):  # the last chunk (stream_options.include_usage)
+                self.completion_tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"]:
+                continue
+            choice = chunk["choices"][0]
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            yield (choice["delta"].get("content") or "") if self.chat else choice["text"]
+
+
+def texts(args, model: str, params, messages: list[dict] | None = None, prompt: str | None = None) -> Streamed:
     """The server's answer as it streams: to chat messages, or a raw prompt continued."""
     if messages is None:
         chunks = stream(args.server, "/v1/completions", {"model": model, "prompt": prompt, **request_params(params)}, args.api_key)
-        return (c["choices"][0]["text"] for c in chunks if c["choices"])
+        return Streamed(chunks, chat=False)
     chunks = stream(args.server, "/v1/chat/completions", {"model": model, "messages": messages, **request_params(params)}, args.api_key)
-    return (c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return Streamed(chunks, chat=True)
 
 
 def model_info(args, model: str) -> tuple[str, str]:

@@ -10,7 +10,9 @@ class ServerConfig:
     models: list[str] = field(default_factory=list)  # names offered; empty: every installed registry model
     host: str = "127.0.0.1"  # loopback: nothing outside this machine can reach it unless asked
     port: int = 8000
-    api_key: str | None = None  # when set, /v1 and /api routes want "Authorization: Bearer KEY"
+    api_key: str | None = None  # when set, every route but the chat page and a minimal /health wants "Authorization: Bearer KEY"
+    allow_origins: list[str] = field(default_factory=list)  # web pages of other origins that may call it (fnmatch patterns)
+    allow_hosts: list[str] = field(default_factory=list)  # Host names it answers besides loopback and the bind address
     max_loaded: int = 2  # models kept in memory; the least recently used one leaves first
     max_batch: int = 8  # sequences decoded together (continuous batching); each has a KV cache row (slot)
     max_queue: int = 16  # requests waiting for a free slot; one more gets 429 with Retry-After
@@ -18,6 +20,7 @@ class ServerConfig:
     default_max_tokens: int = 512  # when a request names no max_tokens (the context window still bounds it)
     max_n: int = 8  # choices per request
     threads: int | None = None  # torch's intra-op threads; None: torch's default (one per core)
+    follow_threads: int = 0  # > 0: the worker follows the other processes' load, up to this many threads (pocketlm/threads.py)
     dtype: str = "float32"
     quant: str = "none"
     draft: str | None = None  # a model with the served chat models' tokenizer: speculative decoding (engine/batch.py)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from pocketlm.engine.sampling import SamplingParams
 from pocketlm.errors import PocketLMError
 from pocketlm.serve.protocol import Delta, EmbedRequest, Finished, GenerateRequest, Started
 
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's legacy API)
+MAX_WINDOW = 2**31 - 1  # repeat_last_n: more than any context (torch warns of slices past int64)
+SMALLEST = 1e-6  # a temperature or top_p below this samples as 0 does: the most likely token
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_PROMPT = (
     "You can call these functions:\n{tools}\n"
@@ -41,6 +45,47 @@ class APIError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- checks
+
+MAX_DEPTH = 64  # arrays and objects inside one another; a JSON schema in response_format needs about 2 per level
+SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads lets "\\ud800" (and CESU-8 bytes) through as a lone surrogate
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body -> its JSON object, or an APIError (400): not JSON, not an object, nested deeper than
+    MAX_DEPTH, or a string that is not valid Unicode (an unpaired UTF-16 surrogate, which the tokenizer and
+    the UTF-8 encoder of every response would refuse). Checked here once, so no later step meets either."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # json's C parser stops at the interpreter's recursion limit (about 1,000 levels)
+        raise APIError(400, f"the request body nests arrays and objects more than {MAX_DEPTH} deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    check_tree(data)
+    return data
+
+
+def check_tree(data: dict) -> None:
+    """Depth and surrogates, walked without recursion; the error names the field (messages[0].content)."""
+    stack = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            top = re.match(r"[^.\[]*", path).group()  # the request's field that holds it
+            raise APIError(400, f"'{top}' nests arrays and objects more than {MAX_DEPTH} deep", top)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and SURROGATE.search(key):
+                where = path or "the request body"
+                raise APIError(400, f"a key in '{where}' is not valid Unicode (an unpaired UTF-16 surrogate)", path or None)
+            field_path = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+            lone = SURROGATE.search(item) if isinstance(item, str) else None
+            if lone:
+                raise APIError(400, f"'{field_path}' is not valid Unicode: it holds an unpaired UTF-16 surrogate "
+                               f"(\\u{ord(lone.group()):04x}); send UTF-8 text", field_path)
+            if isinstance(item, (dict, list)):
+                stack.append((item, field_path, depth + 1))
 
 
 def get(body: dict, name: str, types: tuple, default=None, *, lo=None, hi=None, nullable: bool = True):
@@ -88,16 +133,19 @@ def sampling(body: dict, config, max_tokens_names=("max_tokens",)) -> SamplingPa
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
         raise APIError(400, "'stop' must be a string or an array of at most 4 strings", "stop")
+    # top_p 0 keeps only the top token: greedy. So do values too small for float32 (a temperature of 1e-38
+    # overflows the logits it divides; a top_p of 1e-49 is 0 in float32, which would drop every token).
+    greedy = top_p < SMALLEST or temperature < SMALLEST
     return SamplingParams(
         max_new_tokens=max_tokens or config.default_max_tokens,
-        temperature=0.0 if top_p == 0 else float(temperature),  # top_p 0 keeps only the top token: greedy
-        top_p=float(top_p) or 1.0,
+        temperature=0.0 if greedy else float(temperature),
+        top_p=1.0 if greedy else float(top_p),
         # OpenAI's sampler has no top-k, min-p or repetition penalty: off unless asked for by the names
         # vLLM and llama.cpp's server accept (`pocketlm run --server` sends them)
         top_k=get(body, "top_k", (int,), 0, lo=0),
         min_p=float(get(body, "min_p", (int, float), 0.0, lo=0, hi=0.99)),
         repetition_penalty=float(get(body, "repetition_penalty", (int, float), 1.0, lo=0.01, hi=10)),
-        repeat_last_n=get(body, "repeat_last_n", (int,), 64, lo=-1),
+        repeat_last_n=get(body, "repeat_last_n", (int,), 64, lo=-1, hi=MAX_WINDOW),
         seed=get(body, "seed", (int,), lo=-(2**63), hi=2**64 - 1),  # what torch.Generator takes
         stop=stop or [],
     )
@@ -107,7 +155,7 @@ def logit_bias(body: dict) -> dict[int, float]:
     bias = get(body, "logit_bias", (dict,), {})
     out = {}
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not -100 <= value <= 100:
             raise APIError(400, "'logit_bias' maps token ids (as strings) to numbers between -100 and 100", "logit_bias")
         out[int(key)] = float(value)
@@ -261,8 +309,8 @@ def parse_completion(body: dict, config, available: list[str], default: str | No
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise APIError(400, "'prompt' must be a string or a non-empty array of strings", "prompt")
     request = common(body, config, prompts, model, ("max_tokens",))
-    if "max_tokens" not in body:  # the legacy API's default
-        request.params.max_new_tokens = 16
+    if body.get("max_tokens") is None:  # the legacy API's default; null means the default too, as in OpenAI's API
+        request.params.max_new_tokens = COMPLETION_MAX_TOKENS
     stream, include_usage = stream_options(body)
     request.logprobs = get(body, "logprobs", (int,), None, lo=0, hi=5)
     if body.get("echo") or body.get("suffix") or get(body, "best_of", (int,), 1, lo=1, hi=1) != 1:

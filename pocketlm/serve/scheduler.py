@@ -165,6 +165,11 @@ class Scheduler:
         self.choices: list[Choice] = []  # in arrival order
         self.running: set[Job] = set()  # taken from the queue and not done
         self.job_s = 2.0  # moving average of a job's duration, for Retry-After
+        self.follow = None
+        if config.follow_threads:  # no --threads given: as many threads as the other processes leave cores idle
+            from pocketlm.threads import Follow
+
+            self.follow = Follow(config.follow_threads)
         self.thread = threading.Thread(target=self._loop, name="pocketlm-worker", daemon=True)
         self.thread.start()
 
@@ -180,6 +185,8 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
+            if self.follow is not None:
+                self.follow.check()
             self._admit()
             self._drop_cancelled()
             self._seat_waiting()
@@ -324,6 +331,10 @@ class Scheduler:
 
 
 def internal_error(e: Exception) -> Failed:
+    """A bug, not the client's fault: its traceback goes to the server's log (the client gets the one line)."""
+    import traceback
+
+    traceback.print_exception(e, file=sys.stderr)
     return Failed(500, f"internal error: {type(e).__name__}: {e}")
 
 

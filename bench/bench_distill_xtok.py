@@ -1,0 +1,78 @@
+"""Cross-tokenizer distillation against the labels alone: the same student, data, steps and seed, with and without a
+teacher of another tokenizer (docs/BENCHMARKS.md, "Distillation across tokenizers").
+
+    pocketlm finetune --config recipes/banking77-gemma-gen.yaml -o runs/gemma-b77        # the teacher
+    .venv/bin/python bench/bench_distill_xtok.py --teacher runs/gemma-b77 -o runs/xtok --rows 800 --steps 100
+
+Each run is recipes/distill-xtok-banking77.yaml's settings (SmolLM2-135M-Instruct with LoRA, banking77 by
+generation) on the first --rows of a seeded shuffle of the training set; the held-out split is --eval-max random
+rows of the test set, scored by the student's own cross-entropy on the labels and by greedy answers (accuracy).
+Variants: `labels` (pocketlm finetune, no teacher), `xtok` (pocketlm distill: aligned-chunk likelihoods, kd_weight
+0.5), and with --on-policy F also `xtok+on-policy`. Prints one JSON object per run and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "distill-xtok-banking77.yaml"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="the fine-tuned teacher (another tokenizer than the student's)")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--rows", type=int, default=800, help="training rows (a seeded shuffle of banking77 train)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--eval-max", type=int, default=200)
+    p.add_argument("--on-policy", type=float, default=0.0, help="also run with this share of each batch on-policy")
+    p.add_argument("--only", nargs="*", help="run only these variants (labels, xtok, xtok+on-policy)")
+    args = p.parse_args()
+
+    from pocketlm.compress.distill_config import DistillConfig
+    from pocketlm.compress.distill_recipe import distill
+    from pocketlm.eval.data import shared_data_dir
+    from pocketlm.finetune import FinetuneConfig, finetune
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = (shared_data_dir() / "banking77" / "train.jsonl").read_text().splitlines()
+    random.Random(0).shuffle(rows)
+    train = out / f"train-{args.rows}.jsonl"
+    train.write_text("\n".join(rows[: args.rows]) + "\n")
+    base = DistillConfig.from_yaml(RECIPE, {"teacher": args.teacher, "data": str(train), "steps": args.steps, "eval_max": args.eval_max,
+                                            "quiet": True, "out": str(out / "unused")}).to_dict()
+    not_finetune = ("teacher", "kd_loss", "kd_temperature", "kd_weight", "on_policy", "on_policy_tokens", "on_policy_temperature",
+                    "teacher_answers", "teacher_answer_tokens", "generate_batch")
+    plain = {k: v for k, v in base.items() if k not in not_finetune}  # the same run without a teacher
+    variants = {
+        "labels": lambda o: FinetuneConfig.from_dict({**plain, "out": str(o)}),
+        "xtok": lambda o: DistillConfig.from_dict({**base, "out": str(o)}),
+    }
+    if args.on_policy:
+        variants["xtok+on-policy"] = lambda o: DistillConfig.from_dict({**base, "out": str(o), "on_policy": args.on_policy})
+    results = {}
+    for name, make in variants.items():
+        if args.only and name not in args.only:
+            continue
+        cfg = make(out / name.replace("+", "-"))
+        start = time.perf_counter()
+        summary = finetune(cfg) if name == "labels" else distill(cfg)
+        results[name] = {"eval_loss": summary["eval"]["eval_loss"], "accuracy": summary["eval"].get("eval_accuracy"),
+                         "steps": summary["steps"], "seconds": round(time.perf_counter() - start)}
+        print(json.dumps({"variant": name, **results[name]}), flush=True)
+    print(f"\n| variant | held-out loss (nats/token) | accuracy ({args.eval_max} test rows) | seconds |\n|---|---:|---:|---:|")
+    for name, r in results.items():
+        acc = f"{100 * r['accuracy']:.1f}%" if r["accuracy"] is not None else "-"
+        print(f"| {name} | {r['eval_loss']:.4f} | {acc} | {r['seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Calibrated int4 against round-to-nearest: perplexity of the float model, RTN, GPTQ and AWQ, and how much of RTN's
+perplexity increase each calibrated method leaves (issue 27's target: at most 1/3 at groups of 32, 1/2 at 128).
+
+    .venv/bin/python bench/bench_quantize.py                                   # SmolLM2 and Gemma 3 270M, groups 32 and 128
+    .venv/bin/python bench/bench_quantize.py --models smollm2-135m-instruct --groups 64 --eval-tokens 2048
+
+The float model is the dequantized GGUF (`pocketlm eval MODEL --task perplexity --quant none`), RTN is
+`--quant int4` / `int4-g128` (quantize_groups), GPTQ and AWQ are pocketlm.quant.calibrate on a calibration text no
+evaluation text comes from: 3,000 Alpaca rows (seeded sample of /work/shared/data/alpaca, instruction + input +
+output). Evaluated on the first --eval-tokens tokens of WikiText-2 test (the shared copy, rows joined as the usual
+recipe does) and of a text no one tuned on: chapters I-III of Little Women (Project Gutenberg eBook #37106,
+bench/data/little_women_ch1-3.txt), in windows of 1,024 tokens without overlap (the GPTQ paper's protocol).
+Every result is appended to --results (JSON lines) as it comes, so a killed run goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+TEXTS = {"wikitext2": SHARED / "wikitext2_raw" / "test.txt", "little-women": REPO / "bench" / "data" / "little_women_ch1-3.txt"}
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa}), {len([l for l in info.splitlines() if l.startswith('processor')])} cores"
+
+
+def alpaca_text(rows: int = 3000, seed: int = 0) -> str:
+    data = [json.loads(line) for line in (SHARED / "alpaca" / "alpaca_data.jsonl").read_text().splitlines() if line.strip()]
+    random.Random(seed).shuffle(data)
+    return "".join(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") + f"\n\n{r['output']}\n\n" for r in data[:rows])
+
+
+def eval_ids(tokenizer, name: str, tokens: int) -> list[int]:
+    from pocketlm.engine.generate import encode_raw
+    from pocketlm.eval.data import read_text
+
+    return encode_raw(tokenizer, read_text(TEXTS[name], name == "wikitext2"))[:tokens]
+
+
+def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
+    """Perplexity of one (model, method, group) on every text; float when method is "float"."""
+    from pocketlm.eval.perplexity import perplexity
+    from pocketlm.load import load
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.calibrate import CalibConfig, calibrate, calibration_ids
+
+    scheme = "int4" if group == 32 else f"int4-g{group}"
+    start = time.perf_counter()
+    lm = load(model, quant=scheme if method == "rtn" else "none")
+    calib_s = 0.0
+    if method in ("gptq", "awq"):
+        ids = calibration_ids(lm.tokenizer, calib, args.calib_tokens, 512)
+        report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=method, quiet=True))
+        calib_s = report["seconds"]
+    row = {"model": model, "method": method, "group": group, "calib_tokens": args.calib_tokens if method in ("gptq", "awq") else 0,
+           "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
+    for text in args.texts:
+        t0 = time.perf_counter()
+        result = perplexity(lm.model, eval_ids(lm.tokenizer, text, args.eval_tokens), window=1024, stride=1024)
+        row[text] = result["perplexity"]
+        row[f"{text}_tokens"] = result["tokens"]
+        row[f"{text}_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def table(rows: list[dict], texts: list[str]) -> str:
+    lines = ["| model | text | group | float | RTN | GPTQ | AWQ | GPTQ / RTN increase | AWQ / RTN increase |", "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["model"], r["method"], r["group"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    groups = sorted({r["group"] for r in rows if r["method"] != "float"})
+    for model in models:
+        float_row = by.get((model, "float", 0))
+        for text in texts:
+            for g in groups:
+                base = float_row[text] if float_row and text in float_row else None
+                got = {m: by.get((model, m, g), {}).get(text) for m in ("rtn", "gptq", "awq")}
+                if base is None or got["rtn"] is None:
+                    continue
+
+                def ratio(m):
+                    return "" if got[m] is None else f"{(got[m] - base) / (got['rtn'] - base):.2f}"
+
+                cells = [f"{v:.3f} ({(v - base) / base:+.1%})" if v is not None else "" for v in got.values()]
+                lines.append(f"| {model} | {text} | {g} | {base:.3f} | " + " | ".join(cells) + f" | {ratio('gptq')} | {ratio('awq')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    p.add_argument("--groups", nargs="+", type=int, default=[32, 128])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
+    p.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (sequences of 512)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on two shared cores two threads wait on each other)")
+    p.add_argument("--results", default="bench_quantize.jsonl", help="results so far (JSON lines); a rerun skips what it holds")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    results_path = Path(args.results)
+    done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    calib = alpaca_text()
+    print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "
+          f"evaluation: the first {args.eval_tokens} tokens of {', '.join(args.texts)}, windows of 1024", flush=True)
+    for model in args.models:
+        jobs = [("float", 0)] + [(m, g) for g in args.groups for m in args.methods]
+        for method, group in jobs:
+            have = next((r for r in done if (r["model"], r["method"], r["group"]) == (model, method, group)
+                         and all(t in r for t in args.texts) and r["calib_tokens"] in (0, args.calib_tokens)), None)
+            if have is None:
+                have = run_one(model, method, group, args, calib)
+                done.append(have)
+                with results_path.open("a") as f:
+                    f.write(json.dumps(have) + "\n")
+            print(json.dumps(have), flush=True)
+    rows = [r for r in done if r["model"] in args.models and (r["group"] in args.groups or r["method"] == "float")
+            and r["calib_tokens"] in (0, args.calib_tokens)]
+    print(table(rows, args.texts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Every model family pocketlm runs, one row each: the only place in the package that lists them.
+
+A row says, for one config.json `model_type`, what the rest of the toolkit needs to know:
+
+    config      the config dataclass (pocketlm/config.py; no torch), as "module:Class", imported on use
+    model       the model class (pocketlm/models/<family>.py), as "module:Class", imported on use
+    kind        "decoder" (a causal LM: generate, serve, quantize, LoRA, ...) or "encoder" (embed, classify)
+    aliases     other model_types the same config reads ("gemma3": a multimodal config read down to its text model)
+    gguf        llama.cpp's architecture name and tensor names, and the fix-up applied both ways (formats/gguf.py
+                reads it, formats/gguf_write.py writes it); None: no GGUF for this family
+    lora        LoRA's default target Linears (finetune --lora-r without --lora-targets)
+    prune       what `pocketlm prune` can cut ("heads", "ffn", "hidden", "layers"); () = not prunable
+    scaled_embedding  the embedding is multiplied by sqrt(D) (Gemma): pruning hidden channels rescales it
+
+No torch and no pocketlm import here: the CLI, the registry and the config readers look families up without
+paying for a model import. tests/test_families.py fails when another module carries its own list of families
+or asks `model_type == "..."`; ask this table instead (`family(model_type)`, `is_encoder(config)`).
+
+Adding a family: README.md, "Adding a model family".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from pocketlm.errors import PocketLMError
+
+# ---- GGUF tensor names (llama.cpp's gguf-py tensor_mapping.py, read in reverse) --------------------------------
+# A GGUF tensor is "<name>.weight" / "<name>.bias"; block tensors are "blk.<i>.<name>" -> "model.layers.<i>.<hf name>".
+
+GGUF_TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+LLAMA_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+GEMMA3_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",  # Gemma's "ffn_norm" is the pre-FFN norm, not Llama's post-attention one
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# LoRA's default targets: every Linear of a block, by the module names the family's model file uses
+LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Gguf:
+    arch: str  # general.architecture, as llama.cpp's convert_hf_to_gguf.py writes it
+    block_names: dict[str, str]  # GGUF block tensor name -> HF module name under model.layers.<i>
+    # what convert_hf_to_gguf.py does to the tensors (formats/gguf_write.py) and formats/gguf.py undoes:
+    # "none"; "permute_qk": Q/K rows interleaved per head for llama.cpp's RoPE; "norm_plus_one": norms stored as 1 + w
+    fix: str = "none"
+    required_biases: tuple[str, ...] = ()  # block tensors whose bias must be there (Qwen2's q/k/v)
+    reads: bool = True  # a file of this architecture reads back as this family (Mistral is written as "llama")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    config: str  # "module:Class" of the config dataclass
+    model: str  # "module:Class" of the model
+    kind: str = "decoder"
+    aliases: tuple[str, ...] = ()
+    gguf: Gguf | None = None
+    lora: tuple[str, ...] = LLAMA_LORA
+    prune: tuple[str, ...] = ()
+    scaled_embedding: bool = False
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.kind == "decoder"
+
+    def config_class(self) -> type:
+        return _import(self.config)
+
+    def model_class(self) -> type:
+        return _import(self.model)
+
+
+_LLAMA = "pocketlm.models.llama:LlamaForCausalLM"
+_PRUNE_ALL = ("heads", "ffn", "hidden", "layers")
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", "pocketlm.config:LlamaConfig", _LLAMA, gguf=Gguf("llama", LLAMA_GGUF_NAMES, "permute_qk"),
+           prune=_PRUNE_ALL),
+    Family("mistral", "pocketlm.config:LlamaConfig", _LLAMA,
+           gguf=Gguf("llama", LLAMA_GGUF_NAMES, "permute_qk", reads=False), prune=_PRUNE_ALL),
+    Family("qwen2", "pocketlm.config:LlamaConfig", _LLAMA,
+           gguf=Gguf("qwen2", LLAMA_GGUF_NAMES, required_biases=("attn_q", "attn_k", "attn_v")), prune=_PRUNE_ALL),
+    Family("gemma3_text", "pocketlm.config:Gemma3Config", "pocketlm.models.gemma3:Gemma3ForCausalLM", aliases=("gemma3",),
+           gguf=Gguf("gemma3", GEMMA3_GGUF_NAMES, "norm_plus_one"), prune=_PRUNE_ALL, scaled_embedding=True),
+    Family("phi3", "pocketlm.config:Phi3Config", "pocketlm.models.phi3:Phi3ForCausalLM",
+           lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    Family("bert", "pocketlm.config:BertConfig", "pocketlm.models.bert:BertModel", kind="encoder",
+           lora=("query", "key", "value", "dense")),
+)}  # fmt: skip
+
+_BY_NAME = {name: f for f in FAMILIES.values() for name in (f.model_type, *f.aliases)}
+
+
+def supported() -> list[str]:
+    """Every model_type pocketlm reads (aliases included), sorted."""
+    return sorted(_BY_NAME)
+
+
+def family(model_type: str | None) -> Family:
+    """The row for a config.json model_type (or one of its aliases); a refusal that says what to do otherwise."""
+    row = _BY_NAME.get(model_type)  # type: ignore[arg-type]
+    if row is None:
+        raise PocketLMError(
+            f"unsupported model_type {model_type!r}: pocketlm supports {', '.join(supported())}. Export the model "
+            "from transformers as one of these, or add the family (README.md, 'Adding a model family')"
+        )
+    return row
+
+
+def lookup(model_type: str | None) -> Family | None:
+    """The row for a model_type, or None (a draft head's config, a family pocketlm does not have)."""
+    return _BY_NAME.get(model_type)  # type: ignore[arg-type]
+
+
+def is_encoder(config) -> bool:
+    """Whether a pocketlm config (or anything with a model_type) is an encoder's: no KV cache, no generation."""
+    row = lookup(getattr(config, "model_type", None))
+    return row is not None and not row.is_decoder
+
+
+def gguf_reader(arch: str) -> Family | None:
+    """The family a GGUF file of llama.cpp architecture `arch` reads back as."""
+    return next((f for f in FAMILIES.values() if f.gguf and f.gguf.reads and f.gguf.arch == arch), None)
+
+
+def _import(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
