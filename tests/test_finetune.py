@@ -356,7 +356,8 @@ def test_qlora_keeps_the_base_quantized_and_trains(tiny_model, chat_data, smollm
     model = unwrap(apply_lora(lm.model, 4, 8, 0.0, DEFAULT_LORA_TARGETS))
     wrapped = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
     assert len(wrapped) == 7 * 2 and all(isinstance(m.base_layer, Int4Linear) for m in wrapped)  # q/k/v, gate/up split again
-    assert tensor_bytes(model, skip_lora=True) < 0.4 * float_bytes  # the base stays int4 (an int8 head and embedding)
+    # the base stays int4 (and an int8 head, which keeps its plain rows for the tied embedding beside its kernel layout)
+    assert tensor_bytes(model, skip_lora=True) < 0.6 * float_bytes
     codes = [m.base_layer.qweight.clone() for m in wrapped]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.ndim == 2 and p.numel() <= 4 * 64 for p in trainable)  # only the adapters
@@ -458,6 +459,8 @@ def test_recipe_yaml_with_cli_override(tiny_model, label_data, tmp_path):
 
 def test_shipped_recipes_parse():
     for path in sorted((REPO / "recipes").glob("*.yaml")):
+        if path.name.startswith("shrink-"):
+            continue  # `pocketlm shrink`'s own config (tests/test_shrink.py)
         cfg = FinetuneConfig.from_yaml(path, {"out": "x"})
         assert (cfg.model or cfg.teacher) and Path(cfg.data).name.endswith(".jsonl"), path  # distill: --student gives the model
 

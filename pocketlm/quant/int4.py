@@ -91,6 +91,20 @@ def unpack_nibbles(packed: torch.Tensor, dtype=torch.uint8) -> torch.Tensor:
     return codes
 
 
+def unpack_kernel_layout(packed: torch.Tensor, N: int, K: int, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cpu.cpp's int4_unpack in torch (for a layer packed while the kernels were on, read after they were switched
+    off): blocks of 16 rows, each group [16 scales | 16 zeros (bf16) | g/8 steps of 16 rows x 4 bytes], byte j of a
+    step holding codes k + j (low nibble) and k + 4 + j (high) -> qweight (N, K/2), scales_and_zeros (K/g, N, 2)."""
+    B, G = -(-N // 16), K // g
+    p = packed.view(B, G, 64 + g * 8)
+    sz = p[:, :, :64].contiguous().view(torch.bfloat16).view(B, G, 2, 16)  # (B, G, scale/zero, row)
+    steps = p[:, :, 64:].reshape(B, G, g // 8, 16, 4)  # (B, G, step, row, byte)
+    codes = torch.stack([steps & 0x0F, steps >> 4], dim=-2)  # (B, G, step, row, low/high, byte): 8 codes a step
+    codes = codes.permute(0, 3, 1, 2, 4, 5).reshape(B * 16, K)[:N]  # (N, K)
+    scales_and_zeros = sz.permute(1, 0, 3, 2).reshape(G, B * 16, 2)[:, :N].contiguous()  # (G, N, 2)
+    return pack_nibbles(codes), scales_and_zeros
+
+
 class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
         super().__init__()
@@ -120,7 +134,9 @@ class Int4Linear(nn.Module):
         qweight, scales_and_zeros = self._buffers["qweight"], self._buffers["scales_and_zeros"]
         if qweight.numel() or self.packed is None:
             return qweight, scales_and_zeros
-        return kernels.int4_unpack(self.packed, self.out_features, self.in_features, self.group_size)
+        if kernels.library() is not None:
+            return kernels.int4_unpack(self.packed, self.out_features, self.in_features, self.group_size)
+        return unpack_kernel_layout(self.packed, self.out_features, self.in_features, self.group_size)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -81,7 +81,11 @@ class Int8Linear(nn.Module):
         plain = self._buffers["weight"]
         if plain.numel() or self.packed_weight is None:
             return plain
-        return kernels.int8_unpack(self.packed_weight, self.out_features, self.in_features)
+        if kernels.library() is not None:
+            return kernels.int8_unpack(self.packed_weight, self.out_features, self.in_features)
+        # int8_pack's layout in torch (the kernels switched off since): blocks of 16 rows, K/4 steps of 16 rows x 4
+        blocks = self.packed_weight.view(-1, self.in_features // 4, 16, 4).permute(0, 2, 1, 3)  # (B, row, step, byte)
+        return (blocks.reshape(-1, self.in_features)[: self.out_features].to(torch.int16) - 128).to(torch.int8)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
