@@ -41,19 +41,32 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-qlora", help="where the two runs are written")
     p.add_argument("--threads", default="1", help="OMP_NUM_THREADS of each run (default 1: two shared cores)")
     p.add_argument("--bases", nargs="+", default=["none", "int4"], help="--quant of each run: none (LoRA on the float base), int4 (QLoRA)")
+    p.add_argument("--results", default="bench_qlora.jsonl", help="finished runs (JSON lines); a rerun skips them")
     args = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": args.threads, "POCKETLM_THREADS": args.threads}
+    results = Path(args.results)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     rows = []
     for quant in args.bases:
+        have = next((r for r in done if r["quant"] == quant and r["steps"] == args.steps), None)
+        if have is not None:
+            rows.append(have)
+            print(json.dumps(have), flush=True)
+            continue
         out = Path(args.out) / f"b77-head-lora-{quant}"
+        # a checkpoint every 50 steps: a killed run goes on with --resume (its peak memory is then the resumed part's)
+        resume = ["--resume"] if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*[0-9]")) else []
         cmd = [*POCKETLM, "finetune", "--config", str(REPO / "recipes" / "banking77-head-lora.yaml"), "-o", str(out),
-               "--steps", str(args.steps), "--quant", quant, "--eval-max", "100", "--save-every", "0", "--quiet"]
+               "--steps", str(args.steps), "--quant", quant, "--eval-max", "100", "--save-every", "50", "--quiet", *resume]
         _, train = timed(cmd, env)
+        train["resumed"] = bool(resume)
         done, _ = timed([*POCKETLM, "eval", str(out), "--task", "classify", "--by", "head", "--data", "banking77", "--json", "--quiet"], env)
         metrics = json.loads(done.stdout)["metrics"]
-        row = {"base": "float32 (LoRA)" if quant == "none" else f"{quant} (QLoRA)", "steps": args.steps, **train,
+        row = {"base": "float32 (LoRA)" if quant == "none" else f"{quant} (QLoRA)", "quant": quant, "steps": args.steps, **train,
                "accuracy": metrics["accuracy"], "macro_f1": metrics.get("macro_f1")}
         rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     print("| base | steps of 16 | train wall | train CPU s | peak RSS | banking77 test accuracy | macro-F1 |")
     print("|---|---|---|---|---|---|---|")

@@ -60,11 +60,11 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
     start = time.perf_counter()
     lm = load(model, quant=scheme if method == "rtn" else "none")
     calib_s = 0.0
-    if method in ("gptq", "awq"):
+    if method not in ("float", "rtn"):
         ids = calibration_ids(lm.tokenizer, calib, args.calib_tokens, 512)
         report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=method, quiet=True))
         calib_s = report["seconds"]
-    row = {"model": model, "method": method, "group": group, "calib_tokens": args.calib_tokens if method in ("gptq", "awq") else 0,
+    row = {"model": model, "method": method, "group": group, "calib_tokens": 0 if method in ("float", "rtn") else args.calib_tokens,
            "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
     for text in args.texts:
         t0 = time.perf_counter()
@@ -76,24 +76,24 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
 
 
 def table(rows: list[dict], texts: list[str]) -> str:
-    lines = ["| model | text | group | float | RTN | GPTQ | AWQ | GPTQ / RTN increase | AWQ / RTN increase |", "|---|---|---|---|---|---|---|---|---|"]
+    """One line per (model, text, group): each method's perplexity and its increase as a fraction of RTN's."""
+    methods = [m for m in ("gptq", "awq", "awq+gptq") if any(r["method"] == m for r in rows)]
+    names = {"gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}
+    head = ["model", "text", "group", "float", "RTN"] + [names[m] for m in methods] + [f"{names[m]} / RTN increase" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {(r["model"], r["method"], r["group"]): r for r in rows}
-    models = list(dict.fromkeys(r["model"] for r in rows))
     groups = sorted({r["group"] for r in rows if r["method"] != "float"})
-    for model in models:
-        float_row = by.get((model, "float", 0))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base_row = by.get((model, "float", 0), {})
         for text in texts:
             for g in groups:
-                base = float_row[text] if float_row and text in float_row else None
-                got = {m: by.get((model, m, g), {}).get(text) for m in ("rtn", "gptq", "awq")}
-                if base is None or got["rtn"] is None:
+                base, rtn = base_row.get(text), by.get((model, "rtn", g), {}).get(text)
+                if base is None or rtn is None:
                     continue
-
-                def ratio(m):
-                    return "" if got[m] is None else f"{(got[m] - base) / (got['rtn'] - base):.2f}"
-
-                cells = [f"{v:.3f} ({(v - base) / base:+.1%})" if v is not None else "" for v in got.values()]
-                lines.append(f"| {model} | {text} | {g} | {base:.3f} | " + " | ".join(cells) + f" | {ratio('gptq')} | {ratio('awq')} |")
+                got = [by.get((model, m, g), {}).get(text) for m in methods]
+                cells = [f"{v:.3f} ({(v - base) / base:+.1%})" if v is not None else "" for v in [rtn, *got]]
+                ratios = [f"{(v - base) / (rtn - base):.2f}" if v is not None else "" for v in got]
+                lines.append(f"| {model} | {text} | {g} | {base:.3f} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 

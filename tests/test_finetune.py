@@ -434,6 +434,17 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tiny_model, pair_data, tmp_p
     assert load_lineage(out)["recipe"]["name"] == "dpo"
 
 
+def test_dpo_resume_after_a_kill_reproduces_the_run(tiny_model, pair_data, tmp_path):
+    kw = dict(task="dpo", steps=4, save_every=2, lora_r=4, batch_size=2, grad_accum=2, lr=1e-2)
+    run(tiny_model, pair_data, tmp_path / "whole", **kw)
+    assert run(tiny_model, pair_data, tmp_path / "killed", stop_after=3, **kw)["stopped"]
+    run(tiny_model, pair_data, tmp_path / "killed", resume=True, **kw)  # from the step-2 checkpoint
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], abs=1e-5)
+
+
 def load_lineage(out) -> dict:
     return json.loads((Path(out) / "config.json").read_text())["pocketlm"]
 

@@ -18,7 +18,8 @@ the columns go in act order (`act_order`: decreasing H_jj), so a group stays 32/
 Int4Linear stores them; each group's grid is picked among clipped min/max grids by the H-weighted error of its
 block (the reference's `mse` option, with H's diagonal block instead of plain squares); a group whose weights
 already lie on a 4-bit grid (a GGUF's Q4 blocks) keeps it; a channel no calibration token used keeps its
-weights (the reference zeroes them).
+weights (the reference zeroes them). One step beyond it (`refit`): with the codes fixed, each row's scales and
+zeros are solved for by least squares on the same error (`refit_grid`).
 
 AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"). As the
 authors' mit-han-lab/llm-awq (auto_scale.py, auto_clip.py) and AutoAWQ's quantizer: the input channels that
@@ -28,7 +29,8 @@ into the op before it so the model computes the same function: the RMSNorm's wei
 v rows for o_proj, the up rows for down_proj. With grouped-query attention several query heads read one v head,
 so o_proj's scale is shared by the heads of a group (llm-awq skips o_proj when v and o differ in shape). Then
 each group's clipping is searched as auto_clip does (not for the q and k rows). The error measured is each
-linear's own output (llm-awq measures the attention or MLP block's).
+linear's own output (llm-awq measures the attention or MLP block's). `awq+gptq` rounds the scaled weights with
+GPTQ instead of to nearest.
 
 Both run layer by layer (GPTQ's `llama_sequential`): the calibration text's inputs to each decoder layer are
 captured, each layer's linears see them through hooks and are swapped for their quantized versions, then the
@@ -38,7 +40,7 @@ and down are done one after the other within a layer, each on inputs through the
 one layer's activations and its H matrices exist at a time. The output head stays int8 round-to-nearest (it is
 the tied embedding's table too).
 
-`budget_plan` picks a kind per linear (int4 in groups of 32/64/128, int8, or float) so that the KL divergence of
+`budget_search` picks a kind per linear (int4 in groups of 32/64/128, int8, or float) so that the KL divergence of
 the quantized model from the float one, measured as `pocketlm eval --task agreement` measures it, stays under a
 budget at the fewest bits per weight.
 """
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,7 +88,6 @@ class CalibConfig:
     refit: bool = True  # GPTQ: with its codes fixed, the scales and zeros refitted by least squares (refit_grid)
     kl_tokens: int = 1024  # --budget: tokens the KL is measured on (the calibration text's first ones)
     quiet: bool = False
-    log: list[str] = field(default_factory=list)  # what happened, a line per layer (the CLI prints it)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -786,7 +787,7 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
             plan[best[1]] = best[2]
         plan_scheme = QuantScheme(scheme.weights, scheme.group_size, layers=dict(plan))
         lm = load_float()
-        calibrate(lm.model, ids, plan_scheme, CalibConfig(**{**cfg.__dict__, "log": [], "quiet": True}))
+        calibrate(lm.model, ids, plan_scheme, CalibConfig(**{**cfg.__dict__, "quiet": True}))
         model = lm.model
         flat = kl_ids.reshape(-1)
         measured = agreement_stats(model, ref_lm.model, flat, kl_ids.shape[1], kl_ids.shape[1])["kl_mean"]
