@@ -65,13 +65,15 @@ def main() -> None:
     parser.add_argument("--vs-build", metavar="SO", help="another build of cpu.cpp to time the decode step against")
     parser.add_argument("--target", help="the kernel target to time (default: the best this CPU runs)")
     parser.add_argument("--vs-target", help="a second kernel target whose decode step is timed beside")
+    parser.add_argument("--prompt-rows", action="store_true", help="only the prompt table: 512 rows through 1-3B layers, "
+                        "pocketlm's integer kernels against the weight dequantized and MKL's fp32 matmul")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.int4_kernel_on():
         raise SystemExit(f"pocketlm's int4 kernel is not available here: {kernels.why_unavailable}")
     with kernels.using(args.target or kernels.target()):
         print(f"kernels: pocketlm {kernels.target()}, {args.threads} threads\n")
-        tables(args)
+        prompt_rows(args) if args.prompt_rows else tables(args)
 
 
 def tables(args) -> None:
@@ -128,6 +130,29 @@ def tables(args) -> None:
                                            lambda: kernels.int8_packed_linear(x, packed, scales, None), args.rounds, 10)
                 print(f"| {name} | {M} | {fp32_us:.0f} us | {vnni_us:.0f} us | {fp32_us / vnni_us:.2f}x |")
     decode_steps(args)
+
+
+def prompt_rows(args) -> None:
+    """A prompt's rows through the layers of 1-3B models (TinyLlama's and Llama 3.2 3B's down and gate/up): the
+    integer kernels (the activations rounded to int8, products summed in int32) against the float path (the weight
+    dequantized for the call, MKL's fp32 matmul), each the median of interleaved rounds."""
+    import torch.nn.functional as F
+
+    print("| layer | rows | kernel | int8 kernel | int8 dequantized + MKL | int4 kernel | int4 dequantized + MKL |")
+    print("|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for name, (K, N) in {"TinyLlama down 5632 -> 2048": (5632, 2048), "Llama 3.2 3B down 8192 -> 3072": (8192, 3072),
+                         "Llama 3.2 3B gate/up 3072 -> 16384": (3072, 16384)}.items():
+        linear = nn.Linear(K, N, bias=False)
+        int8, int4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 32)
+        for M in (64, 512):
+            x = torch.randn(M, K)
+            int8_us, int8_float_us = compare(lambda: kernels.int8_packed_linear(x, int8.packed_weight, int8.scales, None),
+                                             lambda: F.linear(x, int8.weight.float() * int8.scales.float()[:, None]), args.rounds, 2)
+            int4_us, int4_float_us = compare(lambda: kernels.int4_linear(x, int4.packed, N, 32, None),
+                                             lambda: F.linear(x, int4.dequantized()), args.rounds, 2)
+            print(f"| {name} | {M} | {kernels.target()} | {int8_us / 1e3:.0f} ms | {int8_float_us / 1e3:.0f} ms | "
+                  f"{int4_us / 1e3:.0f} ms | {int4_float_us / 1e3:.0f} ms |", flush=True)
 
 
 def decode_steps(args) -> None:

@@ -375,3 +375,37 @@ def test_training_keeps_pytorch_ops():
     assert not kernels.usable(x.requires_grad_())
     with torch.no_grad():
         assert kernels.usable(x, w)
+
+
+def random_gguf_blocks(qtype, n_blocks: int, seed: int = 0) -> torch.Tensor:
+    """n_blocks GGML blocks of qtype: random bytes, with small finite fp16 scales (and mins) where the block has them."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_blocks, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    half = lambda: rng.uniform(-0.01, 0.01, (n_blocks, 1)).astype(np.float16).view(np.uint8)  # noqa: E731
+    fields = {T.Q4_0: [0], T.Q5_0: [0], T.Q8_0: [0], T.Q4_1: [0, 2], T.Q5_1: [0, 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2],
+              T.Q6_K: [GGML_QUANT_SIZES[T.Q6_K][1] - 2]}
+    for at in fields.get(qtype, []):
+        blocks[:, at : at + 2] = half()
+    if qtype in (T.F16, T.BF16, T.F32):
+        values = torch.from_numpy(rng.standard_normal((n_blocks, GGML_QUANT_SIZES[qtype][0]), dtype=np.float32))
+        dtype = {T.F16: torch.float16, T.BF16: torch.bfloat16, T.F32: torch.float32}[qtype]
+        return values.to(dtype).view(torch.uint8).reshape(n_blocks, -1)
+    return torch.from_numpy(blocks)
+
+
+@pytest.mark.parametrize("qtype", list(kernels.GGUF_ROW_TYPES))
+def test_gguf_rows_rounded_to_int8_in_c_equal_the_torch_dequantizer_and_int8_rows(qtype):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from pocketlm.formats.gguf_quants import dequantize
+
+    ggml_type = GGMLQuantizationType[qtype]
+    N, K = 37, 512  # rows of two 256-wide super-blocks; a row count the threads split unevenly
+    blocks = random_gguf_blocks(ggml_type, N * K // GGML_QUANT_SIZES[ggml_type][0])
+    weight, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.bfloat16)
+    kernels.int8_rows_gguf(blocks, qtype, N, K, weight, scales)
+    expected_weight, expected_scales = int8_rows(dequantize(blocks.reshape(-1), ggml_type, (N, K)))
+    assert torch.equal(weight, expected_weight) and torch.equal(scales, expected_scales)

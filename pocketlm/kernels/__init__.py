@@ -77,6 +77,7 @@ SIGNATURES = {
     "int4_pack": [P, P, I64, I64, I64, P],
     "int4_unpack": [P, I64, I64, I64, P, P],
     "int4_pack_gguf": [P, I32, I64, I64, P, P],
+    "int8_rows_gguf": [P, I32, I64, I64, P, P],
     "int4_linear": [P, I64, I64, P, I64, I64, P, P, I32],
     "int8_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "int8_packed_bytes": [I64, I64],
@@ -291,6 +292,16 @@ def int4_pack_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, order: 
     taken in `order` (int64, or None: as they are)."""
     order = None if order is None else order.to(torch.int64).contiguous()
     library().int4_pack_gguf(ptr(blocks), GGUF_GRID_TYPES[ggml_type], N, K, ptr(order), ptr(out))
+
+
+GGUF_ROW_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
+                  "Q6_K": 14, "BF16": 30}  # int8_rows_gguf's types (ggml's ids)
+
+
+def int8_rows_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    """A GGML tensor's bytes (N, K) of a GGUF_ROW_TYPES type -> int8 rows into weight (N, K) and bf16 scales (N,),
+    as pocketlm.quant.int8.int8_rows rounds the tensor's float values, a row at a time."""
+    library().int8_rows_gguf(ptr(blocks), GGUF_ROW_TYPES[ggml_type], N, K, ptr(weight), ptr(scales))
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int, bias) -> torch.Tensor:

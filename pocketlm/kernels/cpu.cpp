@@ -287,6 +287,102 @@ extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t
         }
 }
 
+// One row (K values) of a GGML tensor -> fp32, each type's arithmetic in pocketlm/formats/gguf_quants.py's order (which
+// is gguf-py's and ggml-quants.c's dequantize_row_*: products and sums as separate roundings), so the values are those
+// the torch dequantizers give, bit for bit. Types: ggml.h's ids.
+enum GGMLRowType { GGML_F32 = 0, GGML_F16 = 1, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q5_K = 13, GGML_Q6_K = 14,
+                   GGML_BF16 = 30 };
+
+static void gguf_row(const uint8_t *row, int type, int64_t K, float *out) {
+    auto f16 = [](const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); };
+    if (type == GGML_F32) { std::memcpy(out, row, K * 4); return; }
+    if (type == GGML_F16) { for (int64_t k = 0; k < K; k++) out[k] = f16(row + 2 * k); return; }
+    if (type == GGML_BF16) {
+        for (int64_t k = 0; k < K; k++) { uint16_t h; std::memcpy(&h, row + 2 * k, 2); out[k] = bits_to_float(uint32_t(h) << 16); }
+        return;
+    }
+    if (type == GGML_Q8_0)  // d | qs[32] int8: y = q d
+        for (int64_t b = 0; b < K / 32; b++, row += 34) {
+            const float d = f16(row);
+            for (int e = 0; e < 32; e++) out[b * 32 + e] = float(int8_t(row[2 + e])) * d;
+        }
+    else if (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q5_0 || type == GGML_Q5_1)
+        // d | (m) | (qh: the 5th bit of element j at bit j) | qs[16]: element j < 16 the low nibble of qs[j], j + 16 the
+        // high one; y = (q - 8) d, q d + m, (q - 16) d, q d + m
+        for (int64_t b = 0; b < K / 32; b++) {
+            const bool has_min = type == GGML_Q4_1 || type == GGML_Q5_1, five = type == GGML_Q5_0 || type == GGML_Q5_1;
+            const int64_t size = (type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : type == GGML_Q5_0 ? 22 : 24);
+            const uint8_t *block = row + b * size, *qs = block + size - 16;
+            const float d = f16(block), m = has_min ? f16(block + 2) : 0.f;
+            uint32_t qh = 0;
+            if (five) std::memcpy(&qh, block + (has_min ? 4 : 2), 4);
+            for (int e = 0; e < 32; e++) {
+                int q = e < 16 ? qs[e] & 0x0F : qs[e - 16] >> 4;
+                if (five) q |= int((qh >> e) & 1) << 4;
+                out[b * 32 + e] = has_min ? float(q) * d + m : (float(q) - (five ? 16.f : 8.f)) * d;
+            }
+        }
+    else if (type == GGML_Q4_K || type == GGML_Q5_K)
+        // d | dmin | scales[12] | (qh[32]: sub-block s's 5th bits at bit s) | qs[128]: sub-block s of 32 in the low (even
+        // s) or high nibbles of qs[32 (s / 2) ..]; y = (d sc) q - (dmin m)
+        for (int64_t b = 0; b < K / 256; b++) {
+            const int64_t size = type == GGML_Q4_K ? 144 : 176;
+            const uint8_t *block = row + b * size, *sc = block + 4, *qh = block + 16, *qs = block + (type == GGML_Q4_K ? 16 : 48);
+            const float d = f16(block), dmin = f16(block + 2);
+            for (int s = 0; s < 8; s++) {
+                const int scale6 = s < 4 ? sc[s] & 63 : (sc[s + 4] & 0x0F) | ((sc[s - 4] >> 6) << 4);
+                const int min6 = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+                const float ds = d * float(scale6), dm = dmin * float(min6);
+                for (int e = 0; e < 32; e++) {
+                    int q = s % 2 ? qs[(s / 2) * 32 + e] >> 4 : qs[(s / 2) * 32 + e] & 0x0F;
+                    if (type == GGML_Q5_K) q |= ((qh[e] >> s) & 1) << 4;
+                    out[b * 256 + s * 32 + e] = float(q) * ds - dm;
+                }
+            }
+        }
+    else  // GGML_Q6_K: ql[128] | qh[64] | scales[16] int8 | d; in each half of 128, elements l, l + 32, l + 64, l + 96
+          // take their low 4 bits from ql[l], ql[l + 32], ql[l] >> 4, ql[l + 32] >> 4 and their high 2 from qh[l] >> 0,
+          // 2, 4, 6 (ggml-quants.c's dequantize_row_q6_K); y = (q - 32) (d scale), a scale for each 16
+        for (int64_t b = 0; b < K / 256; b++) {
+            const uint8_t *block = row + b * 210;
+            const float d = f16(block + 208);
+            float ds[16];
+            for (int i = 0; i < 16; i++) ds[i] = d * float(int8_t(block[192 + i]));
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = block + 64 * h, *qh = block + 128 + 32 * h;
+                float *y = out + b * 256 + 128 * h;
+                for (int l = 0; l < 32; l++) {
+                    y[l] = (float((ql[l] & 0x0F) | (qh[l] & 3) << 4) - 32.f) * ds[8 * h + l / 16];
+                    y[l + 32] = (float((ql[l + 32] & 0x0F) | ((qh[l] >> 2) & 3) << 4) - 32.f) * ds[8 * h + 2 + l / 16];
+                    y[l + 64] = (float((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32.f) * ds[8 * h + 4 + l / 16];
+                    y[l + 96] = (float((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32.f) * ds[8 * h + 6 + l / 16];
+                }
+            }
+        }
+}
+
+// A GGML tensor (N, K) of any type gguf_row reads -> int8 rows w (N, K) and bf16 scales (N), each row rounded on its
+// own symmetric grid, max |w| / 127: pocketlm/quant/int8.py's int8_rows, one row at a time (no float copy of the tensor)
+extern "C" void int8_rows_gguf(const uint8_t *data, int type, int64_t N, int64_t K, int8_t *w, uint16_t *scales) {
+    const int64_t row_bytes = type == GGML_F32 ? K * 4 : type == GGML_F16 || type == GGML_BF16 ? K * 2
+                            : type == GGML_Q8_0 ? K / 32 * 34 : type == GGML_Q4_0 ? K / 32 * 18 : type == GGML_Q4_1 ? K / 32 * 20
+                            : type == GGML_Q5_0 ? K / 32 * 22 : type == GGML_Q5_1 ? K / 32 * 24 : type == GGML_Q4_K ? K / 256 * 144
+                            : type == GGML_Q5_K ? K / 256 * 176 : K / 256 * 210;
+#pragma omp parallel
+    {
+        std::vector<float> x(K);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            gguf_row(data + n * row_bytes, type, K, x.data());
+            float amax = 0.f;
+            for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(x[k]));
+            const float s = std::max(amax, 1e-12f) / 127.f;
+            for (int64_t k = 0; k < K; k++) w[n * K + k] = int8_t(std::clamp(std::nearbyint(x[k] / s), -127.f, 127.f));
+            scales[n] = float_to_bf16(s);
+        }
+    }
+}
+
 // Activations of M rows rounded for the kernel: hi and lo (M, K) int8, their scales d and d/254 per block of 32
 // (M, K/32), and each group's sum of the rounded values (M, K/g). Several rows are rounded one (row, group) unit at
 // a time by the kernel's threads, inside its parallel region, before they share out the weight blocks
@@ -532,12 +628,16 @@ extern "C" int64_t int8_packed_bytes(int64_t N, int64_t K) { return (N + ROWS - 
 extern "C" void int8_pack(const int8_t *w, int64_t N, int64_t K, uint8_t *out) {
     const int64_t blocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++)
-        for (int r = 0; r < ROWS; r++) {
-            const int64_t n = b * ROWS + r;
-            uint8_t *o = out + b * ROWS * K + r * 4;
-            for (int64_t k = 0; k < K; k++) o[k / 4 * 64 + k % 4] = n < N ? uint8_t(int(w[n * K + k]) + 128) : uint8_t(128);
-        }
+    for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *o = out + b * ROWS * K;  // written in order: a step of 4 bytes from each of the 16 rows
+        for (int64_t step = 0; step < K / 4; step++)
+            for (int r = 0; r < ROWS; r++, o += 4) {
+                uint32_t v = 0;  // rows past N: 0 ^ 0x80 = 128, a zero weight
+                if (b * ROWS + r < N) std::memcpy(&v, w + (b * ROWS + r) * K + step * 4, 4);
+                v ^= 0x80808080u;  // q + 128 in each byte (two's complement int8 -> offset binary)
+                std::memcpy(o, &v, 4);
+            }
+    }
 }
 
 // The inverse of int8_pack: the kernel's layout -> w (N, K) int8, for a layer that keeps only the kernel's layout

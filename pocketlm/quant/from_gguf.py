@@ -12,9 +12,9 @@ their state dict entries.
 Q4_0, Q4_1 and Q4_K blocks are groups of 32 on a 4-bit grid with a scale and an offset: Int4Linear's own form,
 w = (q - 8) * scale + zero. Their codes move over as they are, and each group's scale and zero are computed in
 fp32 from the block's fields, then held in bf16 as every Int4Linear holds them (that rounding is the one loss,
-as on the dequantize-then-quantize path). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are dequantized one
-tensor at a time and rounded as `pocketlm.quant` rounds a float weight: int8 rows, or int4 groups where the
-scheme asks int4 for every layer. Each tensor's pages of the file are dropped once it is converted
+as on the dequantize-then-quantize path). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are rounded as
+`pocketlm.quant` rounds a float weight: int8 rows (in C, a row at a time: cpu.cpp's int8_rows_gguf, the same values
+as the torch dequantizers and int8_rows), or int4 groups where the scheme asks int4 for every layer. Each tensor's pages of the file are dropped once it is converted
 (madvise), so the process holds the quantized model and at most one tensor in float.
 """
 
@@ -110,9 +110,13 @@ def int8_layer(infos: list[TensorInfo], orders: list[torch.Tensor | None]) -> di
     weight, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N, dtype=torch.bfloat16)
     start = 0
     for info, order in zip(infos, orders):
-        for first, rows in float_rows(info):
-            end = start + first + rows.shape[0]
-            weight[start + first : end], scales[start + first : end] = int8_rows(rows)
+        if kernels.library() is not None and info.ggml_type.name in kernels.GGUF_ROW_TYPES:  # in C, the rows in parallel
+            part = slice(start, start + info.shape[0])
+            kernels.int8_rows_gguf(torch.from_numpy(info.data), info.ggml_type.name, *info.shape, weight[part], scales[part])
+        else:
+            for first, rows in float_rows(info):
+                end = start + first + rows.shape[0]
+                weight[start + first : end], scales[start + first : end] = int8_rows(rows)
         part = slice(start, start + info.shape[0])
         if order is not None:
             weight[part], scales[part] = weight[part][order], scales[part][order]
@@ -134,14 +138,18 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
     `pocketlm.quant.write_quantized` would save it (fused q/k/v and gate/up, int4 or int8 layers, float norms), and
     the modules made ready instead, by name: int4 layers in the kernels' layout, an untied embedding's int8 rows."""
     arch = ARCHITECTURES[f.architecture]
-    by_hf_name = {_hf_name(name, arch.block_names): info for name, info in f.tensors.items()}
+    by_hf_name = {_hf_name(name, arch.block_names, arch.top_names, arch.blocks): info for name, info in f.tensors.items()}
     by_hf_name = {k: v for k, v in by_hf_name.items() if k is not None}
+    embed = arch.top_names["token_embd"]  # model.embed_tokens; GPT-2's transformer.wte
+    positions = arch.top_names.get("position_embd")  # GPT-2's learned positions (transformer.wpe): a float table
     if "lm_head.weight" not in by_hf_name:  # tied: the head is the embedding's table
-        by_hf_name["lm_head.weight"] = by_hf_name.pop("model.embed_tokens.weight")
+        by_hf_name["lm_head.weight"] = by_hf_name.pop(f"{embed}.weight")
     row_orders = _row_orders(f, arch, config)
 
     def float_tensor(hf_name: str, info: TensorInfo) -> torch.Tensor:
-        return arch.fix(info.name, dequantize_tensor(info), config)
+        w = arch.fix(info.name, dequantize_tensor(info), config)
+        # a Linear's weight as the module holds it, (out, in): the file's shape (GPT-2's fix turns it to Conv1D's)
+        return w if w.shape == info.shape else w.t()
 
     state_dict: dict[str, torch.Tensor] = {}
     ready: dict[str, Int4Linear] = {}
@@ -152,11 +160,12 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         module, _, kind = hf_name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
         fused = next((f_ for f_, parts in FUSED.items() if leaf in parts), None)
-        if hf_name == "model.embed_tokens.weight":  # untied: int8 rows, as a tied one reads the int8 head's
-            ready["model.embed_tokens"] = Int8Embedding.of_rows(**int8_layer([info], [None]))
+        if hf_name == f"{embed}.weight":  # untied: int8 rows, as a tied one reads the int8 head's
+            ready[embed] = Int8Embedding.of_rows(**int8_layer([info], [None]))
             release(info)
             continue
-        if not (fused or leaf in ("o_proj", "down_proj") or module == "lm_head"):
+        weight = by_hf_name.get(f"{module}.weight")
+        if module == positions or not (fused or module == "lm_head" or len(weight.shape) == 2):  # not a Linear (o_proj, Phi's fc1, ...)
             state_dict[hf_name] = float_tensor(hf_name, info)  # norms
             release(info)
             continue
@@ -207,6 +216,6 @@ def _row_orders(f: GGUFFile, arch, config: dict) -> dict[str, torch.Tensor]:
             continue
         rows = torch.arange(info.shape[0], dtype=torch.float64)[:, None]
         fixed = arch.fix(name, rows, config)
-        if not torch.equal(fixed, rows):
+        if fixed.shape == rows.shape and not torch.equal(fixed, rows):  # (GPT-2's transposition is the file's layout)
             orders[name] = fixed[:, 0].long()
     return orders
