@@ -11,6 +11,13 @@ output). Evaluated on the first --eval-tokens tokens of WikiText-2 test (the sha
 recipe does) and of a text no one tuned on: chapters I-III of Little Women (Project Gutenberg eBook #37106,
 bench/data/little_women_ch1-3.txt), in windows of 1,024 tokens without overlap (the GPTQ paper's protocol).
 Every result is appended to --results (JSON lines) as it comes, so a killed run goes on where it stopped.
+
+    .venv/bin/python bench/bench_quantize.py --budget-fraction 0.5 --models gemma3-270m   # the KL budget instead
+
+--budget-fraction F: uniform int4 (round-to-nearest, --budget-scheme) against `pocketlm quantize --budget` (GPTQ,
+pocketlm.quant.calibrate.budget_search) given F times uniform int4's KL as its budget: bits per weight of the
+decoder layers' linears and KL(float || quantized), on the calibration tokens the search measures (the first
+--kl-tokens of the calibration text, sequences of 512) and on the WikiText-2 evaluation tokens (windows of 1,024).
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
         report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=method, quiet=True))
         calib_s = report["seconds"]
     row = {"model": model, "method": method, "group": group, "calib_tokens": 0 if method in ("float", "rtn") else args.calib_tokens,
-           "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
+           "eval_tokens": args.eval_tokens, "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
     for text in args.texts:
         t0 = time.perf_counter()
         result = perplexity(lm.model, eval_ids(lm.tokenizer, text, args.eval_tokens), window=1024, stride=1024)
@@ -73,6 +80,51 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
         row[f"{text}_tokens"] = result["tokens"]
         row[f"{text}_s"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def run_budget(model: str, args, calib: str) -> dict:
+    """Uniform int4 against the KL-budget search given args.budget_fraction times uniform int4's KL."""
+    from pocketlm.eval.agreement import agreement_stats
+    from pocketlm.load import load
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.calibrate import CalibConfig, budget_search, calibration_ids, kind_bits
+
+    ref = load(model, quant="none")
+    cfg = CalibConfig(method="gptq", tokens=args.calib_tokens, kl_tokens=args.kl_tokens, quiet=True)
+    ids = calibration_ids(ref.tokenizer, calib, args.calib_tokens, 512)  # (n, 512)
+    kl_ids = ids[: max(1, cfg.kl_tokens // ids.shape[1])]  # what budget_search measures its KL on
+    held = torch.tensor(eval_ids(ref.tokenizer, "wikitext2", args.eval_tokens))
+
+    def kl(model_q) -> tuple[float, float]:
+        on_calib = agreement_stats(model_q, ref.model, kl_ids.reshape(-1), kl_ids.shape[1], kl_ids.shape[1])["kl_mean"]
+        return on_calib, agreement_stats(model_q, ref.model, held, 1024, 1024)["kl_mean"]
+
+    uniform = load(model, quant=args.budget_scheme)
+    u_calib, u_held = kl(uniform.model)
+    del uniform
+    group = QuantScheme.parse(args.budget_scheme).group_size
+    start = time.perf_counter()
+    quantized, report = budget_search(ref, lambda: load(model, quant="none"), QuantScheme.parse(args.budget_scheme), ids,
+                                      args.budget_fraction * u_calib, cfg)
+    search_s = round(time.perf_counter() - start, 1)
+    return {"model": model, "method": "budget", "scheme": args.budget_scheme, "fraction": args.budget_fraction,
+            "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "kl_tokens": int(kl_ids.numel()),
+            "uniform_bits": kind_bits(f"int4-g{group}", 1), "uniform_kl_calib": u_calib, "uniform_kl_wikitext2": u_held,
+            "budget": report["budget"], "bits": report["bits_per_weight"], "kl_calib": report["kl_measured"],
+            "kl_wikitext2": agreement_stats(quantized, ref.model, held, 1024, 1024)["kl_mean"], "kinds": report["kinds"],
+            "rounds": len(report["rounds"]), "search_s": search_s}
+
+
+def budget_table(rows: list[dict]) -> str:
+    head = ["model", "uniform int4 (RTN): bits", "KL calib", "KL WikiText-2", "budget", "--budget: bits", "KL calib", "KL WikiText-2",
+            "KL / uniform's (calib, WikiText-2)", "kinds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        kinds = ", ".join(f"{k} {n}" for k, n in r["kinds"].items())
+        lines.append(f"| {r['model']} | {r['uniform_bits']:.2f} | {r['uniform_kl_calib']:.4f} | {r['uniform_kl_wikitext2']:.4f} | "
+                     f"{r['budget']:.4f} | {r['bits']:.2f} | {r['kl_calib']:.4f} | {r['kl_wikitext2']:.4f} | "
+                     f"{r['kl_calib'] / r['uniform_kl_calib']:.2f}, {r['kl_wikitext2'] / r['uniform_kl_wikitext2']:.2f} | {kinds} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], texts: list[str]) -> str:
@@ -107,11 +159,31 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on two shared cores two threads wait on each other)")
     p.add_argument("--results", default="bench_quantize.jsonl", help="results so far (JSON lines); a rerun skips what it holds")
+    p.add_argument("--budget-fraction", type=float, help="the KL budget instead: --budget at this fraction of uniform int4's KL")
+    p.add_argument("--budget-scheme", default="int4", help="the uniform int4 it is measured against (default int4: groups of 32)")
+    p.add_argument("--kl-tokens", type=int, default=1024, help="calibration tokens the search measures KL on (default 1024)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results_path = Path(args.results)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     calib = alpaca_text()
+    if args.budget_fraction is not None:
+        print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "
+              f"held-out KL: the first {args.eval_tokens} tokens of WikiText-2, windows of 1024", flush=True)
+        for model in args.models:
+            key = (model, "budget", args.budget_scheme, args.budget_fraction, args.calib_tokens, args.eval_tokens, args.kl_tokens)
+            if not any((r["model"], r["method"], r.get("scheme"), r.get("fraction"), r["calib_tokens"], r.get("eval_tokens"),
+                        r.get("kl_tokens")) == key
+                       for r in done):
+                row = run_budget(model, args, calib)
+                done.append(row)
+                with results_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        print(budget_table([r for r in done if r["method"] == "budget" and r["model"] in args.models
+                            and (r["scheme"], r["fraction"], r["calib_tokens"]) == (args.budget_scheme, args.budget_fraction, args.calib_tokens)]))
+        return
+    done = [r for r in done if r["method"] != "budget" and r.get("eval_tokens") == args.eval_tokens]
     print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "
           f"evaluation: the first {args.eval_tokens} tokens of {', '.join(args.texts)}, windows of 1024", flush=True)
     for model in args.models:

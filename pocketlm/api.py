@@ -22,24 +22,28 @@ from pocketlm.errors import PocketLMError
 
 
 def load(model: str = registry.DEFAULT_MODEL, *, quant: str = "auto", dtype: str = "float32", ctx_size: int | None = None,
-         draft: str | None = None, threads: int | None = None) -> LM:
+         draft: str | None = None, threads: int | None = None, lora: str | None = None) -> LM:
     """A model ready to answer: a registry name ("smollm2", "gemma3-270m", "minilm"), a .gguf file or a Hugging Face
     folder. quant: "auto" (the CLI's default: a GGUF at its own bits, a Q4 file as int4-mixed; float for a float
     model), "none", "int8", "int4", ... as `--quant`. dtype: "float32" or "bfloat16". ctx_size: the context window
     of every request (prompt and answer), at most the model's own (its default). draft: a draft head or a smaller
-    model for speculative decoding (`--draft`). threads: torch's threads for this process, chosen as the CLI
-    chooses them when None ($POCKETLM_THREADS, else one per core that other processes leave idle)."""
+    model for speculative decoding (`--draft`). lora: a LoRA adapter folder, applied unmerged (`--lora`). threads:
+    torch's threads for this process, chosen as the CLI chooses them when None ($POCKETLM_THREADS, else one per core
+    that other processes leave idle)."""
     from pocketlm import threads as compute_threads
 
     compute_threads.start()  # how busy the cores are is read over the load, as the CLI reads it over its start
     import torch
 
     from pocketlm.engine.generate import check_window
-    from pocketlm.load import load as load_model, load_draft
+    from pocketlm.load import load as load_model, load_draft, load_with_adapter
 
     if dtype not in ("float32", "bfloat16"):
         raise PocketLMError(f"dtype must be float32 or bfloat16, not {dtype!r}")
-    lm = load_model(model, dtype=getattr(torch, dtype), quant=quant)
+    if lora:
+        lm = load_with_adapter(model, lora, dtype=getattr(torch, dtype), quant=quant)
+    else:
+        lm = load_model(model, dtype=getattr(torch, dtype), quant=quant)
     window = None if lm.is_encoder else check_window(lm, ctx_size)
     helper = load_draft(draft, lm, getattr(torch, dtype), quant) if draft else None
     compute_threads.configure(threads)
@@ -119,7 +123,7 @@ class LM:
                 raise PocketLMError("a system prompt needs the chat template: drop raw=True (or system=)")
             ids = encode_raw(self.tokenizer, prompt)
         else:
-            ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt}], system=system)
+            ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt}], system=system or self.loaded.defaults.system)
         return self._run(ids, stream, sampling_kwargs, "generate")
 
     def chat(self, messages: list[dict], *, stream: bool = False, **sampling_kwargs) -> str | Stream:
@@ -163,7 +167,12 @@ class LM:
         for key in sampling_kwargs:
             if key not in known:
                 raise TypeError(f"{method}() got an unexpected keyword argument {key!r} (sampling: {', '.join(known)})")
-        params = sampling(**sampling_kwargs)
+        from pocketlm import named
+
+        # what the call leaves out: the model's defaults (a created model's, generation_config.json), then the CLI's
+        names = {"max_tokens": "max_new_tokens", "repeat_penalty": "repetition_penalty"}
+        given = {names.get(k, k) for k, v in sampling_kwargs.items() if v is not None}
+        params = named.apply(sampling(**sampling_kwargs), given, self.loaded.defaults.params)
         generation = generate(self.loaded, ids, params, draft=self.draft, context_length=self.ctx_size)
         pieces = self._one_at_a_time(generation)
         return Stream(pieces, generation.stats) if stream else "".join(pieces)

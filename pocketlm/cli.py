@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     add_context_flag(p)
     add_threads_flag(p)
+    add_lora_flag(p)
+    add_constraint_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat", description="Chat in the terminal.\n\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     add_context_flag(p)
     add_threads_flag(p)
+    add_lora_flag(p)
+    add_constraint_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("embed", help="sentence embeddings as JSON", description="Print one JSON array (a unit vector) per text.")
@@ -105,9 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model name")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("rm", help="uninstall a model and delete its converted copy")
+    p = sub.add_parser("rm", help="uninstall a model and delete its converted copy (a created model: its record)")
     p.add_argument("model", help="model name")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("create", help="a named model: a base with its own system prompt, template and parameters", description="Make a named model, as Ollama's Modelfile: a small record under $POCKETLM_HOME/named pointing to its base (no copy of the weights), with a system prompt, a chat template and sampling parameters that run, chat, serve and both server APIs apply whenever the request or the flags leave them unset. Flags override the file's values.")
+    p.add_argument("name", help="the new model's name")
+    p.add_argument("--from", dest="base", metavar="MODEL", help="the base: a registry name, a path or another created model")
+    p.add_argument("-f", "--file", metavar="MODELFILE.yaml", help="a YAML file with from, system, template, parameters (a mapping) and adapter")
+    p.add_argument("--system", help="the system prompt, used when a conversation has none")
+    p.add_argument("--template", metavar="TEXT|FILE", help="a Jinja chat template (Hugging Face's form), or a file holding one")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a sampling default (repeatable): temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, num_predict, num_ctx, seed, stop")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder to apply on the base")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("cp", help="copy a model under a new name (a created model's record, or a record pointing to a base)")
+    p.add_argument("source", help="model name or path")
+    p.add_argument("destination", help="the new name")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("stop", help="unload a model from a running server")
+    p.add_argument("model", help="model name")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the server's URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="the server's API key, if it has one")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a model", description="Quantize a model's linear layers (weight-only: int8 per output channel, or int4 in groups) and write a model folder that run, chat, serve and eval load as it is. The output head stays int8; a tied embedding shares it.")
     p.add_argument("model", help="model name or path (.gguf or folder)")
@@ -202,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(p)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page", description="Serve models over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models), with /metrics, /health and a chat page at /. Models load on first use.")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page", description="Serve models over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) and Ollama's (/api/chat, /api/generate, /api/embed, /api/tags, /api/show, /api/ps, ...), with /metrics, /health and a chat page at /. Models load on first use.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="models to offer (default: every installed registry model); the first chat model is the default")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -216,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(p)
     add_model_flags(p)
     add_draft_flags(p)
+    add_lora_flag(p, serve=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ps", help="models loaded in a running server, and their memory")
@@ -329,18 +355,68 @@ def load_draft(args, lm):
     return load_draft_for(args.draft, lm, getattr(torch, args.dtype), args.quant) if args.draft else None
 
 
+def add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("constrained output")
+    g.add_argument("--grammar", metavar="FILE", help="every answer matches this grammar: GBNF, as llama.cpp's --grammar-file (or Lark)")
+    g.add_argument("--json-schema", metavar="FILE", help="every answer is JSON that matches this JSON schema")
+
+
+def constraint_processors(args, lm):
+    """--grammar / --json-schema -> a function giving each answer its own grammar mask (the server's constrained
+    decoding, serve/constrain.py: the same fields, the same compilation), or None without them."""
+    from pocketlm.serve.client import constraint_fields
+
+    fields = constraint_fields(args)
+    if not fields:
+        return lambda: ()
+    from pocketlm.serve.constrain import compile_grammar, grammar_processor
+
+    kind, source = next(iter(fields.items()))
+    flag = "--grammar" if kind == "grammar" else "--json-schema"
+    try:
+        grammar = compile_grammar(kind, source)
+    except PocketLMError as e:
+        raise PocketLMError(f"{flag} {getattr(args, kind)}: {e}") from None
+    return lambda: [grammar_processor(lm.tokenizer, grammar, lm.config.vocab_size)]  # a matcher follows one answer
+
+
+def add_lora_flag(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    if serve:
+        p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter folder (PEFT's format, as finetune --lora-r writes it) served unmerged over the first MODEL as the model NAME (repeatable: several adapters share the base, which stays served under its own name; a request picks one by its model name; NAME defaults to the folder's name)")
+    else:
+        p.add_argument("--lora", metavar="PATH", help="a LoRA adapter folder (PEFT's format, as finetune --lora-r writes it), applied unmerged over the model: its base stays quantized")
+
+
+def lora_adapters(args) -> dict[str, str]:
+    """serve's --lora NAME=PATH (or PATH, named by its folder) flags -> {name: path}."""
+    from pathlib import Path
+
+    out = {}
+    for flag in args.lora:
+        name, sep, path = flag.partition("=")
+        name, path = (name, path) if sep else (Path(flag).expanduser().resolve().name, flag)
+        if not name or not path:
+            raise PocketLMError(f"--lora {flag}: give NAME=PATH (the model name requests use, and the adapter folder)")
+        if name in out:
+            raise PocketLMError(f"--lora {flag}: two adapters are named {name}; give each its own NAME=PATH")
+        out[name] = path
+    return out
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     from pocketlm.engine.params import SamplingParams
 
     d = SamplingParams()
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, help=f"most new tokens (default {d.max_new_tokens})")
-    g.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
-    g.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    g.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
-    g.add_argument("--repeat-penalty", type=float, default=d.repetition_penalty, help=f"1 = off (default {d.repetition_penalty})")
-    g.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help=f"tokens the penalty looks back at (default {d.repeat_last_n})")
+    # No argparse defaults: a flag left out takes the model's own default (a created model's parameters, its
+    # generation_config.json: pocketlm/named.py), else the one named in its help.
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, help=f"0 = off (default {d.top_k})")
+    g.add_argument("--top-p", type=float, help=f"1 = off (default {d.top_p})")
+    g.add_argument("--min-p", type=float, help=f"0 = off (default {d.min_p})")
+    g.add_argument("--repeat-penalty", type=float, help=f"1 = off (default {d.repetition_penalty})")
+    g.add_argument("--repeat-last-n", type=int, help=f"tokens the penalty looks back at (default {d.repeat_last_n})")
     g.add_argument("--seed", type=int, help="the same seed gives the same text")
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
 
@@ -356,21 +432,20 @@ def context_size(args) -> int | None:
     return args.ctx_size
 
 
-def sampling_params(args):
+def sampling_params(args, defaults: dict | None = None):
+    """The flags given, then the model's defaults (`defaults`: pocketlm/named.py), then SamplingParams' own."""
+    from pocketlm import named
     from pocketlm.engine.params import SamplingParams
 
+    flags = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                 seed=args.seed, stop=args.stop or None)
+    given = {k: v for k, v in flags.items() if v is not None}
+    params = named.apply(SamplingParams(**given), set(given), defaults or {})
     tiny = 1e-6  # a temperature or top_p below this samples as 0 does, as the server's (serve/openai_compat.py SMALLEST)
-    return SamplingParams(
-        max_new_tokens=SamplingParams.max_new_tokens if args.max_tokens is None else args.max_tokens,
-        temperature=0.0 if 0 <= args.temperature < tiny or 0 < args.top_p < tiny else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    if 0 <= params.temperature < tiny or 0 < params.top_p < tiny:
+        params.temperature = 0.0
+    return params
 
 
 def is_model_ref(word: str) -> bool:
@@ -447,11 +522,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def load_model(ref: str, dtype: str = "float32", quant: str = "none"):
+def load_model(ref: str, dtype: str = "float32", quant: str = "none", lora: str | None = None):
     import torch
 
-    from pocketlm.load import load
+    from pocketlm.load import load, load_with_adapter
 
+    if lora:  # run / chat --lora: the adapter unmerged over the base (pocketlm/models/lora.py)
+        return load_with_adapter(ref, lora, dtype=getattr(torch, dtype), quant=quant)
     return load(ref, dtype=getattr(torch, dtype), quant=quant)
 
 
@@ -473,22 +550,26 @@ def cmd_run(args) -> int:
             raise PocketLMError("the prompt is empty: nothing came on stdin")
     if not prompt.strip():
         raise PocketLMError("the prompt is empty: pass one in quotes, e.g. pocketlm run \"Why is the sky blue?\"")
-    params = sampling_params(args)
+    check_lora_local(args)
     if args.server:  # a client of a running server: no model loads here
-        from pocketlm.serve.client import remote_answer
+        from pocketlm.serve.client import model_defaults, remote_answer
 
+        params = sampling_params(args, model_defaults(args, model_ref))
         return print_answer(remote_answer(args, model_ref, prompt, params), args.json, model_ref, lambda: {"server": args.server},
                             args.max_tokens)
     window = context_size(args)
-    lm = load_model(model_ref, args.dtype, args.quant)
+    lm = load_model(model_ref, args.dtype, args.quant, args.lora)
     check_generative(lm)
+    params = sampling_params(args, lm.defaults.params)
+    window = window or default_window(lm)
     if args.raw or not lm.tokenizer.has_chat_template:
         if not args.raw and not args.json:
             print(f"({lm.name} has no chat template: continuing the prompt as raw text)", file=sys.stderr)
         ids = encode_raw(lm.tokenizer, prompt)
     else:
-        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system)
-    generation = generate(lm, ids, params, draft=load_draft(args, lm), draft_tokens=args.draft_tokens, context_length=window)
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], system=args.system or lm.defaults.system)
+    processors = constraint_processors(args, lm)()
+    generation = generate(lm, ids, params, processors, draft=load_draft(args, lm), draft_tokens=args.draft_tokens, context_length=window)
     return print_answer(generation, args.json, lm.name, lambda: {"load_s": round(lm.load_s, 3), "threads": args.threads, **generation.stats.to_dict()},
                         args.max_tokens)
 
@@ -520,18 +601,33 @@ def note_default_cap(answer, max_tokens: int | None) -> None:
         print(f"(stopped at {cap} tokens: -n to change)", file=sys.stderr, flush=True)
 
 
+def default_window(lm) -> int | None:
+    """A created model's num_ctx, at most the model's own window."""
+    num_ctx = lm.defaults.params.get("num_ctx")
+    return min(max(num_ctx, 2), lm.context_length) if num_ctx else None
+
+
+def check_lora_local(args) -> None:
+    if args.lora and args.server:
+        raise PocketLMError("--lora applies an adapter to a model run here; a server (--server) serves its adapters "
+                            "as models of their own (serve --lora NAME=PATH): name one as the model")
+
+
 def check_generative(lm) -> None:
     if lm.is_encoder:
         raise PocketLMError(f"{lm.name} is an embedding model: use `pocketlm embed {lm.name} TEXT`")
 
 
 def cmd_chat(args) -> int:
-    params = sampling_params(args)
     context_size(args)
+    check_lora_local(args)
+    system = args.system
     if args.server:  # a client of a running server: no model loads here
         from pocketlm.serve import client
 
         name, kind = client.model_info(args, args.model)
+        params = sampling_params(args, client.model_defaults(args, args.model))
+        client.constraint_fields(args)  # a bad --grammar or --json-schema file fails now, not at the first answer
         if kind == "embed":
             raise PocketLMError(f"{name} is an embedding model: use `pocketlm embed`")
         templated = kind == "chat"
@@ -542,11 +638,13 @@ def cmd_chat(args) -> int:
     else:
         from pocketlm.engine.generate import check_window, encode_raw, fit_chat, generate
 
-        lm = load_model(args.model, args.dtype, args.quant)
+        lm = load_model(args.model, args.dtype, args.quant, args.lora)
         draft = load_draft(args, lm)
+        constrained = constraint_processors(args, lm)
         check_generative(lm)
+        params, system = sampling_params(args, lm.defaults.params), system or lm.defaults.system
         name, templated = lm.name, lm.tokenizer.has_chat_template
-        window = check_window(lm, args.ctx_size)
+        window = check_window(lm, args.ctx_size or default_window(lm))
         reserve = min(params.max_new_tokens, window // 2)  # the room a prompt leaves for the answer
         from pocketlm.threads import Follow
 
@@ -556,16 +654,16 @@ def cmd_chat(args) -> int:
             if follow is not None:
                 follow.check()
             if not templated:
-                return generate(lm, encode_raw(lm.tokenizer, line), params, draft=draft, draft_tokens=args.draft_tokens, context_length=window)
+                return generate(lm, encode_raw(lm.tokenizer, line), params, constrained(), draft=draft, draft_tokens=args.draft_tokens,
+                                context_length=window)
             ids, dropped = fit_chat(lm.tokenizer, history, window, reserve, system)
             if dropped:  # a context shift by whole turns, as the conversation goes on: forgotten for the later turns too
                 del history[:dropped]
                 print(f"(the conversation outgrew the {window}-token context window: forgot its oldest {dropped} messages"
                       f"{', kept the system prompt' if system else ''}; /reset starts over)", file=sys.stderr, flush=True)
-            return generate(lm, ids, params, draft=draft, draft_tokens=args.draft_tokens, context_length=window)
+            return generate(lm, ids, params, constrained(), draft=draft, draft_tokens=args.draft_tokens, context_length=window)
 
     interactive = sys.stdin.isatty()
-    system = args.system
     history: list[dict] = []
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -653,6 +751,14 @@ def cmd_list(args) -> int:
         }
         for e in registry.ENTRIES
     ]
+    from pocketlm import named
+
+    by_name = {r["name"]: r for r in rows}
+    for record in named.all_named():  # created models: their base's row, under their own name
+        base = by_name.get(getattr(registry.lookup(named.base_of(record.name)), "name", None), {})
+        rows.append({**base, "name": record.name, "installed": bool(base.get("installed", True)), "kind": base.get("kind", "chat"),
+                     "description": f"created from {record.base}", "family": base.get("family", ""), "params": base.get("params", ""),
+                     "quant": base.get("quant", ""), "size": "(record)", "license": base.get("license", "")})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -680,7 +786,16 @@ def cmd_show(args) -> int:
         config = read_config(source)
         tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
     info = {"name": name, "path": str(source), **config.pop("pocketlm", {})}
-    entry = registry.lookup(name)
+    from pocketlm import named
+
+    defaults = named.defaults_for(args.model, source)
+    if named.lookup(args.model) is not None:  # a created model: its base, and what it brings
+        info["name"], info["from"] = name, named.lookup(args.model).base
+        if defaults.system:
+            info["system"] = defaults.system
+    if defaults.params:
+        info["defaults"] = defaults.params
+    entry = registry.lookup(named.base_of(args.model))
     if entry:
         info.update(license=entry.license, quant=entry.quant, params=entry.params, description=entry.description)
     if tokenizer is not None:
@@ -700,10 +815,12 @@ def cmd_show(args) -> int:
         return 0
     from rich.console import Console
 
+    from rich.markup import escape
+
     console = Console()
-    for key in ("name", "description", "path", "params", "quant", "license", "kernels"):
+    for key in ("name", "from", "description", "path", "params", "quant", "license", "kernels", "system", "defaults"):
         if info.get(key):
-            console.print(f"[bold]{key:12}[/bold] {info[key]}")
+            console.print(f"[bold]{key:12}[/bold] {escape(str(info[key]))}")
     if "tokenizer" in info:
         console.print(f"[bold]{'tokenizer':12}[/bold] {json.dumps(info['tokenizer'])}")
     console.print("[bold]config[/bold]")
@@ -721,8 +838,79 @@ def cmd_pull(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    from pocketlm import named
+
+    if named.lookup(args.model) is not None:  # a created model: its record goes, its base stays
+        named.remove(args.model)
+        print(f"removed {named.canonical(args.model)}")
+        return 0
     removed = registry.remove(args.model)
     print(f"removed {', '.join(removed)}" if removed else f"{args.model} was not installed")
+    return 0
+
+
+def cmd_create(args) -> int:
+    from pocketlm import named
+
+    spec = {}
+    if args.file:
+        import yaml
+
+        try:
+            spec = yaml.safe_load(Path(args.file).expanduser().read_text()) or {}
+        except OSError as e:
+            raise PocketLMError(f"{args.file}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise PocketLMError(f"{args.file}: not valid YAML ({str(e).splitlines()[0]})") from None
+        unknown = set(spec) - {"from", "system", "template", "parameters", "adapter"} if isinstance(spec, dict) else {"?"}
+        if unknown or not isinstance(spec.get("parameters", {}), dict):
+            raise PocketLMError(f"{args.file}: a Modelfile YAML is a mapping of from, system, template, parameters (a "
+                                f"mapping) and adapter{f'; unknown: {sorted(unknown)}' if unknown - {'?'} else ''}")
+    base = args.base or spec.get("from")
+    if not base:
+        raise PocketLMError("no base model: give --from MODEL (or 'from:' in the -f file)")
+    registry.resolve(named.canonical(base))  # a base that is not there fails now, with the usual message
+    entry = registry.lookup(base)
+    base = entry.name if entry else named.canonical(base)
+    template = args.template or spec.get("template")
+    if args.template and len(args.template) < 4096 and Path(args.template).expanduser().is_file():
+        template = Path(args.template).expanduser().read_text(encoding="utf-8")
+    parameters = dict(spec.get("parameters") or {})
+    for pair in args.param:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise PocketLMError(f"--param {pair}: write KEY=VALUE, e.g. --param temperature=0.2")
+        if key.strip() == "stop":
+            parameters["stop"] = [*([] if parameters.get("stop") is None else [parameters["stop"]] if isinstance(parameters["stop"], str) else parameters["stop"]), value]
+        else:
+            parameters[key.strip()] = value.strip()
+    adapter = args.adapter or spec.get("adapter")
+    if adapter and not Path(adapter).expanduser().exists():
+        raise PocketLMError(f"--adapter {adapter}: no such folder")
+    record = named.create(args.name, base, system=args.system or spec.get("system"), template=template,
+                          parameters=parameters, adapter=adapter)
+    print(f"created {record.name} from {record.base}")
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from pocketlm import named
+
+    registry.resolve(named.canonical(args.source))  # a source that is not there fails now, with the usual message
+    record = named.copy(args.source, args.destination)
+    print(f"copied {named.canonical(args.source)} to {record.name}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    """As `ollama stop`: a request with keep_alive 0 and nothing to answer unloads the model."""
+    from pocketlm.serve.client import call
+
+    entry = registry.lookup(args.model)
+    with call(args.server, "/api/generate", {"model": entry.name if entry else args.model, "keep_alive": 0, "stream": False},
+              args.api_key, timeout=60) as response:
+        json.load(response)
+    print(f"stopped {entry.name if entry else args.model}")
     return 0
 
 
@@ -804,7 +992,7 @@ def cmd_serve(args) -> int:
         models=args.models, host=args.host, port=args.port, api_key=args.api_key, allow_origins=args.allow_origin,
         allow_hosts=args.allow_host, follow_threads=args.follow_threads, max_loaded=args.max_loaded,
         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body, threads=args.threads, dtype=args.dtype, quant=args.quant,
-        draft=args.draft, draft_tokens=args.draft_tokens or 4,
+        draft=args.draft, draft_tokens=args.draft_tokens or 4, adapters=lora_adapters(args),
     ))
     return 0
 

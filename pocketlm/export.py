@@ -32,12 +32,13 @@ DEFAULT_TYPE = {"hf": "f32", "gguf": "f16"}  # convert_hf_to_gguf.py's default o
 
 def read_model(ref: str) -> tuple[Path, Path, dict, dict[str, torch.Tensor], object]:
     """(source, folder, config.json dict, state dict, Tokenizer or None) of a model reference."""
+    from pocketlm.formats.hf import checkpoint_tensors
     from pocketlm.load import model_folder, read_config, read_safetensors
     from pocketlm.tokenizer import Tokenizer
 
     _, source, folder = model_folder(ref)
     hf_config = read_config(folder)
-    state_dict = read_safetensors(folder)
+    state_dict = checkpoint_tensors(hf_config, read_safetensors(folder))
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" not in state_dict and "model.embed_tokens.weight" in state_dict:
         state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None

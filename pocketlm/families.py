@@ -11,6 +11,9 @@ A row says, for one config.json `model_type`, what the rest of the toolkit needs
     lora        LoRA's default target Linears (finetune --lora-r without --lora-targets)
     prune       what `pocketlm prune` can cut ("heads", "ffn", "hidden", "layers"); () = not prunable
     scaled_embedding  the embedding is multiplied by sqrt(D) (Gemma): pruning hidden channels rescales it
+    base_prefix the stack's name in a *ForCausalLM file ("transformer"), which files saved from the base model lack
+                (openai-community/gpt2's own: "h.0.attn.c_attn.weight"); formats/hf.py reads them as if present
+    stale       name endings of tensors older checkpoints carry that are no weights (GPT-2's causal-mask buffers)
 
 No torch and no pocketlm import here: the CLI, the registry and the config readers look families up without
 paying for a model import. tests/test_families.py fails when another module carries its own list of families
@@ -59,6 +62,39 @@ GEMMA3_GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 
+GEMMA2_GGUF_NAMES = {k: v for k, v in GEMMA3_GGUF_NAMES.items() if k not in ("attn_q_norm", "attn_k_norm")}
+
+PHI2_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.dense",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+PHI2_GGUF_TOP_LEVEL_NAMES = GGUF_TOP_LEVEL_NAMES | {"output_norm": "model.final_layernorm"}
+
+PHI3_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",  # gate rows then up rows, as llama.cpp's phi3 splits them
+    "ffn_down": "mlp.down_proj",
+}
+
+GPT2_GGUF_NAMES = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+GPT2_GGUF_TOP_LEVEL_NAMES = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                             "output_norm": "transformer.ln_f", "output": "lm_head"}
+
 # LoRA's default targets: every Linear of a block, by the module names the family's model file uses
 LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,10 +104,17 @@ class Gguf:
     arch: str  # general.architecture, as llama.cpp's convert_hf_to_gguf.py writes it
     block_names: dict[str, str]  # GGUF block tensor name -> HF module name under model.layers.<i>
     # what convert_hf_to_gguf.py does to the tensors (formats/gguf_write.py) and formats/gguf.py undoes:
-    # "none"; "permute_qk": Q/K rows interleaved per head for llama.cpp's RoPE; "norm_plus_one": norms stored as 1 + w
+    # "none"; "permute_qk": Q/K rows interleaved per head for llama.cpp's RoPE; "norm_plus_one": norms stored as 1 + w;
+    # "transpose_conv1d": GPT-2's Conv1D weights, (in, out) in the checkpoint, stored as ggml's (out, in) matrices
     fix: str = "none"
     required_biases: tuple[str, ...] = ()  # block tensors whose bias must be there (Qwen2's q/k/v)
     reads: bool = True  # a file of this architecture reads back as this family (Mistral is written as "llama")
+    top_names: dict[str, str] | None = None  # GGUF top-level name -> HF name; None: GGUF_TOP_LEVEL_NAMES
+    blocks: str = "model.layers"  # the HF name of the block list: blk.<i>.* <-> <blocks>.<i>.* (GPT-2: transformer.h)
+
+    @property
+    def top_level_names(self) -> dict[str, str]:
+        return GGUF_TOP_LEVEL_NAMES if self.top_names is None else self.top_names
 
 
 @dataclass(frozen=True)
@@ -85,6 +128,8 @@ class Family:
     lora: tuple[str, ...] = LLAMA_LORA
     prune: tuple[str, ...] = ()
     scaled_embedding: bool = False
+    base_prefix: str | None = None
+    stale: tuple[str, ...] = ()
 
     @property
     def is_decoder(self) -> bool:
@@ -98,7 +143,10 @@ class Family:
 
 
 _LLAMA = "pocketlm.models.llama:LlamaForCausalLM"
+_GEMMA = "pocketlm.models.gemma:GemmaForCausalLM"  # Gemma 1 and 2
 _PRUNE_ALL = ("heads", "ffn", "hidden", "layers")
+# the causal-mask buffers (bias, masked_bias) older GPT-2 / GPT-Neo / GPT-J files keep beside each attention's weights
+_GPT_MASKS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "pocketlm.config:LlamaConfig", _LLAMA, gguf=Gguf("llama", LLAMA_GGUF_NAMES, "permute_qk"),
@@ -109,10 +157,28 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            gguf=Gguf("qwen2", LLAMA_GGUF_NAMES, required_biases=("attn_q", "attn_k", "attn_v")), prune=_PRUNE_ALL),
     Family("gemma3_text", "pocketlm.config:Gemma3Config", "pocketlm.models.gemma3:Gemma3ForCausalLM", aliases=("gemma3",),
            gguf=Gguf("gemma3", GEMMA3_GGUF_NAMES, "norm_plus_one"), prune=_PRUNE_ALL, scaled_embedding=True),
-    Family("phi3", "pocketlm.config:Phi3Config", "pocketlm.models.phi3:Phi3ForCausalLM",
-           lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    Family("phi3", "pocketlm.config:Phi3Config", "pocketlm.models.phi3:Phi3ForCausalLM", gguf=Gguf("phi3", PHI3_GGUF_NAMES),
+           lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), prune=_PRUNE_ALL),
+    Family("gemma", "pocketlm.config:GemmaConfig", _GEMMA, gguf=Gguf("gemma", LLAMA_GGUF_NAMES, "norm_plus_one"),
+           prune=_PRUNE_ALL, scaled_embedding=True),
+    Family("gemma2", "pocketlm.config:GemmaConfig", _GEMMA, gguf=Gguf("gemma2", GEMMA2_GGUF_NAMES, "norm_plus_one"),
+           prune=_PRUNE_ALL, scaled_embedding=True),
+    Family("phi", "pocketlm.config:PhiConfig", "pocketlm.models.phi:PhiForCausalLM",
+           gguf=Gguf("phi2", PHI2_GGUF_NAMES, top_names=PHI2_GGUF_TOP_LEVEL_NAMES),
+           lora=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+    Family("gpt2", "pocketlm.config:GPT2Config", "pocketlm.models.gpt2:GPT2LMHeadModel",
+           gguf=Gguf("gpt2", GPT2_GGUF_NAMES, "transpose_conv1d", top_names=GPT2_GGUF_TOP_LEVEL_NAMES, blocks="transformer.h"),
+           lora=("c_attn", "c_proj", "c_fc"), base_prefix="transformer", stale=_GPT_MASKS),
+    Family("gpt_neo", "pocketlm.config:GPTNeoConfig", "pocketlm.models.gpt_neo:GPTNeoForCausalLM",
+           lora=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"), base_prefix="transformer", stale=_GPT_MASKS),
+    Family("gptj", "pocketlm.config:GPTJConfig", "pocketlm.models.gptj:GPTJForCausalLM",
+           lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), base_prefix="transformer", stale=_GPT_MASKS),
     Family("bert", "pocketlm.config:BertConfig", "pocketlm.models.bert:BertModel", kind="encoder",
            lora=("query", "key", "value", "dense")),
+    Family("distilbert", "pocketlm.config:DistilBertConfig", "pocketlm.models.distilbert:DistilBertModel",
+           kind="encoder", lora=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")),
+    Family("mobilebert", "pocketlm.config:MobileBertConfig", "pocketlm.models.mobilebert:MobileBertModel",
+           kind="encoder", lora=("query", "key", "value", "dense")),
 )}  # fmt: skip
 
 _BY_NAME = {name: f for f in FAMILIES.values() for name in (f.model_type, *f.aliases)}

@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pocketlm import cache, registry
+from pocketlm import cache, named, registry
 from pocketlm.config import config_from_hf
 from pocketlm.errors import PocketLMError
 from pocketlm.families import is_encoder
-from pocketlm.formats.hf import read_config
+from pocketlm.formats.hf import checkpoint_tensors, read_config
 from pocketlm.models import model_class_for
 from pocketlm.models.draft_head import DraftHead, DraftHeadConfig, is_draft_head
 from pocketlm.tokenizer import Tokenizer
@@ -39,6 +39,9 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     meta: dict = field(default_factory=dict)  # quant, source file, lineage (the "pocketlm" key of config.json)
     load_s: float = 0.0
+    # what requests and flags leave unset: generation_config.json's and a created model's (pocketlm/named.py)
+    defaults: named.Defaults = field(default_factory=named.Defaults)
+    adapter: int = 0  # the LoRA adapter of `model` this runs with (load_adapters; pocketlm/models/lora.py), 0: none
 
     @property
     def context_length(self) -> int:
@@ -72,7 +75,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
             tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
             lm = build(name, source, source, hf_config, state_dict, tokenizer, dtype, quant, layers)
             lm.load_s = time.perf_counter() - start
-            return lm
+            return with_defaults(lm, name_or_path)
         check_fits(sum(t.n_elements for t in gguf_file.tensors.values()) * torch.finfo(dtype).bits // 8, source)
     name, source, folder = model_folder(name_or_path)
     hf_config = read_config(folder)
@@ -82,10 +85,21 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
     if quant == "auto":
         quant = "none" if saved_quant else auto_quant(hf_config.get("pocketlm", {}).get("quant"))
     check_fits(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * torch.finfo(dtype).bits // 32, source)
-    state_dict = read_safetensors(folder)
+    state_dict = checkpoint_tensors(hf_config, read_safetensors(folder))
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
     lm = build(name, folder, source, hf_config, state_dict, tokenizer, dtype, quant)
     lm.load_s = time.perf_counter() - start
+    return with_defaults(lm, name_or_path)
+
+
+def with_defaults(lm: LoadedModel, name_or_path: str) -> LoadedModel:
+    """A created model's settings (pocketlm/named.py) and the folder's generation_config.json on lm; a created
+    model's chat template replaces the base's."""
+    lm.defaults = named.defaults_for(name_or_path, lm.source)
+    if lm.defaults.template is not None and lm.tokenizer is not None:
+        lm.tokenizer.chat_template = lm.defaults.template
+    if lm.defaults.adapter:  # a created model's LoRA adapter (create --adapter), applied unmerged
+        return load_adapters(lm, {lm.name: lm.defaults.adapter})[lm.name]
     return lm
 
 
@@ -140,6 +154,7 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
     modules made ready elsewhere (a GGUF's int4 layers in the kernels' layout), put in by name."""
     layers = layers or {}
     from pocketlm.quant import QuantScheme, finish_loading, quantize, quantized_skeleton
+    from pocketlm.quant.int4 import Int4Linear
 
     folder = path
     config = config_from_hf(hf_config)
@@ -148,7 +163,8 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
     with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
         if saved_quant:
-            quantized_skeleton(model, QuantScheme.from_dict(saved_quant), [*state_dict, *(f"{n}.qweight" for n in layers)])
+            ready = [f"{n}.qweight" if isinstance(m, Int4Linear) else f"{n}.weight" for n, m in layers.items()]  # int4 or int8
+            quantized_skeleton(model, QuantScheme.from_dict(saved_quant), [*state_dict, *ready])
     for module_name, module in layers.items():
         model.set_submodule(module_name, module)
     try:
@@ -193,6 +209,52 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
             "kv_cache": str(model.kv_dtype or dtype).removeprefix("torch.") if decoder else None,
         },
     )
+
+
+def load_adapters(lm: LoadedModel, adapters: dict[str, str | Path]) -> dict[str, LoadedModel]:
+    """LoRA adapters by name (PEFT folders, as `pocketlm finetune --lora-r` writes them) over lm's model, unmerged
+    (pocketlm/models/lora.py): the base stays as it is, quantized too, and shared. -> per name, a LoadedModel that runs
+    lm's model with that adapter (the same model, tokenizer and KV cache; `adapter` says which); lm still runs the base.
+    An adapter that is not there, or is for another model, is a PocketLMError in one line, before anything changes."""
+    from dataclasses import replace
+
+    from pocketlm.models import lora
+
+    if lm.is_encoder:
+        raise PocketLMError(f"{lm.name} is an embedding model: LoRA adapters run on generative models")
+    read = [lora.read_adapter(path, name) for name, path in adapters.items()]
+    indices = lora.attach(lm.model, read, lm.name)
+    return {a.name: replace(lm, name=a.name, adapter=i, meta={**lm.meta, "adapter": str(a.path), "base": lm.name})
+            for a, i in zip(read, indices)}
+
+
+def check_adapters(name_or_path: str, adapters: dict[str, str | Path]) -> None:
+    """What load_adapters would refuse (an adapter folder that is not one, or one made for another model), found
+    without reading the weights: each adapter is attached to the model built on the meta device (`serve --lora`
+    checks at its start what would otherwise fail at the first request)."""
+    from pocketlm.models import lora
+
+    name, source = registry.resolve(name_or_path)
+    read = [lora.read_adapter(path, adapter) for adapter, path in adapters.items()]
+    if source.is_file() and source.suffix == ".gguf":
+        hf_config = read_gguf_model(source)[1]
+    elif (source / "config.json").exists():
+        hf_config = read_config(source)
+    else:
+        return  # a model known some other way (a created model): checked when it loads
+    config = config_from_hf(hf_config)
+    if is_encoder(config):
+        raise PocketLMError(f"{name} is an embedding model: LoRA adapters run on generative models")
+    with torch.device("meta"), skip_init():
+        model = model_class_for(config)(config)
+    lora.attach(model, read, name)
+
+
+def load_with_adapter(name_or_path: str, adapter: str | Path, dtype: torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
+    """`run --lora` / `chat --lora` (llama.cpp's --lora): the model with one LoRA adapter, unmerged, in every pass."""
+    lm = load(name_or_path, dtype=dtype, quant=quant)
+    name = Path(adapter).expanduser().resolve().name
+    return load_adapters(lm, {name: adapter})[name]
 
 
 DRAFT_HEAD_GROUP = 32  # its weights' int4 groups: it reads 4.6 MB a step, not 9.1 (int8) or 37 (fp32)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketlm import cache
+from pocketlm import cache, named
 from pocketlm.cache import home
 from pocketlm.errors import PocketLMError
 
@@ -148,16 +148,32 @@ def locate(entry: Entry) -> Path:
 
 
 def resolve(name_or_path: str) -> tuple[str, Path]:
-    """A registry name, an alias or a local path -> (display name, weights path)."""
+    """A registry name, an alias, a created model (pocketlm create) or a local path -> (display name, weights path).
+    A created model's weights are its base's."""
     entry = lookup(name_or_path)
     if entry is not None:
         return entry.name, locate(entry)
+    created = named.chain(name_or_path)
+    if created:
+        base = created[-1].base
+        try:
+            return created[0].name, resolve(base)[1]
+        except PocketLMError as e:
+            raise PocketLMError(f"model '{created[0].name}' is made from '{base}', which cannot be used: {e}") from None
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path.name, path
     if "/" in name_or_path or name_or_path.endswith((".gguf", ".safetensors")):
         raise PocketLMError(f"{name_or_path}: no such file or folder")
     raise unknown_model_error(name_or_path)
+
+
+def defaults(name_or_path: str) -> named.Defaults:
+    """A model's generation defaults (named.defaults_for) without loading it, nor assembling Gemma's parts."""
+    base = named.base_of(name_or_path)
+    entry = lookup(base)
+    source = _weights_path(entry) if entry is not None and is_installed(entry) else Path(base).expanduser()
+    return named.defaults_for(name_or_path, source)
 
 
 def _pip(*args: str) -> None:

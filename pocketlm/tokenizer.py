@@ -54,8 +54,10 @@ _SPLIT_PRE = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
 
-# Architectures whose SentencePiece vocabulary needs transformers' gemma_tokenizer fixes (see _sentencepiece_bpe).
-_GEMMA_ARCHITECTURES = {"gemma", "gemma2", "gemma3"}
+def is_gemma_architecture(arch: str | None) -> bool:
+    """Whether a GGUF's SentencePiece vocabulary needs transformers' gemma_tokenizer fixes (see _sentencepiece_bpe):
+    llama.cpp's Gemma architectures are all named gemma* (gemma, gemma2, gemma3, ...)."""
+    return isinstance(arch, str) and arch.startswith("gemma")
 
 
 class Tokenizer:
@@ -193,11 +195,13 @@ class Tokenizer:
             # drops it again in favour of the flags in tokenizer_config.json.
             data["post_processor"] = self._bos_eos_template()
         (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        # Flags only where they decide: explicit flags make from_hf_dir drop tokenizer.json's post-processor,
+        # which is what adds BERT's [CLS] ... [SEP] (or Llama 3's BOS) when this tokenizer was read with it.
+        own = self.backend.post_processor is not None and not (self.add_bos or self.add_eos)
         config = {
             # the class that uses tokenizer.json as it is, rather than rebuilding it from the vocabulary
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": self.add_bos,
-            "add_eos_token": self.add_eos,
+            **({} if own else {"add_bos_token": self.add_bos, "add_eos_token": self.add_eos}),
             **{f"{name}_token": text for name, text in self.special_tokens().items()},
             "chat_template": self.chat_template,
         }
@@ -337,7 +341,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> tu
 def _sentencepiece_bpe(metadata: dict, tokens: list[str]) -> tuple[Backend, dict[str, int]]:
     """SentencePiece BPE: "▁" for spaces, byte fallback for the rest, merges rebuilt from the vocabulary.
     Mirrors transformers' sentencepiece_tokenizer/gemma_tokenizer + LlamaTokenizer/GemmaTokenizer."""
-    gemma = metadata.get("general.architecture") in _GEMMA_ARCHITECTURES
+    gemma = is_gemma_architecture(metadata.get("general.architecture"))
     if gemma:
         # Gemma stores its tokens of 2+ spaces as real spaces; its text has "▁" there after the normalizer.
         tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]

@@ -375,6 +375,23 @@ def test_qlora_keeps_the_base_quantized_and_trains(tiny_model, chat_data, smollm
     assert all(torch.equal(m.base_layer.qweight, c) for m, c in zip(wrapped, codes))  # and they stayed as they were
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_unfused_quantized_projections_compute_what_the_fused_ones_did(tiny_model, quant):
+    from pocketlm.load import load
+    from pocketlm.quant import dequantize_model, unfuse_projections
+
+    lm = load(str(tiny_model), quant=quant)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = lm.model(ids)
+        unfuse_projections(lm.model)
+        assert lm.model.model.layers[0].self_attn.qkv_proj is None and lm.model.model.layers[0].mlp.up_proj is not None
+        torch.testing.assert_close(lm.model(ids), fused, rtol=1e-5, atol=1e-5)
+        dequantize_model(lm.model)  # the float model the quantized one computes (QLoRA merges into it)
+        assert not any("Int" in type(m).__name__ for m in lm.model.modules())
+        torch.testing.assert_close(lm.model(ids), fused, rtol=0.02, atol=0.02 * fused.abs().max().item())
+
+
 def test_qlora_recipe_writes_a_peft_adapter_and_a_merged_float_model(tiny_model, chat_data, tmp_path, capsys):
     from pocketlm.finetune.lora import load_adapter
     from pocketlm.load import load

@@ -178,3 +178,28 @@ def test_show_reads_a_gguf_without_converting_it(tmp_path, small_llama_dir, thro
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["model_type"] == "llama" and info["quant"] == "Q4_0"
     assert set(converted_copies()) == before
+
+
+def test_an_untied_head_on_a_4bit_grid_stays_int4_as_the_file_has_it(tmp_path, throwaway_home):
+    """TinyLlama's or Mistral's Q4_0 output.weight: the int4 head reads the file's own codes and scales (an int8 head
+    would read 1.8x the bytes every token); a tied head stays int8 (the embedding looks its rows up)."""
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
+
+    from pocketlm.load import read_gguf_model
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.from_gguf import quantized_state_dict
+
+    mix = {"token_embd": T.Q4_0, "output.": T.Q4_0, "attn": T.Q4_0, "ffn": T.Q4_0}
+    tensors = random_k_quants(to_gguf_tensors("llama", tiny_hf_state_dict("llama", False), mix))
+    path = write_gguf(tmp_path / "untied.gguf", "llama", tiny_metadata("llama"), tensors)
+    gguf_file, config = read_gguf_model(path)
+    assert gguf_file.tensors["output.weight"].ggml_type == T.Q4_0
+    state_dict, layers = quantized_state_dict(gguf_file, QuantScheme.parse("int4-mixed"), config)
+    if not kernels.int4_kernel_on():
+        assert "lm_head.qweight" in state_dict  # the plain int4 buffers, for torch's int4 path
+        return
+    head = layers["lm_head"]
+    codes, scale, zero = grid_groups(gguf_file.tensors["output.weight"])
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    assert torch.equal(head.dequantized(), ((codes.float() - 8) * bf16(scale)[:, None] + bf16(zero)[:, None]).view(head.out_features, -1))

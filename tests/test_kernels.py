@@ -180,6 +180,28 @@ def test_attend_decode_matches_sdpa(nh, n_kv, hd, pos, begin, norms, kv_dtype):
     if kv_dtype == torch.float16:  # the same rounding: nothing depends on which path wrote a position
         assert torch.equal(cache.k, keys)
     torch.testing.assert_close(cache.k, keys, rtol=1e-6, atol=1e-6)  # the new key written, rotated, at pos
+
+
+@pytest.mark.parametrize("hd", [256, 16])  # Gemma 2's heads (a vector path), and one without
+def test_attend_decode_soft_caps_the_scores(hd):
+    """Gemma 2's attention logit soft-capping: tanh(s / cap) * cap on every score before the softmax, as transformers'
+    Gemma2 eager_attention_forward (pocketlm.models.gemma.softcapped_attention) computes it."""
+    from pocketlm.models.gemma import softcapped_attention
+
+    torch.manual_seed(0)
+    nh, n_kv, pos, begin, scale, cap = 4, 2, 40, 30, 0.25, 2.0
+    cache = KVCache(1, 64, n_kv, hd, torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    keys, values = cache.k.clone(), cache.v.clone()
+    q, k, v = torch.randn(1, 1, nh * hd), torch.randn(1, 1, n_kv * hd), torch.randn(1, 1, n_kv * hd)
+    cos, sin = torch.ones(1, hd), torch.zeros(1, hd)  # RoPE at position 0: the identity
+    out = kernels.attend_decode(q, k, v, nh, n_kv, hd, cos, sin, None, None, 0.0, cache, pos, begin, scale, cap)
+    keys[:, :, pos], values[:, :, pos] = k.view(1, n_kv, hd), v.view(1, n_kv, hd)
+    window = slice(begin, pos + 1)
+    ref = softcapped_attention(q.view(1, nh, 1, hd), keys[:, :, window], values[:, :, window], scale=scale, enable_gqa=True, softcap=cap)
+    torch.testing.assert_close(out, ref.reshape(1, 1, nh * hd), rtol=1e-5, atol=1e-5)
+    uncapped = kernels.attend_decode(q, k, v, nh, n_kv, hd, cos, sin, None, None, 0.0, cache, pos, begin, scale)
+    assert not torch.allclose(uncapped, out, atol=1e-3)  # the scores reach past the cap
     assert torch.equal(cache.v, values)
 
 
@@ -409,3 +431,9 @@ def test_gguf_rows_rounded_to_int8_in_c_equal_the_torch_dequantizer_and_int8_row
     kernels.int8_rows_gguf(blocks, qtype, N, K, weight, scales)
     expected_weight, expected_scales = int8_rows(dequantize(blocks.reshape(-1), ggml_type, (N, K)))
     assert torch.equal(weight, expected_weight) and torch.equal(scales, expected_scales)
+
+
+def test_the_bandwidth_probe_reads_every_float():
+    x = torch.rand(64 * 1000)
+    total = kernels.library().read_floats(x.data_ptr(), x.numel(), 2)
+    assert total == pytest.approx(x.double().sum().item(), rel=1e-5)

@@ -227,7 +227,7 @@ def test_bf16_matches_hf_bf16():
             torch.testing.assert_close(torch.cat(steps, 1), ours, rtol=1.6e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "gemma2", "phi"])
 def test_rows_at_their_own_positions_equal_each_sequence_alone(family):
     """Continuous batching: sequences prefilled into cache rows (slots) of their own, then decoded together in
     one pass at different positions, give each the logits it gets decoded alone (batch 1, one position
@@ -235,7 +235,10 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone(family):
     grown cache keep what they hold."""
     hc = {"llama": lambda: transformers.LlamaConfig(**tiny_llama(num_attention_heads=8, num_key_value_heads=2)),
           "mistral": lambda: transformers.MistralConfig(**tiny_llama(num_key_value_heads=2, sliding_window=4)),
-          "gemma": lambda: transformers.Gemma3TextConfig(**tiny_gemma())}[family]()
+          "gemma": lambda: transformers.Gemma3TextConfig(**tiny_gemma()),
+          "gemma2": lambda: transformers.Gemma2Config(**tiny_llama(num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                                                   attn_logit_softcapping=0.5)),  # its own attention
+          "phi": lambda: transformers.PhiConfig(**tiny_llama(partial_rotary_factor=0.5))}[family]()
     cfg = config_from_hf(hc.to_dict())
     torch.manual_seed(0)
     model = model_class_for(cfg)(cfg).eval()
@@ -304,8 +307,8 @@ def test_llama_config_spellings_and_errors():
     assert cfg == config_from_hf(transformers.LlamaConfig(**tiny_llama(), rope_theta=5e5,
                                                           rope_scaling=dict(classic["rope_scaling"])).to_dict())
     assert cfg.rope_scaling["original_max_position_embeddings"] == 64  # HF's fallback: max_position_embeddings
-    with pytest.raises(PocketLMError, match="gpt_neo.*bert, gemma3, gemma3_text, llama, mistral, .*qwen2"):
-        config_from_hf({"model_type": "gpt_neo"})
+    with pytest.raises(PocketLMError, match="'t5'.*bert, .*gemma3, gemma3_text, .*llama, mistral, .*qwen2"):
+        config_from_hf({"model_type": "t5"})
     with pytest.raises(PocketLMError, match="yarn"):
         config_from_hf(dict(tiny_llama(), model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 

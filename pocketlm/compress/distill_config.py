@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pocketlm.errors import PocketLMError
 from pocketlm.finetune.config import FinetuneConfig
 
-OWN_KEYS = ("on_policy", "on_policy_tokens", "on_policy_temperature", "teacher_answers", "teacher_answer_tokens")
+OWN_KEYS = ("on_policy", "on_policy_tokens", "on_policy_temperature", "teacher_answers", "teacher_answer_tokens", "xtok_top_k")
 
 
 @dataclass
@@ -25,6 +25,10 @@ class DistillConfig(FinetuneConfig):
     teacher_answers: bool = False  # the teacher's greedy answers to the training prompts replace the data's answers
     teacher_answer_tokens: int = 128  # longest teacher answer
     generate_batch: int = 16  # prompts the teacher answers together
+    # a teacher with another tokenizer: at the first position of each aligned span that both start with the same
+    # bytes, its top tokens that the student's vocabulary spells too (and the rest together) are matched as a
+    # distribution; 0 (the default): the spans' likelihoods only (xtok's ALM), which did as well on the tests' task
+    xtok_top_k: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -34,6 +38,7 @@ class DistillConfig(FinetuneConfig):
             (self.on_policy_temperature >= 0, "on_policy_temperature must be >= 0 (0: greedy)"),
             (self.teacher_answer_tokens >= 1, "teacher_answer_tokens must be >= 1"),
             (self.generate_batch >= 1, "generate_batch must be >= 1"),
+            (self.xtok_top_k >= 0, "xtok_top_k must be >= 0"),
             (not (self.on_policy or self.teacher_answers) or self.task == "sft",
              "on_policy and teacher_answers are for generative distillation, not --task classify"),
         ]
@@ -49,6 +54,7 @@ FLAGS = [
     ("--teacher-answers", "teacher_answers", "flag", "sequence-level distillation: the teacher's greedy answers to the training prompts replace the data's answers (generated once into OUT/teacher_answers.jsonl)"),
     ("--teacher-answer-tokens", "teacher_answer_tokens", int, "longest teacher answer (default 128)"),
     ("--generate-batch", "generate_batch", int, "prompts the teacher answers together (default 16)"),
+    ("--xtok-top-k", "xtok_top_k", int, "another tokenizer's teacher: its top K tokens also matched where an aligned span starts with the same token on both sides, over the tokens both vocabularies spell (default 0: span likelihoods only)"),
 ]
 
 

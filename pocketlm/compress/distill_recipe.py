@@ -146,10 +146,13 @@ def with_samples(model, tok, t_tok, units: list[Unit], cfg: DistillConfig, gener
 # ------------------------------------------------------------------------------------------ one micro-batch
 
 
-def micro_loss(loss_module: nn.Module, teacher, micro: list[Unit], pads: tuple[int, int], temperature: float, device) -> torch.Tensor:
-    """The summed loss of a micro-batch of units: the teacher reads them (its own tokens, for another tokenizer)."""
+def micro_loss(loss_module: nn.Module, teacher, micro: list[Unit], pads: tuple[int, int], temperature: float, device,
+               top_k: int = 0, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed loss of a micro-batch of units: the teacher reads them (its own tokens, for another tokenizer).
+    top_k, vocab (another tokenizer): the teacher's top_k tokens at each chunk's first position that both sides'
+    tokens start alike, mapped to the student's tokens that spell them (xtok.vocab_map)."""
     from pocketlm.compress.distill import OnlineTeacher
-    from pocketlm.compress.xtok import chunk_logp, target_logp
+    from pocketlm.compress.xtok import chunk_logp, chunk_starts, teacher_reads
     from pocketlm.finetune.data import collate, target_count
 
     batch = {k: t.to(device) for k, t in collate([u.student for u in micro], pads[0]).items()}  # ids, labels (B, T)
@@ -158,14 +161,34 @@ def micro_loss(loss_module: nn.Module, teacher, micro: list[Unit], pads: tuple[i
         teacher_logp = OnlineTeacher(teacher, temperature).targets(batch, [])["teacher_logp"]  # (N, V)
         return loss_module(batch["ids"], batch["labels"], batch["lengths"], teacher_logp, ce_mask=ce_mask)
     t_batch = {k: t.to(device) for k, t in collate([u.teacher for u in micro], pads[1]).items()}
-    base = [0]  # the micro-batch's chunks numbered one after another, unit by unit
+    # the micro-batch's chunks numbered one after another, unit by unit; target positions likewise
+    base, s_base, t_base = [0], [0], [0]
     for u in micro:
         base.append(base[-1] + u.n_chunks)
+        s_base.append(s_base[-1] + len(u.s_chunk))
+        t_base.append(t_base[-1] + len(u.t_chunk))
     s_chunk = torch.tensor([c + b if c >= 0 else -1 for u, b in zip(micro, base) for c in u.s_chunk], device=device)  # (N,)
     t_chunk = torch.tensor([c + b if c >= 0 else -1 for u, b in zip(micro, base) for c in u.t_chunk], device=device)  # (N_t,)
+    starts = []  # each chunk's first target on both sides, where both tokenizations start it with the same bytes
+    for u, sb, tb in zip(micro, s_base, t_base) if top_k and vocab is not None else ():
+        s_targets, t_targets = learned(u.student), learned(u.teacher)
+        for s, t in zip(chunk_starts(u.s_chunk, u.n_chunks), chunk_starts(u.t_chunk, u.n_chunks)):
+            if s >= 0 and t >= 0 and int(vocab[t_targets[t]]) == s_targets[s]:
+                starts.append((s + sb, t + tb))
+    s_starts = torch.tensor([s for s, _ in starts], dtype=torch.long, device=device)  # (S,)
+    t_starts = torch.tensor([t for _, t in starts], dtype=torch.long, device=device)  # (S,)
     with torch.no_grad():
-        teacher_chunks = chunk_logp(target_logp(teacher, t_batch["ids"], t_batch["labels"], temperature), t_chunk, base[-1])  # (C,)
-    return loss_module(batch["ids"], batch["labels"], batch["lengths"], ce_mask, s_chunk, teacher_chunks)
+        token_logp, top, top_ids = teacher_reads(teacher, t_batch["ids"], t_batch["labels"], temperature, t_starts, top_k)
+        teacher_chunks = chunk_logp(token_logp, t_chunk, base[-1])  # (C,)
+    mapped = vocab.to(device)[top_ids] if top is not None else None  # (S, k) student ids, -1: spelled by none
+    return loss_module(batch["ids"], batch["labels"], batch["lengths"], ce_mask, s_chunk, teacher_chunks, s_starts, top, mapped)
+
+
+def learned(example) -> list[int]:
+    """An example's target tokens, in target order (position t predicts t + 1)."""
+    from pocketlm.finetune.data import IGNORE
+
+    return [label for label in example.labels[1:] if label != IGNORE]
 
 
 # ------------------------------------------------------------------------------------------ the recipe
@@ -195,7 +218,7 @@ def same_tokenizer(student: str, teacher: str) -> bool:
 
 def run(cfg: DistillConfig) -> dict:
     from pocketlm.compress.distill import DistillLoss
-    from pocketlm.compress.xtok import CrossTokenizerLoss
+    from pocketlm.compress.xtok import CrossTokenizerLoss, vocab_map
     from pocketlm.finetune import checkpoint
     from pocketlm.finetune.data import build_examples, read_jsonl, stream_indices, target_count
     from pocketlm.finetune.lora import apply_lora, enable_grad_checkpointing, merge, save_adapter, trainable_state, unwrap
@@ -238,6 +261,7 @@ def run(cfg: DistillConfig) -> dict:
         raise PocketLMError(f"the teacher's output has {teacher.config.vocab_size} tokens and the student's {lm.config.vocab_size}")
     teacher.model.to(device).eval().requires_grad_(False)
     t_tok, t_len = (teacher.tokenizer if cross else None), teacher.context_length
+    vocab = vocab_map(teacher.tokenizer, tok, teacher.config.vocab_size) if cross and cfg.xtok_top_k else None  # teacher id -> student id spelling it
     pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
     t_pad = next(i for i in (teacher.tokenizer.pad_id, teacher.tokenizer.eos_id, 0) if i is not None)
     if cfg.teacher_answers:
@@ -320,7 +344,7 @@ def run(cfg: DistillConfig) -> dict:
         for k in range(cfg.grad_accum):
             micro = batch_units[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             with autocast:
-                loss = micro_loss(loss_module, teacher.model, micro, (pad_id, t_pad), cfg.kd_temperature, device)
+                loss = micro_loss(loss_module, teacher.model, micro, (pad_id, t_pad), cfg.kd_temperature, device, cfg.xtok_top_k, vocab)
             (loss / n_targets).backward()
             loss_sum += loss.item()
             tokens += sum(len(u.student.ids) for u in micro)

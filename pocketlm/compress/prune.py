@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -207,9 +207,41 @@ def _head_rows(idx: list[int], hd: int) -> torch.Tensor:
     return torch.tensor([h * hd + j for h in idx for j in range(hd)], dtype=torch.long)
 
 
+def split_fused(sd: dict, cfg) -> tuple[dict, bool]:
+    """Phi-3's fused qkv_proj and gate_up_proj as HF's separate q/k/v_proj and gate/up_proj (the rows side by side
+    in that order), which the surgery below cuts by name. -> (state dict, whether anything was fused)"""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    out = {}
+    for key, t in sd.items():
+        if ".self_attn.qkv_proj." in key:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
+                out[key.replace("qkv_proj", name)] = part
+        elif ".mlp.gate_up_proj." in key:
+            for name, part in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                out[key.replace("gate_up_proj", name)] = part
+        else:
+            out[key] = t
+    return out, len(out) != len(sd)
+
+
+def join_fused(sd: dict) -> dict:
+    """The inverse of split_fused: q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj."""
+    out = {}
+    for key, t in sd.items():
+        if ".self_attn.q_proj." in key:
+            k, v = sd[key.replace("q_proj", "k_proj")], sd[key.replace("q_proj", "v_proj")]
+            out[key.replace("q_proj", "qkv_proj")] = torch.cat([t, k, v])
+        elif ".mlp.gate_proj." in key:
+            out[key.replace("gate_proj", "gate_up_proj")] = torch.cat([t, sd[key.replace("gate_proj", "up_proj")]])
+        elif not any(f".{n}." in key for n in ("k_proj", "v_proj", "up_proj")):
+            out[key] = t
+    return out
+
+
 def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[dict, object, list[str]]:
-    """(new state dict, new config, changes as lines). sd has HF names; cfg is a pocketlm Llama/Gemma3 config."""
-    sd = dict(sd)
+    """(new state dict, new config, changes as lines). sd has HF names; cfg is a pocketlm decoder config (a family
+    whose row in families.py lists what prune can cut)."""
+    sd, fused = split_fused(sd, cfg)
     changes: list[str] = []
     L, nh, nkv, hd = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     gemma = family(cfg.model_type).scaled_embedding  # sqrt(D) embedding scale and (1 + w) norms
@@ -282,19 +314,13 @@ def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[d
         scores = ", ".join(f"{i}:{imp.block[i]:.3f}" for i in dropped)
         changes.append(f"layers: {L} -> {len(kept_layers)}, dropped {dropped} (block influence {scores})")
 
-    new = replace(
-        cfg,
-        n_layers=len(kept_layers),
-        n_heads=heads,
-        n_kv_heads=groups,
-        head_dim=hd,
-        intermediate_size=ffn,
-        dim=dim,
-        layer_types=[layer_types[i] for i in kept_layers],
-    )
+    shape = dict(n_layers=len(kept_layers), n_heads=heads, n_kv_heads=groups, head_dim=hd, intermediate_size=ffn, dim=dim)
+    if "layer_types" in {f.name for f in fields(cfg) if f.init}:  # else derived from the rest (Phi-3's)
+        shape["layer_types"] = [layer_types[i] for i in kept_layers]
+    new = replace(cfg, **shape)
     if getattr(cfg, "max_window_layers", None) is not None:  # Qwen2's: stays consistent with layer_types
         new = replace(new, max_window_layers=sum(1 for i in kept_layers if i < cfg.max_window_layers))
-    return sd, new, changes
+    return join_fused(sd) if fused else sd, new, changes
 
 
 # ---- vocabulary trimming -------------------------------------------------------------------------

@@ -17,6 +17,15 @@ Distillation via Approximate Likelihood Matching"), without its debiasing and hi
 
 No mapping between the two vocabularies is needed, so any teacher pocketlm runs can teach any student; what is
 lost against same-tokenizer distillation is the rest of the teacher's distribution (the tokens it did not read).
+Part of it comes back with one more term (`--xtok-top-k K`): at each chunk's first position, where both models
+have read the same text and both tokenizations start the chunk with the same bytes, the teacher's K likeliest
+tokens that a student token spells byte for byte (`vocab_map`: FuseLLM's token mapping at edit distance 0), and
+all other tokens as one outcome, make a distribution over K + 1 outcomes the student's matches (`coarse_pair`),
+under the same divergence. Only where the two start alike: elsewhere a token's probability means different things
+on the two sides (Gemma's "hell" + "o" against a student's "he" + "ll" + "o": the teacher gives "he" almost
+nothing, though "hello" is likely), and matching there made the tests' students worse. It is off by default: on
+the tests' task it did about as well as the chunks alone (held-out loss 0.108, 0.109, 0.125 against 0.098, 0.145,
+0.114 for three students).
 
     s = encode_side(student_tok, messages, answer)      # ids, labels, and each learned token's answer characters
     t = encode_side(teacher_tok, messages, answer)
@@ -229,10 +238,11 @@ def binary_divergence(kind: str, teacher: torch.Tensor, student: torch.Tensor) -
     return divergence(kind, logp, logq)
 
 
-def target_logp(model, ids: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """ids, labels (B, T) -> (N,) the log-probability at temperature T of each target token (labels[:, 1:] !=
-    IGNORE, row-major), the log-softmax taken a slice of positions at a time (a 262k vocabulary's (N, V) block is
-    large). Gradients flow when they are enabled."""
+def teacher_reads(model, ids: torch.Tensor, labels: torch.Tensor, temperature: float, starts: torch.Tensor | None = None,
+                  top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ids, labels (B, T) -> (the log-probability at temperature T of each target token (N,) (labels[:, 1:] != IGNORE,
+    row-major), and at the target positions `starts` (S,) the top_k tokens' log-probabilities (S, k) and ids (S, k)).
+    The log-softmax is taken a slice of positions at a time: a 262k vocabulary's (N, V) block is large."""
     keep = labels[:, 1:] != IGNORE  # (B, T-1)
     h = model.hidden(ids)[:, :-1][keep]  # (N, D)
     targets = labels[:, 1:][keep]  # (N,)
@@ -240,12 +250,85 @@ def target_logp(model, ids: torch.Tensor, labels: torch.Tensor, temperature: flo
     for b in range(0, len(h), 256):
         logits = model.logits(h[b : b + 256]).float() / temperature  # (n, V)
         parts.append(logits.gather(-1, targets[b : b + 256, None])[:, 0] - logits.logsumexp(-1))
-    return torch.cat(parts) if parts else h.new_zeros(0)
+    token_logp = torch.cat(parts) if parts else h.new_zeros(0)
+    if starts is None or not top_k:
+        return token_logp, None, None
+    logits = model.logits(h[starts]).float() / temperature  # (S, V)
+    top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)  # (S, k)
+    return token_logp, top.values, top.indices
+
+
+# ------------------------------------------------------------------------------------------ tokens both vocabularies spell
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The bytes each token id spells, None for special tokens and single bytes of a longer character (<0xNN>):
+    byte-level BPE characters mapped back to their bytes (GPT-2's table), SentencePiece's "\u2581" read as a space,
+    an added token that is not special (Gemma's runs of newlines) as its own text."""
+    import json
+
+    from pocketlm.tokenizer import _bytes_to_unicode
+
+    data = json.loads(tokenizer.backend.to_str())
+    byte_level = "ByteLevel" in json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {t["id"]: None if t.get("special", True) else t["content"].encode() for t in data.get("added_tokens") or []}
+    out: list[bytes | None] = []
+    for i in range(tokenizer.vocab_size):
+        token = tokenizer.id_to_token(i)
+        if i in added:
+            out.append(added[i])
+        elif token is None or (token.startswith("<0x") and token.endswith(">") and len(token) == 6):
+            out.append(None)
+        elif byte_level:
+            out.append(bytes(to_byte[c] for c in token) if all(c in to_byte for c in token) else None)
+        else:
+            out.append(token.replace("\u2581", " ").encode())
+    return out
+
+
+def vocab_map(teacher_tok, student_tok, size: int = 0) -> torch.Tensor:
+    """(max(V_teacher, size),) the student's token that spells the same bytes as each teacher token, -1 where none
+    (exact matches: the zero-distance case of FuseLLM's minimum-edit-distance token mapping, Wan et al. 2024); the
+    teacher's stop tokens map to the student's end of turn (its EOS). size: the teacher model's output rows, which
+    may outnumber its tokenizer's (padding rows spell nothing)."""
+    student = {b: i for i, b in enumerate(token_bytes(student_tok)) if b}
+    spelled = [student.get(b, -1) if b else -1 for b in token_bytes(teacher_tok)]
+    out = torch.tensor(spelled + [-1] * (size - len(spelled)))
+    if student_tok.eos_id is not None:
+        out[[i for i in teacher_tok.stop_ids if i < len(out)]] = student_tok.eos_id
+    return out
+
+
+def chunk_starts(chunk: list[int], n_chunks: int) -> list[int]:
+    """The target index of each chunk's first token (chunks are numbered in text order; -1 for a chunk with none)."""
+    first = [-1] * n_chunks
+    for k, c in enumerate(chunk):
+        if c >= 0 and first[c] < 0:
+            first[c] = k
+    return first
+
+
+def coarse_pair(teacher_top: torch.Tensor, ids: torch.Tensor, student_logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """teacher_top (S, k) log-probabilities of the teacher's top tokens, ids (S, k) the student tokens spelling them (-1:
+    none), student_logq (S, V) -> both distributions over the same outcomes (S, k + 1): each matched token, then all
+    the rest together (distill.coarsen's coarser distribution, here over what both vocabularies spell)."""
+    # teacher tokens spelled by one student token (its stop tokens: all the student's EOS) are one outcome: their
+    # probabilities summed at the first of them, the others left out (else the student's would count twice)
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]  # (S, k, k)
+    first = ~same.tril(-1).any(-1)  # (S, k): no earlier token spells the same
+    matched = (ids >= 0) & first  # (S, k)
+    summed = teacher_top[:, None, :].masked_fill(~same, NEG).logsumexp(-1)  # (S, k): over the tokens spelling the same
+    p = summed.masked_fill(~matched, NEG)  # (S, k): an unmatched token's probability joins the rest
+    q = student_logq.gather(-1, ids.clamp(min=0)).masked_fill(~matched, NEG)  # (S, k)
+    p_rest, q_rest = log1mexp(p.logsumexp(-1, keepdim=True)), log1mexp(q.logsumexp(-1, keepdim=True))  # (S, 1)
+    return torch.cat([p, p_rest], dim=-1), torch.cat([q, q_rest], dim=-1)
 
 
 class CrossTokenizerLoss(nn.Module):
-    """The student's summed loss over a batch: (1 - kd_weight) * the data's cross-entropy (on the targets
-    ce_mask marks) + kd_weight * T^2 * the sum over aligned chunks of D(teacher's chunk || student's chunk).
+    """The student's summed loss over a batch: (1 - kd_weight) * the data's cross-entropy (on the targets ce_mask
+    marks) + kd_weight * T^2 * (the sum over aligned chunks of D(teacher's chunk || student's chunk), and where the
+    teacher's top tokens are given, at each chunk's first position D over the tokens both vocabularies spell).
     Named like finetune's CausalLMLoss (`model`), so checkpoints name parameters alike."""
 
     def __init__(self, student: nn.Module, kd_loss: str, temperature: float, kd_weight: float):
@@ -257,14 +340,20 @@ class CrossTokenizerLoss(nn.Module):
         self.model = student
         self.kd_loss, self.temperature, self.kd_weight = kd_loss, temperature, kd_weight
 
-    def forward(self, ids, labels, lengths, ce_mask, chunk, teacher_chunk_logp) -> torch.Tensor:
-        # ids, labels (B, T); ce_mask, chunk (N,) per target position; teacher_chunk_logp (C,)
+    def forward(self, ids, labels, lengths, ce_mask, chunk, teacher_chunk_logp, starts=None, teacher_top=None, top_ids=None) -> torch.Tensor:
+        # ids, labels (B, T); ce_mask, chunk (N,) per target position; teacher_chunk_logp (C,); starts (S,) target
+        # positions of chunk starts, teacher_top (S, k) the teacher's top log-probabilities there, top_ids (S, k) the
+        # student's tokens spelling them (-1: none)
+        from pocketlm.compress.distill import divergence
+
         keep = labels[:, 1:] != IGNORE  # (B, T-1)
         h = self.model.hidden(ids)[:, :-1][keep]  # (N, D)
         logits = self.model.logits(h).float()  # (N, V)
         targets = labels[:, 1:][keep]  # (N,)
         loss = (1 - self.kd_weight) * F.cross_entropy(logits[ce_mask], targets[ce_mask], reduction="sum")
-        logq = torch.log_softmax(logits / self.temperature, dim=-1).gather(-1, targets[:, None])[:, 0]  # (N,)
-        student = chunk_logp(logq, chunk, len(teacher_chunk_logp))  # (C,)
+        logq = torch.log_softmax(logits / self.temperature, dim=-1)  # (N, V)
+        student = chunk_logp(logq.gather(-1, targets[:, None])[:, 0], chunk, len(teacher_chunk_logp))  # (C,)
         kd = binary_divergence(self.kd_loss, teacher_chunk_logp.float(), student).sum()
+        if teacher_top is not None and len(starts):
+            kd = kd + divergence(self.kd_loss, *coarse_pair(teacher_top.float(), top_ids, logq[starts])).sum()
         return loss + self.kd_weight * self.temperature**2 * kd

@@ -18,6 +18,10 @@ only the rest. Just before a prompt's chunk runs, positions another slot's row a
 shared prefix are copied from that row instead of computed: a busy slot's, or those of a prompt that came
 in the same burst and was prefilled a moment earlier (eight clients with one system prompt, n choices of
 one prompt).
+
+LoRA adapters (pocketlm.models.lora): sequences of different adapters of one base share the batch. Each pass selects
+an adapter per row (models/lora.select) and every row gets its own adapter's update; a slot's cached keys and values
+are only reused by a prompt of the same adapter (they depend on it from the first layer on).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from pocketlm.engine.generate import PREFILL_CHUNK, Sequence, prefill
 from pocketlm.engine.sampling import recent_ids
 from pocketlm.models.fused_step import MAX_TOKENS, fused_logits
+from pocketlm.models.lora import select
 
 GROW_BY = 256  # cache positions are added in steps of this many: few reallocations, little waste
 # The output head runs on at most this many rows at a time: quantized Linears switch to their prompt path
@@ -59,6 +64,7 @@ class Slot:
     # after a verify pass those of its rows (from position checked_from), one of which settle() keeps
     hidden: torch.Tensor | None = None
     checked_from: int = 0
+    adapter: int = 0  # the LoRA adapter (an index of the model's, 0: none) its sequence runs and its row's tokens were computed with
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -94,11 +100,12 @@ class Batch:
     def has_room(self) -> bool:
         return len(self) < len(self.slots)
 
-    def add(self, seq: Sequence) -> None:
-        """Seat seq in a free slot; prefill_step() computes what its cache row does not hold yet (and counts
-        the prompt tokens that came from the cache in seq.stats.cached_tokens)."""
+    def add(self, seq: Sequence, adapter: int = 0) -> None:
+        """Seat seq in a free slot, to run with the model's LoRA adapter `adapter` (0: the base model);
+        prefill_step() computes what its cache row does not hold yet (and counts the prompt tokens that came from
+        the cache in seq.stats.cached_tokens)."""
         prompt = seq.prompt_ids
-        slot, cached = self.place(prompt)
+        slot, cached = self.place(prompt, adapter)
         # positions written: the prompt, then every new token but the last (it is never fed back)
         self.reserve(len(prompt) + seq.max_new - 1)
         slot.seq, slot.todo = seq, prompt[cached:]
@@ -116,6 +123,7 @@ class Batch:
             self.borrow(slot)
             chunk = slot.todo[:PREFILL_CHUNK]  # the boundaries a run of its own (generate.prefill) has
             hidden = self.hidden_rows(1)
+            select(self.model, slot.adapter)
             logits = prefill(self.model, torch.tensor([chunk]), start=len(slot.tokens), slot=slot.index, hidden=hidden)
             slot.tokens, slot.todo, spent = slot.tokens + chunk, slot.todo[len(chunk) :], spent + len(chunk)
             slot.hidden = hidden
@@ -123,21 +131,23 @@ class Batch:
                 complete.append((slot.seq, logits, []))
         return complete
 
-    def place(self, prompt: list[int]) -> tuple[Slot, int]:
-        """A free slot for prompt, and how many of its first positions already hold the prompt's start."""
+    def place(self, prompt: list[int], adapter: int = 0) -> tuple[Slot, int]:
+        """A free slot for prompt (run with `adapter`), and how many of its first positions already hold the prompt's start."""
         free = [s for s in self.slots if s.seq is None]
-        slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        shared = lambda s: common_prefix(s.tokens, prompt) if s.adapter == adapter else 0  # noqa: E731
+        slot = max(free, key=lambda s: (shared(s), -s.last_used))
         # the last prompt token runs again: its logits start the answer
-        cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        cached = min(shared(slot), len(prompt) - 1)
         self.clock += 1
-        slot.tokens, slot.last_used = prompt[:cached], self.clock
+        slot.tokens, slot.last_used, slot.adapter = prompt[:cached], self.clock, adapter
         return slot, cached
 
     def borrow(self, slot: Slot) -> None:
         """Copy from another slot's row the positions of slot's prompt it holds beyond slot's own. Positions
         below len(tokens) never change while a slot decodes or prefills on: safe to copy at any step."""
         prompt = slot.tokens + slot.todo
-        donor = max((s for s in self.slots if s is not slot), key=lambda s: common_prefix(s.tokens, prompt), default=None)
+        others = (s for s in self.slots if s is not slot and s.adapter == slot.adapter)
+        donor = max(others, key=lambda s: common_prefix(s.tokens, prompt), default=None)
         shared = min(common_prefix(donor.tokens, prompt), len(prompt) - 1) if donor else 0
         if shared > len(slot.tokens):
             self.model.copy_cache_prefix(donor.index, slot.index, shared)
@@ -169,18 +179,25 @@ class Batch:
         pos = torch.tensor([[len(s.tokens)] for s in seated])  # (n, 1): the next position of each row
         slots = torch.tensor([s.index for s in seated])
         hidden = self.hidden_rows(len(seated))
+        adapters = [s.adapter for s in seated]
+        select(self.model, adapters)
         logits = fused_logits(self.model, tokens, pos, slots, hidden=hidden)  # every layer and the head in one call into the kernels
         if logits is not None:
             logits = logits[:, -1]  # (n, V)
         else:
             h = self.model.hidden(tokens, pos, slots)  # (n, 1, D)
-            logits = torch.cat([self.model.logits(h[i : i + HEAD_ROWS, -1]) for i in range(0, len(h), HEAD_ROWS)])  # (n, V)
+            logits = torch.cat([self.head_logits(h[i : i + HEAD_ROWS, -1], adapters[i : i + HEAD_ROWS]) for i in range(0, len(h), HEAD_ROWS)])  # (n, V)
             if hidden is not None:
                 hidden.copy_(h[:, -1])
         for i, (s, token) in enumerate(zip(seated, tokens[:, 0].tolist())):
             s.tokens.append(token)
             s.hidden = None if hidden is None else hidden[i : i + 1]
         return [(s.seq, logits[i : i + 1], []) for i, s in enumerate(seated)]
+
+    def head_logits(self, h: torch.Tensor, adapters: list[int]) -> torch.Tensor:
+        """h (n, D) -> logits (n, V), each row with its adapter (one may update the head too)."""
+        select(self.model, adapters)
+        return self.model.logits(h)
 
     def speculate(self, slot: Slot) -> tuple[Sequence, torch.Tensor, list[int]] | None:
         """The draft proposes up to draft_tokens tokens after slot's sequence, one pass each in its own cache row
@@ -206,6 +223,7 @@ class Batch:
             logits = rows_logits(self.draft, proposals[-1:], n + len(proposals), slot.index)  # the next one's
         slot.draft_tokens = context + proposals[: len(proposals) - (len(proposals) == k)]  # what the draft was fed
         fed = [context[-1], *proposals]  # positions n .. n + len(proposals)
+        select(self.model, slot.adapter)
         logits = rows_logits(self.model, fed, n, slot.index)  # (len(fed), V)
         slot.tokens, slot.checked = slot.tokens + fed, True
         seq.stats.draft_tokens += len(proposals)
@@ -235,6 +253,7 @@ class Batch:
             proposals.append(int(token))
             ids = torch.cat([ids, token])
         fed = [int(seq.context[-1]), *proposals]  # positions n .. n + k
+        select(self.model, slot.adapter)
         logits, slot.hidden = logits_and_hidden(self.model, torch.tensor([fed]), torch.arange(n, n + len(fed))[None], torch.tensor([slot.index]))
         slot.tokens, slot.checked, slot.checked_from = slot.tokens + fed, True, n
         seq.stats.draft_tokens += len(proposals)

@@ -175,16 +175,17 @@ class Generation:
 
     def __init__(
         self, model, tokenizer, prompt_ids: list[int], params: SamplingParams, context_length: int,
-        processors=(), logprobs: int | None = None, draft=None, draft_tokens: int = 4,
+        processors=(), logprobs: int | None = None, draft=None, draft_tokens: int = 4, adapter: int = 0,
     ):
         """processors, logprobs: as Sequence's. draft: a smaller model with the same tokenizer for speculative
         decoding (pocketlm.engine.speculative), proposing `draft_tokens` tokens per target pass; the output
-        keeps the target's distribution."""
+        keeps the target's distribution. adapter: the model's LoRA adapter to run with (pocketlm.models.lora), 0: none."""
         if draft is not None and (processors or logprobs is not None):
             raise PocketLMError("speculative decoding (a draft model) does not combine with logits processors or logprobs")
         self.seq = Sequence(tokenizer, prompt_ids, params, context_length, processors, logprobs)
         self.model, self.params, self.prompt_ids = model, params, prompt_ids
         self.draft, self.draft_tokens = draft, draft_tokens
+        self.adapter = adapter
         self.stats = self.seq.stats
 
     def __iter__(self) -> Iterator[str]:
@@ -203,6 +204,8 @@ class Generation:
                 tokens = speculative_tokens(
                     self.model, self.draft, seq.context, self.params, self.draft_tokens, seq.window, seq.generator, self.stats
                 )
+            if hasattr(self.model, "adapters"):
+                tokens = with_adapter(self.model, self.adapter, tokens)
             for token, logits in tokens:
                 text = seq.accept(token, logits)
                 if text:
@@ -231,12 +234,43 @@ class Generation:
         return "".join(self)
 
 
+def with_adapter(model, adapter: int, tokens: Iterator):
+    """tokens, each pass run with `adapter` selected (pocketlm.models.lora.select): it is chosen again before every
+    pass, as another Generation of the same model (the base, another adapter) may run between two of them."""
+    from pocketlm.models.lora import select
+
+    while True:
+        select(model, adapter)
+        try:
+            item = next(tokens)
+        except StopIteration:
+            return
+        yield item
+
+
 def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """logits (V,) -> (log-probability of `token`, the k most likely (id, log-probability))."""
     logp = torch.log_softmax(logits.float(), -1)
     top = torch.topk(logp, k) if k > 0 else None
     alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return float(logp[token]), alternatives
+
+
+PROMPT_LOGIT_ROWS = 256  # positions whose (., V) logits exist at once in prompt_logprobs
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability given the tokens before it, and the k most likely tokens at its place,
+    from the second token on (nothing predicts the first): what `echo` with `logprobs` returns in OpenAI's legacy
+    completions, and what lm-evaluation-harness sums. One plain causal forward, which leaves any KV cache alone."""
+    idx = torch.tensor(ids, dtype=torch.long)
+    h = model.hidden(idx[None])[0]  # (T, D)
+    out = []
+    for begin in range(0, len(ids) - 1, PROMPT_LOGIT_ROWS):
+        logits = model.logits(h[None, begin : begin + PROMPT_LOGIT_ROWS])[0]  # (n, V): position t predicts token t + 1
+        out += [token_logprobs(row, token, k) for row, token in zip(logits, ids[begin + 1 : begin + 1 + PROMPT_LOGIT_ROWS])]
+    return out
 
 
 def encode_chat(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
@@ -288,7 +322,8 @@ def generate(
         check_same_tokenizer(lm.tokenizer, draft.tokenizer)
         draft = draft.model
         draft_tokens = draft_tokens or (1 if isinstance(draft, DraftHead) else 4)
-    return Generation(lm.model, lm.tokenizer, prompt_ids, params, window, processors, logprobs, draft, draft_tokens or 4)
+    return Generation(lm.model, lm.tokenizer, prompt_ids, params, window, processors, logprobs, draft, draft_tokens or 4,
+                      getattr(lm, "adapter", 0))
 
 
 def check_window(lm, context_length: int | None) -> int:

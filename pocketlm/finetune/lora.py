@@ -116,13 +116,12 @@ def load_adapter(model: nn.Module, folder: Path):
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a native model: decoder layers, or BERT's encoder layers."""
+    """The repeated blocks of a native model: decoder layers, or an encoder's (models/encoder.py, `blocks`)."""
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "layers"):
         return list(inner.layers)
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "layer"):
-        return list(encoder.layer)
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
     raise PocketLMError(f"gradient checkpointing: no decoder/encoder layers found in {type(model).__name__}")
 
 

@@ -231,8 +231,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.task == "classify":
         pooling = cfg.pooling or ("mean" if lm.is_encoder else "last")
         classifier = SequenceClassifier(model, len(labels_list), pooling, lm.is_encoder)
-        if teacher_lm is not None and teacher_lm.model.score.in_features == classifier.score.in_features:
-            # a student pruned from its teacher (same width) starts from the teacher's head, not from scratch
+        if (teacher_lm is not None and teacher_lm.model.pre is None
+                and teacher_lm.model.score.in_features == classifier.score.in_features):
+            # a student pruned from its teacher (same width) starts from the teacher's head, not from scratch (a
+            # transformers classifier's head reads its own transform of [CLS]: it does not fit a pocketlm head)
             from pocketlm.compress.distill import label_columns
 
             columns = label_columns(teacher_lm, cfg.teacher, labels_list)  # (C,) the teacher's row per student label

@@ -290,13 +290,14 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str | None:
+def _hf_name(gguf_name: str, block_names: dict[str, str], top_names: dict[str, str] = TOP_LEVEL_NAMES,
+             blocks: str = "model.layers") -> str | None:
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, name, suffix = m.groups()
         hf = block_names.get(name)
-        return f"model.layers.{layer}.{hf}.{suffix}" if hf else None
+        return f"{blocks}.{layer}.{hf}.{suffix}" if hf else None
     if m := _TOP_RE.fullmatch(gguf_name):
-        hf = TOP_LEVEL_NAMES.get(m.group(1))
+        hf = top_names.get(m.group(1))
         return f"{hf}.{m.group(2)}" if hf else None
     return None
 
@@ -524,6 +525,122 @@ def _gemma3_config(f: GGUFFile) -> dict[str, Any]:
     }
 
 
+@_reads("gemma")
+def _gemma_config(f: GGUFFile) -> dict[str, Any]:
+    # llama.cpp's gemma (src/models/gemma.cpp) scales queries by 1/sqrt(head_dim) and the embedding by sqrt(D)
+    c = _common_config(f)
+    return {
+        "architectures": ["GemmaForCausalLM"],
+        "model_type": "gemma",
+        **c,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]),
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "dtype": "float32",
+    }
+
+
+@_reads("gemma2")
+def _gemma2_config(f: GGUFFile) -> dict[str, Any]:
+    # What llama.cpp hard-codes for gemma2 (src/models/gemma2.cpp): every other layer slides (set_swa_pattern(2):
+    # layer 0 sliding), both caps default to 50 (scores) and 30 (logits) and always apply, and the query scale is
+    # 1/sqrt(head_dim) except for the 46-layer 27B, which uses 1/sqrt(hidden / heads).
+    m = _Meta(f)
+    c = _common_config(f)
+    pattern = m.get("attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):  # one bool per layer, True = sliding
+        layer_types = ["sliding_attention" if s else "full_attention" for s in pattern]
+    else:
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(c["num_hidden_layers"])]
+    if c["num_hidden_layers"] == 46:
+        query_pre_attn_scalar = c["hidden_size"] // c["num_attention_heads"]
+    else:
+        query_pre_attn_scalar = c["head_dim"]
+    return {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        **c,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": m.get("attention.sliding_window", 4096),
+        "layer_types": layer_types,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "final_logit_softcapping": m.get("final_logit_softcapping", 30.0),
+        "attn_logit_softcapping": m.get("attn_logit_softcapping", 50.0),
+        "attention_bias": False,
+        "dtype": "float32",
+    }
+
+
+@_reads("phi2")
+def _phi2_config(f: GGUFFile) -> dict[str, Any]:
+    # convert_hf_to_gguf.py's Phi2Model stores the rotary part as rope.dimension_count and no key_length: the head
+    # is hidden / heads, and LayerNorm's epsilon is attention.layer_norm_epsilon
+    m = _Meta(f)
+    c = _common_config(f)
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    partial = m.required("rope.dimension_count") / head_dim
+    del c["head_dim"], c["rms_norm_eps"]
+    return {
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        **c,
+        "partial_rotary_factor": partial,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]) | {"partial_rotary_factor": partial},
+        "layer_norm_eps": m.required("attention.layer_norm_epsilon"),
+        "hidden_act": "gelu_new",
+        "dtype": "float32",
+    }
+
+
+@_reads("gpt2")
+def _gpt2_config(f: GGUFFile) -> dict[str, Any]:
+    # llama.cpp's gpt2 (src/models/gpt2.cpp): learned positions, LayerNorms with biases, GELU's tanh approximation,
+    # scores scaled by 1/sqrt(head_dim): GPT2Config's defaults
+    m = _Meta(f)
+    c = _common_config(f)
+    ids = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c["vocab_size"],
+        "n_embd": c["hidden_size"],
+        "n_layer": c["num_hidden_layers"],
+        "n_head": c["num_attention_heads"],
+        "n_inner": c["intermediate_size"],
+        "n_positions": c["max_position_embeddings"],
+        "layer_norm_epsilon": m.required("attention.layer_norm_epsilon"),
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": c["tie_word_embeddings"],
+        **ids,
+        "dtype": "float32",
+    }
+
+
+@_reads("phi3")
+def _phi3_config(f: GGUFFile) -> dict[str, Any]:
+    # convert_hf_to_gguf.py's Phi3MiniModel: the rotary part of a head as rope.dimension_count (Phi-4 mini: 3/4 of
+    # it), no key_length unless the head differs from hidden / heads, a sliding window of 0 for none (Phi-4 mini);
+    # LongRoPE's rope_factors_long / _short tensors (the 128k releases) are refused, as from a folder
+    m = _Meta(f)
+    c = _common_config(f)
+    if "rope_factors_long.weight" in f.tensors:
+        raise PocketLMError(f"{f.path}: Phi-3 with LongRoPE scaling (rope_factors_long) is not supported")
+    c["head_dim"] = m.get("attention.key_length", c["hidden_size"] // c["num_attention_heads"])
+    partial = m.get("rope.dimension_count", c["head_dim"]) / c["head_dim"]
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        **c,
+        "original_max_position_embeddings": m.get("rope.scaling.original_context_length", c["max_position_embeddings"]),
+        "partial_rotary_factor": partial,
+        "rope_parameters": _rope_parameters(c["rope_theta"], c["rope_scaling"]) | {"partial_rotary_factor": partial},
+        "sliding_window": m.get("attention.sliding_window") or None,
+        "hidden_act": "silu",
+        "dtype": "float32",
+    }
+
+
 # ---- tensor fixes: undo what convert_hf_to_gguf.py did ---------------------------------------------
 
 
@@ -559,17 +676,27 @@ class _Architecture:
     fix: Callable[[str, torch.Tensor, dict], torch.Tensor]
     required_biases: tuple[str, ...] = ()  # ...except these
     config_tensors: tuple[str, ...] = ()  # tensors `config` reads, not weights: they have no Hugging Face name
+    top_names: dict[str, str] = field(default_factory=lambda: TOP_LEVEL_NAMES)  # token_embd, output_norm, output
+    blocks: str = "model.layers"  # the HF name of the block list (GPT-2: transformer.h)
 
     def required_block_tensors(self) -> list[str]:
         return [f"{n}.weight" for n in self.block_names] + [f"{n}.bias" for n in self.required_biases]
 
 
-_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix}  # by families.Gguf.fix
+_CONV1D_WEIGHTS = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
+
+
+def _conv1d_fix(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
+    # convert_hf_to_gguf.py GPT2Model transposes GPT-2's Conv1D weights, (in, out), to ggml's (out, in): back
+    return w.t().contiguous() if name.endswith(_CONV1D_WEIGHTS) else w
+
+
+_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix, "transpose_conv1d": _conv1d_fix}
 
 
 def _architecture(g: families.Gguf) -> _Architecture:
     config, config_tensors = _CONFIG_READERS[g.arch]
-    return _Architecture(g.block_names, config, _FIXES[g.fix], g.required_biases, config_tensors)
+    return _Architecture(g.block_names, config, _FIXES[g.fix], g.required_biases, config_tensors, g.top_level_names, g.blocks)
 
 
 # llama.cpp architecture -> how to read it: from each family that a GGUF reads back as (families.gguf_reader)
@@ -590,7 +717,7 @@ def gguf_to_hf(gguf_file: GGUFFile | str | os.PathLike) -> tuple[dict[str, Any],
     with _torch_threads(1):
         for name, info in f.tensors.items():
             if name not in arch.config_tensors:  # rope_freqs.weight is in the config, not a weight
-                state_dict[_hf_name(name, arch.block_names)] = arch.fix(name, dequantize_tensor(info), config)
+                state_dict[_hf_name(name, arch.block_names, arch.top_names, arch.blocks)] = arch.fix(name, dequantize_tensor(info), config)
     return config, state_dict
 
 
@@ -605,10 +732,11 @@ def model_config(f: GGUFFile) -> tuple[_Architecture, dict[str, Any]]:
     config = arch.config(f)
 
     required = ["token_embd.weight", "output_norm.weight"]
-    required += [f"blk.{i}.{n}" for i in range(config["num_hidden_layers"]) for n in arch.required_block_tensors()]
+    n_layers = _Meta(f).required("block_count")  # config.json spells it per family (GPT-2: n_layer)
+    required += [f"blk.{i}.{n}" for i in range(n_layers) for n in arch.required_block_tensors()]
     missing = [n for n in required if n not in f.tensors]
     weights = [n for n in f.tensors if n not in arch.config_tensors]
-    unnamed = [n for n in weights if _hf_name(n, arch.block_names) is None]
+    unnamed = [n for n in weights if _hf_name(n, arch.block_names, arch.top_names, arch.blocks) is None]
     if missing:
         raise PocketLMError(f"{f.path}: {len(missing)} tensors missing for a {f.architecture} model: {_few(missing)}")
     if unnamed:  # refuse rather than silently build a different model

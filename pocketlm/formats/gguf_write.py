@@ -2,9 +2,9 @@
 
     write_gguf(path, hf_config, state_dict, tokenizer, qtype="q8_0", lineage={...})
 
-What llama.cpp's convert_hf_to_gguf.py does, for the architectures gguf.py reads back (llama, qwen2,
-gemma3): HF tensor names -> GGUF names (gguf.py's tables, inverted), Q/K rows permuted for llama.cpp's
-RoPE (LlamaModel.permute), Gemma's norm weights + 1 (Gemma3Model.modify_tensors), llama3 RoPE scaling as
+What llama.cpp's convert_hf_to_gguf.py does, for the architectures gguf.py reads back (each family with a GGUF
+in pocketlm/families.py): HF tensor names -> GGUF names (the family's tables, inverted), Q/K rows permuted for
+llama.cpp's RoPE (LlamaModel.permute), Gemma's norm weights + 1 (Gemma*Model.modify_tensors), llama3 RoPE scaling as
 the rope_freqs tensor (LlamaModel.generate_extra_tensors), the architecture's hyper-parameters under
 "<arch>.*" and the tokenizer under "tokenizer.ggml.*" (the inverse of Tokenizer.from_gguf_metadata).
 Matrices are stored in the chosen type through gguf-py's own quantizers (`gguf.quants.quantize`, bit for
@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize
 
 from pocketlm import families
-from pocketlm.config import FULL, SLIDING, Gemma3Config, LlamaConfig, config_from_hf
+from pocketlm.config import (
+    FULL, GPT_ACTIVATIONS, SLIDING, GPT2Config, Gemma3Config, GemmaConfig, LlamaConfig, Phi3Config, PhiConfig, config_from_hf,
+)
 from pocketlm.errors import PocketLMError
 from pocketlm.formats.gguf import ROPE_FREQS, TOP_LEVEL_NAMES, llama3_rope_factors
 
@@ -129,18 +131,19 @@ def _invert(table: dict[str, str]) -> dict[str, str]:
 
 
 TOP_LEVEL_GGUF = _invert(TOP_LEVEL_NAMES)  # "model.embed_tokens" -> "token_embd"
-_HF_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _HF_TOP_RE = re.compile(r"(.+)\.(weight|bias)")
 
 
-def gguf_name(hf_name: str, block_names: dict[str, str]) -> str | None:
-    """"model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight" (block_names: HF -> GGUF)."""
-    if m := _HF_BLOCK_RE.fullmatch(hf_name):
+def gguf_name(hf_name: str, block_names: dict[str, str], top_names: dict[str, str] = TOP_LEVEL_GGUF,
+              blocks: str = "model.layers") -> str | None:
+    """"model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight" (block_names, top_names: HF -> GGUF;
+    blocks: the HF name of the block list)."""
+    if m := re.fullmatch(rf"{re.escape(blocks)}\.(\d+)\.(.+)\.(weight|bias)", hf_name):
         layer, name, suffix = m.groups()
         gg = block_names.get(name)
         return f"blk.{layer}.{gg}.{suffix}" if gg else None
     if m := _HF_TOP_RE.fullmatch(hf_name):
-        gg = TOP_LEVEL_GGUF.get(m.group(1))
+        gg = top_names.get(m.group(1))
         return f"{gg}.{m.group(2)}" if gg else None
     return None
 
@@ -260,6 +263,81 @@ def _gemma3_metadata(cfg: Gemma3Config, arch: str) -> dict[str, tuple]:
     return md
 
 
+@_writes("gemma", "gemma2")
+def _gemma_metadata(cfg: GemmaConfig, arch: str) -> dict[str, tuple]:
+    """GemmaModel.set_gguf_parameters. llama.cpp's gemma reads its head from token_embd (always tied)."""
+    if not cfg.tie_word_embeddings:
+        raise PocketLMError("GGUF export of Gemma with an untied head is not supported: llama.cpp's gemma has no output tensor")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
+        raise PocketLMError(f"GGUF export of Gemma with {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    md = _common_metadata(cfg, arch)
+    md[Keys.Attention.KEY_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
+    md[Keys.Attention.VALUE_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
+    if cfg.post_norms:  # Gemma2Model.set_gguf_parameters: and what gguf.py's _gemma2_config reads back
+        derived = cfg.dim // cfg.n_heads if cfg.n_layers == 46 else cfg.head_dim
+        if cfg.query_pre_attn_scalar != derived:
+            raise PocketLMError(f"Gemma 2 with query_pre_attn_scalar {cfg.query_pre_attn_scalar} cannot be stored in GGUF: "
+                                f"llama.cpp derives it from the shapes ({derived})")
+        if cfg.attn_logit_softcapping is None or cfg.final_logit_softcapping is None:
+            raise PocketLMError("GGUF export of Gemma 2 without soft-capping is not supported: llama.cpp's gemma2 always caps")
+        md[Keys.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(cfg.attn_logit_softcapping)
+        md[Keys.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=arch)] = _f32(cfg.final_logit_softcapping)
+        md[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(cfg.sliding_window or cfg.max_position_embeddings)
+        sliding = [cfg.window(i) is not None for i in range(cfg.n_layers)]
+        if sliding != [bool((i + 1) % 2) for i in range(cfg.n_layers)]:  # not llama.cpp's every-other-layer pattern
+            md[Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)] = (sliding, GGUFValueType.ARRAY, GGUFValueType.BOOL)
+    return md
+
+
+@_writes("phi2")
+def _phi2_metadata(cfg: PhiConfig, arch: str) -> dict[str, tuple]:
+    """Phi2Model.set_gguf_parameters: LayerNorm's epsilon, the rotary part of a head as rope.dimension_count."""
+    if cfg.tie_word_embeddings:
+        raise PocketLMError("GGUF export of Phi with a tied head is not supported: llama.cpp's phi2 reads output.weight")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
+        raise PocketLMError(f"GGUF export of Phi with {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    md = _common_metadata(cfg, arch)
+    del md[Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch)]
+    md[Keys.Attention.LAYERNORM_EPS.format(arch=arch)] = _f32(cfg.norm_eps)
+    md[Keys.Rope.DIMENSION_COUNT.format(arch=arch)] = _u32(cfg.rotary_dim)
+    return md
+
+
+@_writes("gpt2")
+def _gpt2_metadata(cfg: GPT2Config, arch: str) -> dict[str, tuple]:
+    """GPT2Model.set_gguf_parameters: what llama.cpp's gpt2 reads. It computes GELU's tanh approximation and scores
+    scaled by 1/sqrt(head_dim) (src/models/gpt2.cpp): a model that differs is refused."""
+    if GPT_ACTIVATIONS[cfg.activation] != "tanh":
+        raise PocketLMError(f"GGUF export of GPT-2 with activation {cfg.activation!r} is not supported: llama.cpp's gpt2 uses gelu_new")
+    if not cfg.scale_attn_weights or cfg.scale_attn_by_inverse_layer_idx:
+        raise PocketLMError("GGUF export of GPT-2 with other attention scaling than 1/sqrt(head_dim) is not supported")
+    md = {
+        Keys.LLM.CONTEXT_LENGTH: _u32(cfg.max_position_embeddings),
+        Keys.LLM.EMBEDDING_LENGTH: _u32(cfg.dim),
+        Keys.LLM.BLOCK_COUNT: _u32(cfg.n_layers),
+        Keys.LLM.FEED_FORWARD_LENGTH: _u32(cfg.intermediate_size),
+        Keys.Attention.HEAD_COUNT: _u32(cfg.n_heads),
+        Keys.Attention.LAYERNORM_EPS: _f32(cfg.norm_eps),
+    }
+    return {k.format(arch=arch): v for k, v in md.items()}
+
+
+@_writes("phi3")
+def _phi3_metadata(cfg: Phi3Config, arch: str) -> dict[str, tuple]:
+    """Phi3MiniModel.set_gguf_parameters: the rotary part of a head as rope.dimension_count, the original context,
+    the sliding window (0: none). llama.cpp runs Phi-3's window as full attention (its phi3 disables SWA)."""
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
+        raise PocketLMError(f"GGUF export of Phi-3 with {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    md = _common_metadata(cfg, arch)
+    md[Keys.Rope.DIMENSION_COUNT.format(arch=arch)] = _u32(cfg.rotary_dim)
+    md[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = _u32(cfg.original_max_position_embeddings)
+    md[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(cfg.sliding_window or 0)
+    if cfg.head_dim != cfg.dim // cfg.n_heads:  # llama.cpp's n_embd_head_k
+        md[Keys.Attention.KEY_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
+        md[Keys.Attention.VALUE_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
+    return md
+
+
 def _common_metadata(cfg, arch: str) -> dict[str, tuple]:
     """TextModel.set_gguf_parameters: the keys gguf.py's _common_config reads back."""
     md = {
@@ -287,14 +365,28 @@ class _Architecture:
     metadata: Any
     fix: Any
     extra_tensors: Any = _no_extra_tensors  # GGUF tensors made from the config, written before the weights
+    top_names: dict[str, str] = field(default_factory=lambda: TOP_LEVEL_GGUF)  # HF top-level name -> GGUF name
+    blocks: str = "model.layers"  # the HF name of the block list (GPT-2: transformer.h)
+
+    def fixed_shape(self, gguf_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A tensor's shape after `fix` (GPT-2's Conv1D weights turn; every other fix keeps the shape)."""
+        return shape[::-1] if self.fix is _conv1d_fix and gguf_name.endswith(_CONV1D_WEIGHTS) else shape
 
 
-_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix}  # by families.Gguf.fix
+_CONV1D_WEIGHTS = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
+
+
+def _conv1d_fix(name: str, w: torch.Tensor, cfg) -> torch.Tensor:
+    # GPT2Model.modify_tensors: GPT-2's Conv1D weights, (in, out), transposed to ggml's (out, in)
+    return w.t().contiguous() if name.endswith(_CONV1D_WEIGHTS) else w
+
+
+_FIXES = {"none": _no_fix, "permute_qk": _llama_fix, "norm_plus_one": _gemma3_fix, "transpose_conv1d": _conv1d_fix}
 
 
 def _architecture(g: families.Gguf) -> _Architecture:
     metadata, extra_tensors = _WRITERS[g.arch]
-    return _Architecture(g.arch, _invert(g.block_names), metadata, _FIXES[g.fix], extra_tensors)
+    return _Architecture(g.arch, _invert(g.block_names), metadata, _FIXES[g.fix], extra_tensors, _invert(g.top_level_names), g.blocks)
 
 
 # model_type -> how it is stored, from each family's row (llama.cpp's convert_hf_to_gguf.py writes Mistral as "llama")
@@ -332,7 +424,7 @@ def tokenizer_metadata(tokenizer, gguf_arch: str, n_vocab: int = 0) -> dict[str,
     S, A = GGUFValueType.STRING, GGUFValueType.ARRAY
     md: dict[str, tuple] = {}
     if model.get("byte_fallback"):  # SentencePiece BPE: "▁" for spaces, <0xNN> byte tokens
-        gemma = gguf_arch in tk._GEMMA_ARCHITECTURES
+        gemma = tk.is_gemma_architecture(gguf_arch)
         if gemma:  # undo from_gguf_metadata's respelling of Gemma's all-space tokens, user-defined in its file
             for i, t in enumerate(tokens):
                 if len(t) > 1 and set(t) == {"\u2581"}:
@@ -431,7 +523,7 @@ def write_gguf(
 
     # Plan: (GGUF name, HF name, GGML type, torch shape) for every tensor, checked before any byte is written;
     # the tensors made from the config (HF name None) come first, as convert_hf_to_gguf.py writes them.
-    names = {k: gguf_name(k, arch.block_names) for k in state_dict}
+    names = {k: gguf_name(k, arch.block_names, arch.top_names, arch.blocks) for k in state_dict}
     if cfg.tie_word_embeddings:  # convert_hf_to_gguf.py writes no output.weight for a tied head
         names.pop("lm_head.weight", None)
     unnamed = sorted(k for k, v in names.items() if v is None)
@@ -439,8 +531,8 @@ def write_gguf(
         raise PocketLMError(f"{len(unnamed)} tensors have no GGUF name for {arch.gguf_arch}: {', '.join(unnamed[:4])}")
     extra = arch.extra_tensors(cfg)
     plan = [(gg, None, T.F32, tuple(t.shape)) for gg, t in extra.items()]
-    plan += [(gg, hf, tensor_type(matrix_type, tuple(state_dict[hf].shape)), tuple(state_dict[hf].shape))
-             for hf, gg in names.items()]  # fmt: skip
+    shapes = {hf: arch.fixed_shape(gg, tuple(state_dict[hf].shape)) for hf, gg in names.items()}  # as the fix leaves them
+    plan += [(gg, hf, tensor_type(matrix_type, shapes[hf]), shapes[hf]) for hf, gg in names.items()]
 
     metadata = {
         Keys.General.TYPE: ("model", GGUFValueType.STRING),

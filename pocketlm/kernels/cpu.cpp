@@ -287,6 +287,22 @@ extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t
         }
 }
 
+// The read bandwidth decode is bound by, for `pocketlm bench`'s roofline: x (n floats, n a multiple of 16) summed on
+// nthreads threads (the sum keeps the loads). 16 running sums the compiler keeps in vector registers; software
+// prefetch made this loop slower, not faster, and torch's sum read about half as fast (9 against 16-30 GB/s, Zen 4)
+extern "C" float read_floats(const float *x, int64_t n, int nthreads) {
+    float total = 0.f;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        float acc[16] = {};
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += x[i + j];
+        for (int j = 0; j < 16; j++) total += acc[j];
+    }
+    return total;
+}
+
 // One row (K values) of a GGML tensor -> fp32, each type's arithmetic in pocketlm/formats/gguf_quants.py's order (which
 // is gguf-py's and ggml-quants.c's dequantize_row_*: products and sums as separate roundings), so the values are those
 // the torch dequantizers give, bit for bit. Types: ggml.h's ids.
@@ -902,11 +918,18 @@ static void values_range(const float *p, const C *Vc, int64_t S, int64_t hd, int
     }
 }
 
+// softcap > 0: each score s becomes tanh(s / softcap) * softcap before the softmax (Gemma 2's attention logit
+// soft-capping, as transformers' Gemma2 eager_attention_forward); 0: scores as they are
 template <int NV, typename C>
 static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd, int64_t nh, int64_t n_kv,
-                   int64_t L, float scale, float *out, int nthreads) {
+                   int64_t L, float scale, float softcap, float *out, int nthreads) {
     std::vector<float> p(nh * L), partial(int64_t(nthreads) * nh * hd, 0.f), inv(nh);
-    auto softmax = [&](int64_t h) { inv[h] = 1.f / exp_shifted_sum(p.data() + h * L, L); };  // 1 / sum kept
+    auto softmax = [&](int64_t h) {
+        float *ph = p.data() + h * L;
+        if (softcap > 0.f)
+            for (int64_t s = 0; s < L; s++) ph[s] = std::tanh(ph[s] / softcap) * softcap;
+        inv[h] = 1.f / exp_shifted_sum(ph, L);  // 1 / sum kept
+    };
     if (nthreads == 1) {  // a batch's row inside decode_step's parallel loop, or a short context: no team of one
         // (opening one cost about as much as the arithmetic at SmolLM2's 100 positions); the same arithmetic
         scores_range<NV, C>(q, K, S, hd, nh, n_kv, L, 0, L, scale, p.data());
@@ -934,7 +957,8 @@ static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd
 template <typename C>
 static void attend_decode_kv(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
                              const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
-                             C *k_cache, C *v_cache, int64_t S, int64_t pos, int64_t begin, float scale, float *out, int nthreads) {
+                             C *k_cache, C *v_cache, int64_t S, int64_t pos, int64_t begin, float scale, float softcap, float *out,
+                             int nthreads) {
     std::vector<float> scratch(hd), rotated(hd), qr(nh * hd);
     for (int64_t h = 0; h < n_kv; h++) {
         norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, scratch.data(), rotated.data());
@@ -947,29 +971,30 @@ static void attend_decode_kv(const float *q, const float *k_new, const float *v_
     nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, L / 64)));  // a short context is not worth a split
 #if defined(POCKETLM_VEC)
     switch (hd) {  // a head in registers: hd / LANES vectors
-        case 64: return attend<64 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 128: return attend<128 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
-        case 256: return attend<256 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+        case 64: return attend<64 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, softcap, out, nthreads);
+        case 128: return attend<128 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, softcap, out, nthreads);
+        case 256: return attend<256 / LANES, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, softcap, out, nthreads);
     }
 #endif
-    attend<0, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, out, nthreads);
+    attend<0, C>(qr.data(), K, V, S, hd, nh, n_kv, L, scale, softcap, out, nthreads);
 }
+
 
 // One decoded token of one sequence, all heads: q (nh * hd), k, v (n_kv * hd) from the projections; q_norm,
 // k_norm (hd) or null (Gemma 3's per-head RMSNorm, unit offset 1, before RoPE); cos, sin (hd) at position pos.
 // Writes the new key and value into the cache (n_kv, S, hd; fp32, or fp16 with kv_half) at pos, then attends
-// over cache positions begin..pos (a sliding window starts after 0). out (nh * hd). Matches SDPA with enable_gqa:
-// query head h reads key/value head h / (nh / n_kv).
+// over cache positions begin..pos (a sliding window starts after 0), its scores soft-capped when softcap > 0 (Gemma 2).
+// out (nh * hd). Matches SDPA with enable_gqa: query head h reads key/value head h / (nh / n_kv).
 extern "C" void attend_decode(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
                               const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
                               void *k_cache, void *v_cache, int kv_half, int64_t S, int64_t pos, int64_t begin, float scale,
-                              float *out, int nthreads) {
+                              float softcap, float *out, int nthreads) {
     if (kv_half)
         attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<uint16_t *>(k_cache),
-                         static_cast<uint16_t *>(v_cache), S, pos, begin, scale, out, nthreads);
+                         static_cast<uint16_t *>(v_cache), S, pos, begin, scale, softcap, out, nthreads);
     else
         attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<float *>(k_cache),
-                         static_cast<float *>(v_cache), S, pos, begin, scale, out, nthreads);
+                         static_cast<float *>(v_cache), S, pos, begin, scale, softcap, out, nthreads);
 }
 
 
@@ -1043,6 +1068,7 @@ struct Model {
     Linear head;
     const Layer *layers;
     int64_t kv_half;                          // the caches hold fp16
+    float attn_softcap;                       // Gemma 2's attention logit soft-capping; 0: none
 };
 
 // logits (n_logits, V) of the last n_logits of tokens[i] at position pos[i] of cache row rows[i] (a decode step
@@ -1074,7 +1100,7 @@ extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, co
             const int64_t row = rows[i] * m->n_kv * m->S * m->hd * (m->kv_half ? 2 : 4);  // bytes
             attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->hd, L.sin + p * m->hd, L.q_norm,
                           L.k_norm, m->eps, static_cast<char *>(L.k_cache) + row, static_cast<char *>(L.v_cache) + row, int(m->kv_half),
-                          m->S, p, begin, m->attn_scale, y.data() + i * q_dim, threads);
+                          m->S, p, begin, m->attn_scale, m->attn_softcap, y.data() + i * q_dim, threads);
         };
         if (distinct_rows) {  // sequences of a batch: one per thread (a short context leaves attend_decode one thread)
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)

@@ -3,7 +3,8 @@
 Numerically this is transformers' modeling_bert.py BertModel (post-norm layers, exact-erf GELU, learned
 absolute positions). Module names are HF's, so its state_dict keys ("embeddings.word_embeddings.weight",
 "encoder.layer.0.attention.self.query.weight", ..., "pooler.dense.weight") load directly: a BertModel
-checkpoint has no "bert." prefix (that prefix belongs to BertForMaskedLM and friends).
+checkpoint has no "bert." prefix; BertForMaskedLM's and friends' files, which do, load through EncoderModel
+(models/encoder.py, with embed() and the loading steps every encoder shares).
 
     model = BertModel(cfg)
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
@@ -19,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.config import BertConfig
-
-ACT = {"gelu": F.gelu, "relu": F.relu}  # HF's "gelu" is the exact erf form (GELUActivation)
+from pocketlm.models.encoder import ACT, EncoderModel
 
 
 class BertEmbeddings(nn.Module):
@@ -37,12 +37,6 @@ class BertEmbeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, D)
         x = x + self.position_embeddings(pos)
         return self.LayerNorm(x)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints saved by transformers < 4.31 (all-MiniLM-L6-v2 among them) hold the position_ids
-        # buffer (1, 512) = arange; we compute positions instead, so drop the key rather than fail strict loads.
-        state_dict.pop(prefix + "position_ids", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class BertSelfAttention(nn.Module):
@@ -121,7 +115,10 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(cfg.dim, cfg.dim)
 
 
-class BertModel(nn.Module):
+class BertModel(EncoderModel):
+    hf_prefix = "bert"
+    hf_classifier_pre = ("bert.pooler.dense", "tanh")  # BertForSequenceClassification reads the pooler's output
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.cfg = cfg
@@ -129,28 +126,6 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(cfg)
         self.pooler = BertPooler(cfg)
 
-    # The decoders' loading steps, as no-ops, so one loader (meta device, load_state_dict(assign=True),
-    # tie_weights, init_buffers) handles every family.
-    def tie_weights(self):
-        pass
-
-    def init_buffers(self, device="cpu"):
-        pass
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """input_ids, attention_mask (B, T) -> last hidden states (B, T, D)."""
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding keys are masked out
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
-
-    def embed(self, input_ids, attention_mask, normalize: bool = True) -> torch.Tensor:
-        """Sentence embeddings (B, D): mean over the real tokens, then L2-normalized, as sentence-transformers'
-        Pooling(mean) + Normalize modules do for all-MiniLM-L6-v2."""
-        h = self(input_ids, attention_mask)  # (B, T, D)
-        m = attention_mask[..., None].to(h.dtype)  # (B, T, 1)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, D)
-        return F.normalize(pooled, p=2, dim=1) if normalize else pooled
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.layer

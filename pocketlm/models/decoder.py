@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import kernels
+from pocketlm.errors import PocketLMError
 from pocketlm.models.fused_step import FusedSpec, FusedStep, Unsupported, fused_logits
 
 # RoPE tables cover this many positions until a cache or a longer input asks for more: a table for the full
@@ -76,19 +77,33 @@ def setup_caches(model: nn.Module, batch_size: int, max_seq_len: int, dtype, kee
     return ref.device
 
 
-def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, **sdpa) -> torch.Tensor:
+def attend_rows(cache: KVCache, q, k, v, slots, pos, spans, masks, attend=F.scaled_dot_product_attention, **sdpa) -> torch.Tensor:
     """Attention for n sequences at their own positions, each in its own cache row (continuous batching).
     q (n, nh, T, hd); k, v (n, n_kv, T, hd) new keys and values; slots (n,); pos (n, T); spans, masks: one per
-    row, as attention_spans gives them. -> (n, nh, T, hd)"""
+    row, as attention_spans gives them; attend: SDPA, or a family's own with its signature (Gemma 2's soft-capped
+    scores). -> (n, nh, T, hd)"""
     cache.update_rows(slots, pos, k, v)
     # One SDPA call per row on a view of its own cache row: no gather copy, no padding to the longest row, and
     # each row computes exactly what the same sequence decoded alone computes.
     out = [
-        F.scaled_dot_product_attention(q[i : i + 1], cache.k[s : s + 1, :, span].to(q.dtype), cache.v[s : s + 1, :, span].to(q.dtype),
-                                       attn_mask=mask, **sdpa)
+        attend(q[i : i + 1], cache.k[s : s + 1, :, span].to(q.dtype), cache.v[s : s + 1, :, span].to(q.dtype),
+               attn_mask=mask, **sdpa)
         for i, (s, span, mask) in enumerate(zip(slots.tolist(), spans, masks))
     ]  # n x (1, nh, T, hd)
     return torch.cat(out)
+
+
+def attend(cache: KVCache | None, q, k, v, mask, input_pos, kv_span, slots, **sdpa) -> torch.Tensor:
+    """Causal attention of the new queries q (B, nh, T, hd) with their keys and values k, v (B, n_kv, T, hd):
+    uncached (input_pos None: causal over the new tokens, or `mask`), through the cache at positions input_pos
+    (attending to the kv_span it can see), or each row in its own cache row (slots). sdpa: SDPA's scale, enable_gqa.
+    -> (B, nh, T, hd)"""
+    if slots is not None:
+        return attend_rows(cache, q, k, v, slots, input_pos, kv_span, mask, **sdpa)
+    if input_pos is not None:
+        k, v = cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd): what the chunk sees
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, **sdpa)
 
 
 def decodes_alone(x: torch.Tensor, input_pos, slots, cache: KVCache | None) -> bool:
@@ -183,6 +198,19 @@ def row_spans(pos: torch.Tensor, window: int | None):
     return full, None if window is None else tuple(zip(*(s for _, s in per_row)))
 
 
+def forward_spans(T: int, input_pos, slots, window: int | None, has_cache: bool, device=None):
+    """A stack's forward pass of T new tokens -> (their positions, (span, mask) of full layers, of sliding ones).
+    Uncached (input_pos None): positions 0..T-1, full layers causal by SDPA's is_causal (None, None), sliding ones
+    their window's mask. Cached: attention_spans of input_pos (T,), or row_spans of each row's (B, T) with slots."""
+    if input_pos is None:
+        pos = torch.arange(T, device=device)
+        return pos, (None, None), attention_spans(pos, window)[1]
+    if not has_cache:
+        raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
+    full, sliding = attention_spans(input_pos, window) if slots is None else row_spans(input_pos, window)
+    return input_pos, full, sliding
+
+
 class RMSNorm(nn.Module):
     """LlamaRMSNorm: normalize in fp32, cast back, then scale (the weight multiplies in the input dtype)."""
 
@@ -202,6 +230,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Aliased(nn.Module):
+    """A module that keeps transformers' names for its parts (GPT-2's `transformer.wte`, `h`, `ln_f`, a block's `attn`)
+    and also answers to the names this runtime reads (`model.embed_tokens`, `layers`, `norm`, `self_attn`): ALIASES
+    maps a runtime name to the module's own attribute path. Reading and assigning an alias reach the part under its
+    own name, so state_dict keys stay transformers' and quantization's swaps (an Int8Embedding for a tied embedding)
+    land where the checkpoint has them."""
+
+    ALIASES: dict[str, str] = {}
+
+    def __getattr__(self, name: str):
+        path = type(self).ALIASES.get(name)
+        if path is None:
+            return super().__getattr__(name)
+        module = self
+        for part in path.split("."):
+            module = getattr(module, part)
+        return module
+
+    def __setattr__(self, name: str, value) -> None:
+        path = type(self).ALIASES.get(name, name)
+        owner, _, attr = path.rpartition(".")
+        nn.Module.__setattr__(self.get_submodule(owner) if owner else self, attr, value)
 
 
 # ------------------------------------------------------------------------------------------- the wrapper

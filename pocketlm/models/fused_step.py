@@ -13,8 +13,8 @@ llama.cpp does the same with its graph: built once, computed per token with no i
 The step reads the layers as they are when it is built (at the first decoded token after setup_cache, which
 drops it) and holds on to every tensor it points at, so a pointer never outlives its memory. It knows no family:
 the model says what the step needs (`model.fused_spec()`: norm offset, activation, attention and embedding scales,
-final softcap; `model.fused_layer(layer)`: RoPE tables and which norms), or raises Unsupported for what cpu.cpp's
-decode_step does not compute (partial rotary, attention softcapping, LayerNorm, ...): the modules then run.
+attention and final softcaps; `model.fused_layer(layer)`: RoPE tables and which norms), or raises Unsupported for what cpu.cpp's
+decode_step does not compute (partial rotary, LayerNorm, a parallel block, ...): the modules then run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pocketlm import kernels
+from pocketlm.models import lora
 
 I64, F32, P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 # Tokens of one sequence per call (a speculative verify pass is k + 1, a short prompt chunk); a longer prompt chunk
@@ -52,6 +53,7 @@ class Model(ctypes.Structure):
         ("n_layers", I64), ("D", I64), ("nh", I64), ("n_kv", I64), ("hd", I64), ("F", I64), ("S", I64),
         ("eps", F32), ("norm_offset", F32), ("attn_scale", F32), ("embed_scale", F32), ("gelu", I64),
         ("embed", P), ("embed_scales", P), ("final_norm", P), ("head", Linear), ("layers", P), ("kv_half", I64),
+        ("attn_softcap", F32),
     ]  # fmt: skip
 
 
@@ -62,7 +64,7 @@ class DraftHeadStruct(ctypes.Structure):
 
 
 class Unsupported(Exception):
-    """A part the fused step has no kernel for (a LoRA wrapper, bf16 weights, a family's own arithmetic, ...): the
+    """A part the fused step has no kernel for (peft's LoRA wrapper, bf16 weights, a family's own arithmetic, ...): the
     modules run instead."""
 
 
@@ -77,6 +79,7 @@ class FusedSpec:
     attn_scale: float  # softmax(q k^T * attn_scale)
     embed_scale: float = 1.0  # the embedding's rows times this (Gemma: sqrt(D))
     final_softcap: float | None = None  # logits = tanh(logits / cap) * cap
+    attn_softcap: float | None = None  # attention scores = tanh(scores / cap) * cap (Gemma 2)
 
 
 class FusedStep:
@@ -100,6 +103,7 @@ class FusedStep:
             embed_scale=spec.embed_scale, gelu=int(spec.gelu),
             embed=embed, embed_scales=embed_scales, final_norm=self.vector(inner.norm.weight),
             head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers), kv_half=int(cache.k.dtype == torch.float16),
+            attn_softcap=spec.attn_softcap or 0.0,
         )  # fmt: skip
 
     def pointer(self, t: torch.Tensor) -> int:
@@ -116,9 +120,12 @@ class FusedStep:
         return self.pointer(t.detach())
 
     def linear(self, module: nn.Module) -> Linear:
+        from pocketlm.models.lora import LoraLinear
         from pocketlm.quant.int4 import Int4Linear
         from pocketlm.quant.int8 import Int8Linear
 
+        if isinstance(module, LoraLinear):  # the shared base layer: fused_logits runs no pass that selects an adapter
+            module = module.base_layer
         bias = self.vector(module.bias)
         if isinstance(module, Int4Linear):
             if module.packed is None:
@@ -193,6 +200,8 @@ def fused_logits(model: nn.Module, idx: torch.Tensor, input_pos: torch.Tensor | 
     long prompt chunk, training, bf16): the modules run, and raise their own errors. hidden: an fp32 tensor of
     (B * T or 1 with last_only, D) that receives the same rows' final-norm hidden states."""
     if input_pos is None or idx.dim() != 2 or torch.is_grad_enabled() or not model.model.has_cache:
+        return None
+    if lora.selected(model):  # the step computes the base layers only: an adapter's update runs in the modules
         return None
     B, T = idx.shape
     if last_only and B != 1:

@@ -115,9 +115,10 @@ def finish_loading(model: nn.Module) -> None:
             module.scales_and_zeros = aligned(module.scales_and_zeros.to(torch.bfloat16))  # saved as bf16: lossless
             module.pack()
         elif isinstance(module, Int8Linear):
-            module.weight = aligned(module.weight)
             module.scales = aligned(module.scales.to(torch.bfloat16))
-            module.pack()
+            if module.packed_weight is None:  # else made in the kernel's layout already (pocketlm/quant/from_gguf.py)
+                module.weight = aligned(module.weight)
+                module.pack()
     _tie_embedding(model)
 
 

@@ -621,6 +621,8 @@ def _awq_layer(layer: nn.Module, plan: dict[str, str], xs, args, cfg: CalibConfi
     for name in names:
         if name not in AWQ_FOLDS:
             continue  # nothing before it to fold a scale into: plain round-to-nearest with clipping
+        if name == "self_attn.qkv_proj" and getattr(layer, "parallel", False):
+            continue  # a parallel block (Phi-2): the norm before q/k/v feeds the MLP too, so no scale folds into it
         st = stats[name]
         w = layer.get_submodule(name).weight.detach().float()
         s, _, _ = awq_scale(w, st.H, st.x_mean, plan[name], cfg.awq_grid, tie=tie_heads if name == "self_attn.o_proj" else None)

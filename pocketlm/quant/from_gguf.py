@@ -30,7 +30,7 @@ from pocketlm.formats.gguf import ARCHITECTURES, GGUFFile, TensorInfo, _hf_name,
 from pocketlm.formats.gguf_quants import _f16, _k_scale_min, _nibbles, dequantize
 from pocketlm.quant import QuantScheme
 from pocketlm.quant.int4 import Int4Linear, pack_nibbles, quantize_groups
-from pocketlm.quant.int8 import Int8Embedding, int8_rows
+from pocketlm.quant.int8 import Int8Embedding, Int8Linear, int8_rows
 
 GRID_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)  # blocks whose 32-wide groups are Int4Linear's groups of 32
 CHUNK_ROWS = 1024  # rows dequantized at a time: a 7B model's (14336, 4096) layer holds 16 MB of float, not 235
@@ -133,16 +133,18 @@ def release(info: TensorInfo) -> None:
         mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.n_bytes - start)
 
 
-def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, Int4Linear]]:
+def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.nn.Module]]:
     """The state dict of the model `config` describes (gguf.py's config of f) quantized by `scheme`, as
     `pocketlm.quant.write_quantized` would save it (fused q/k/v and gate/up, int4 or int8 layers, float norms), and
-    the modules made ready instead, by name: int4 layers in the kernels' layout, an untied embedding's int8 rows."""
+    the modules made ready instead, by name: int4 and int8 layers in the kernels' layouts, an untied embedding's int8
+    rows."""
     arch = ARCHITECTURES[f.architecture]
     by_hf_name = {_hf_name(name, arch.block_names, arch.top_names, arch.blocks): info for name, info in f.tensors.items()}
     by_hf_name = {k: v for k, v in by_hf_name.items() if k is not None}
     embed = arch.top_names["token_embd"]  # model.embed_tokens; GPT-2's transformer.wte
     positions = arch.top_names.get("position_embd")  # GPT-2's learned positions (transformer.wpe): a float table
-    if "lm_head.weight" not in by_hf_name:  # tied: the head is the embedding's table
+    tied = "lm_head.weight" not in by_hf_name
+    if tied:  # the head is the embedding's table: int8 rows, which the embedding looks up too
         by_hf_name["lm_head.weight"] = by_hf_name.pop(f"{embed}.weight")
     row_orders = _row_orders(f, arch, config)
 
@@ -175,6 +177,8 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         parts = [by_hf_name[n] for n in names]
         target = f"{parent}.{fused}" if fused else module
         layer_kind = scheme.head if module == "lm_head" else scheme.weights
+        if module == "lm_head" and not tied and scheme.weights == "int4" and info.ggml_type in GRID_TYPES:
+            layer_kind = "int4"  # an untied head already on a 4-bit grid: as the file has it (int8 would read 1.8x the bytes)
         K = parts[0].shape[1]
         biases = [by_hf_name.get(n.removesuffix("weight") + "bias") for n in names]
         orders = [row_orders.get(p.name) for p in parts]
@@ -195,6 +199,12 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
             del w
         else:  # int8 rows (int4-mixed: the tensors off 4-bit grids; Q5, Q6 and Q8 types never lie on them)
             buffers = int8_layer(parts, orders)
+            if module != "lm_head" and kernels.int8_kernel_on() and K % 32 == 0:
+                # made ready in the kernel's layout now, its plain rows let go: kept in the state dict until the
+                # model is built, every int8 layer's rows beside its layout made a 3B Q4_K_M's peak 1.1 GB higher
+                bias = torch.cat([float_tensor(b.name, b) for b in biases]) if all(biases) else None
+                ready[target] = Int8Linear.of_rows(buffers["weight"], buffers["scales"], bias)
+                buffers, biases = {}, []
         for key, value in buffers.items():
             state_dict[f"{target}.{key}"] = value
         if any(b is not None for b in biases):

@@ -97,6 +97,15 @@ class Int8Linear(nn.Module):
         self._buffers["weight"] = self.weight
 
     @classmethod
+    def of_rows(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """A layer of int8 rows (N, K) and their bf16 scales (N,), laid out for its kernel (pack)."""
+        q = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        q._buffers["weight"], q.scales = weight, scales
+        if bias is not None:
+            q.bias = nn.Parameter(bias, requires_grad=False)
+        return q.pack()
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
         q.weight, q.scales = int8_rows(linear.weight.detach())

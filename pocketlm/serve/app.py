@@ -21,10 +21,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pocketlm import registry
+from pocketlm import named, registry
 from pocketlm.errors import PocketLMError
 from pocketlm.serve import openai_compat as oa
-from pocketlm.serve import openapi
+from pocketlm.serve import ollama_compat, openapi
 from pocketlm.serve.config import ServerConfig
 from pocketlm.serve.guard import Guard
 from pocketlm.serve.metrics import Metrics
@@ -33,7 +33,8 @@ from pocketlm.serve.scheduler import Job, ModelPool, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics", "/api/ps",
-          "/openapi.json", "/")
+          "/openapi.json", "/", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags", "/api/show",
+          "/api/version", "/api/pull", "/api/create", "/api/copy", "/api/delete")
 
 
 class SafeJSONResponse(JSONResponse):
@@ -46,13 +47,43 @@ class SafeJSONResponse(JSONResponse):
 
 def served_models(config: ServerConfig) -> dict[str, tuple[str, str]]:
     """name -> (what to load: a registry name or a path, kind: "chat", "base" or "embed")."""
+    if config.adapters and not config.models:
+        raise PocketLMError("--lora serves adapters over a base model: name it first (pocketlm serve MODEL --lora NAME=PATH)")
     if not config.models:
-        return {e.name: (e.name, e.kind) for e in registry.ENTRIES if registry.is_installed(e)}
+        out = {e.name: (e.name, e.kind) for e in registry.ENTRIES if registry.is_installed(e)}
+        for record in named.all_named():  # created models (pocketlm create) whose base is installed
+            try:
+                base = registry.lookup(named.base_of(record.name))
+            except PocketLMError:  # records that point to each other: `pocketlm run` names the loop
+                continue
+            if base is not None and base.name in out:
+                out[record.name] = (record.name, base.kind)
+        return out
     out = {}
     for ref in config.models:
         name, _ = registry.resolve(ref)  # fails now, with the usual message, for a model that is not there
-        entry = registry.lookup(ref)
+        entry = registry.lookup(named.base_of(ref))  # a created model's kind is its base's
         out[name] = (ref, entry.kind if entry else "chat")
+    return with_adapters(out, config.adapters)
+
+
+def with_adapters(models: dict[str, tuple[str, str]], adapters: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """models plus --lora's adapters, each a model of its own over the first one (ModelPool loads them with it).
+    Every adapter is checked now against its base's shapes: one that is not there, or is for another model, fails
+    here in one line rather than at its first request."""
+    if not adapters:
+        return models
+    from pocketlm.load import check_adapters
+
+    base, (ref, kind) = next(iter(models.items()))
+    if kind == "embed":
+        raise PocketLMError(f"--lora: {base} is an embedding model; LoRA adapters are served over a generative model")
+    out = dict(models)
+    for name, path in adapters.items():
+        if name in out:
+            raise PocketLMError(f"--lora {name}={path}: {name} is already the name of a served model; give the adapter another")
+        out[name] = (ref, kind)
+    check_adapters(ref, adapters)
     return out
 
 
@@ -256,7 +287,14 @@ def create_app(config: ServerConfig) -> Starlette:
         return SafeJSONResponse(oa.embedding_response(event, base64=body.get("encoding_format") == "base64"))
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "pocketlm", "kind": models[name][1]}
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "pocketlm", "kind": models[name][1]}
+        try:  # the sampling defaults a client applies to what it leaves unset (`pocketlm run --server`)
+            card["defaults"] = registry.defaults(models[name][0]).params
+        except PocketLMError:
+            card["defaults"] = {}
+        if name in config.adapters:  # a LoRA adapter, as vLLM lists one: its folder and its base model
+            card.update(root=config.adapters[name], parent=pool.lora[name])
+        return card
 
     async def list_models(request: Request) -> Response:
         return SafeJSONResponse({"object": "list", "data": [model_card(n) for n in names]})
@@ -279,9 +317,6 @@ def create_app(config: ServerConfig) -> Starlette:
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def ps(request: Request) -> Response:
-        return SafeJSONResponse({"models": pool.snapshot(), "queue_depth": scheduler.depth()})
-
     async def openapi_json(request: Request) -> Response:
         return SafeJSONResponse(described)
 
@@ -294,6 +329,8 @@ def create_app(config: ServerConfig) -> Starlette:
     # falls back to a fixed body if even that fails.
 
     async def api_error(request: Request, exc: oa.APIError) -> Response:
+        if request.url.path.startswith("/api/"):  # Ollama's routes: Ollama's error shape
+            return SafeJSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         return SafeJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -319,7 +356,7 @@ def create_app(config: ServerConfig) -> Starlette:
             Route("/v1/models/{name:path}", get_model),
             Route("/health", health),
             Route("/metrics", metrics_page),
-            Route("/api/ps", ps),
+            *ollama_compat.routes(ollama_compat.Served(config, models, names, pool, read_json, submit, next_event, failed, ClientGone)),
             Route("/openapi.json", openapi_json),
             Route("/", index),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -364,7 +401,7 @@ def serve(config: ServerConfig) -> None:
     listening = bind(config.host, config.port)  # a busy port fails here, in one line, before "serving on"
     app = create_app(config)
     print(f"pocketlm: serving {', '.join(app.state.pool.refs)} on http://{config.host}:{config.port} "
-          f"(OpenAI API under /v1, chat page at /)", flush=True)
+          f"(OpenAI API under /v1, Ollama's under /api, chat page at /)", flush=True)
     # A short graceful shutdown: open streams must not keep Ctrl-C waiting.
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     server.run(sockets=[listening])

@@ -22,7 +22,8 @@ def call(server: str, path: str, body: dict | None, api_key: str | None, timeout
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         try:
-            message = json.load(e)["error"]["message"]
+            error = json.load(e)["error"]
+            message = error if isinstance(error, str) else error["message"]  # Ollama's shape (/api/*), or OpenAI's
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {e.code}"
         raise PocketLMError(f"the server at {server} said: {message}") from None
@@ -95,11 +96,34 @@ class Streamed:
 
 def texts(args, model: str, params, messages: list[dict] | None = None, prompt: str | None = None) -> Streamed:
     """The server's answer as it streams: to chat messages, or a raw prompt continued."""
+    constraint = constraint_fields(args)  # --grammar / --json-schema: the server constrains the answer
     if messages is None:
-        chunks = stream(args.server, "/v1/completions", {"model": model, "prompt": prompt, **request_params(params)}, args.api_key)
-        return Streamed(chunks, chat=False)
-    chunks = stream(args.server, "/v1/chat/completions", {"model": model, "messages": messages, **request_params(params)}, args.api_key)
-    return Streamed(chunks, chat=True)
+        body = {"model": model, "prompt": prompt, **request_params(params), **constraint}
+        return Streamed(stream(args.server, "/v1/completions", body, args.api_key), chat=False)
+    body = {"model": model, "messages": messages, **request_params(params), **constraint}
+    return Streamed(stream(args.server, "/v1/chat/completions", body, args.api_key), chat=True)
+
+
+def constraint_fields(args) -> dict:
+    """run and chat's --grammar FILE (GBNF, or Lark) and --json-schema FILE as the request fields llama.cpp's server
+    names them ({"grammar": text} or {"json_schema": schema}); a local run compiles the same (constrain.compile_grammar)."""
+    grammar, schema = getattr(args, "grammar", None), getattr(args, "json_schema", None)
+    if grammar and schema:
+        raise PocketLMError("give --grammar or --json-schema, not both")
+    flag, path = ("--grammar", grammar) if grammar else ("--json-schema", schema)
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PocketLMError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if grammar:
+        return {"grammar": text}
+    try:
+        return {"json_schema": json.loads(text)}
+    except ValueError as e:
+        raise PocketLMError(f"{flag} {path} is not JSON ({e})") from None
 
 
 def model_info(args, model: str) -> tuple[str, str]:
@@ -110,6 +134,16 @@ def model_info(args, model: str) -> tuple[str, str]:
     name = entry.name if entry else model
     with call(args.server, f"/v1/models/{name}", None, args.api_key) as response:
         return name, json.load(response)["kind"]
+
+
+def model_defaults(args, model: str) -> dict:
+    """The served model's sampling defaults (a created model's parameters, its generation_config.json), which a
+    local run of it would apply to the flags left out."""
+    from pocketlm import registry
+
+    entry = registry.lookup(model)
+    with call(args.server, f"/v1/models/{entry.name if entry else model}", None, args.api_key) as response:
+        return json.load(response).get("defaults") or {}
 
 
 def remote_answer(args, model: str, prompt: str, params):

@@ -25,6 +25,7 @@ class ServerConfig:
     quant: str = "none"
     draft: str | None = None  # a model with the served chat models' tokenizer: speculative decoding (engine/batch.py)
     draft_tokens: int = 4  # tokens it proposes per check
+    adapters: dict[str, str] = field(default_factory=dict)  # --lora NAME=PATH: LoRA adapters served unmerged over the first model
 
     def __post_init__(self) -> None:
         for name in ("max_loaded", "max_batch", "max_queue", "max_body_bytes", "default_max_tokens", "max_n", "threads", "draft_tokens"):

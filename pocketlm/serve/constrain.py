@@ -65,12 +65,47 @@ def tool_grammar(tools: list[dict], required: bool) -> str:
     return check(_llg().LLMatcher.grammar_from_lark(lark))
 
 
-def check(grammar: str) -> str:
-    """Raise PocketLMError for a grammar llguidance refuses (an unsupported or broken schema)."""
+def check(grammar: str, what: str = "schema") -> str:
+    """Raise PocketLMError for a grammar llguidance refuses (an unsupported or broken schema, grammar or regex)."""
     error = _llg().LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise PocketLMError(f"cannot use this schema: {error}")
+        raise PocketLMError(f"cannot use this {what}: {one_line(error)}")
     return grammar
+
+
+def one_line(error: str) -> str:
+    """llguidance's message (a first line, the source with a caret under the spot, an "error: ..." line) in one line."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    return " ".join([lines[0], *(line for line in lines[1:] if line.startswith("error:"))])
+
+
+def compile_grammar(kind: str, source) -> str:
+    """A constraint as the requests of other servers give it -> an llguidance grammar. kind: "grammar" (GBNF, as
+    llama.cpp's grammars/README.md; Lark's syntax is told apart and taken too), "regex" (the whole answer matches it;
+    Rust's regex syntax), "json_schema" (a schema, as a dict or its JSON text) or "choice" (a list of strings: the
+    answer is one of them). llguidance converts each (its grammar_from, as vLLM's guidance backend uses it)."""
+    llg = _llg()
+    what = {"grammar": "grammar", "regex": "regex", "json_schema": "schema", "choice": "choice"}[kind]
+    if kind == "json_schema":
+        if isinstance(source, str):
+            try:
+                source = json.loads(source)
+            except ValueError as e:
+                raise PocketLMError(f"the JSON schema is not valid JSON ({e})") from None
+        if not isinstance(source, (dict, bool)):
+            raise PocketLMError("a JSON schema must be an object")
+        return json_schema_grammar(source)
+    if kind == "choice":
+        if not (isinstance(source, list) and source and all(isinstance(c, str) and c for c in source)):
+            raise PocketLMError("the choices must be a non-empty array of non-empty strings")
+        source = json.dumps(source)
+    elif not isinstance(source, str) or not source.strip():
+        raise PocketLMError(f"the {what} must be a non-empty string")
+    try:
+        grammar = llg.grammar_from("gbnf" if kind == "grammar" else kind, source)
+    except ValueError as e:  # GBNF that does not parse
+        raise PocketLMError(f"cannot use this {what}: {one_line(str(e))}") from None
+    return check(grammar, what)
 
 
 @lru_cache(maxsize=4)

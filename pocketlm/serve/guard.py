@@ -22,7 +22,7 @@ from pocketlm.serve.config import ServerConfig
 OPEN_PATHS = ("/", "/health")  # the page itself and the health probe (which lists nothing without the key)
 OPEN_PREFIXES = ("/static/",)  # the page's assets
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
-CORS_METHODS = "GET, POST, OPTIONS"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"  # DELETE: Ollama's /api/delete
 CORS_HEADERS = "Authorization, Content-Type"
 
 

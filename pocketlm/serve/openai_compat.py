@@ -19,6 +19,9 @@ from pocketlm.errors import PocketLMError
 from pocketlm.serve.protocol import Delta, EmbedRequest, Finished, GenerateRequest, Started
 
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's legacy API)
+MAX_LOGPROBS = 20  # completions' logprobs, as vLLM's default max_logprobs (OpenAI's legacy API took 5)
+# OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` list plus the end token (6 for humaneval)
+MAX_STOPS = 16
 MAX_WINDOW = 2**31 - 1  # repeat_last_n: more than any context (torch warns of slices past int64)
 SMALLEST = 1e-6  # a temperature or top_p below this samples as 0 does: the most likely token
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -131,8 +134,8 @@ def sampling(body: dict, config, max_tokens_names=("max_tokens",)) -> SamplingPa
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "'stop' must be a string or an array of at most 4 strings", "stop")
+    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop)):
+        raise APIError(400, f"'stop' must be a string or an array of at most {MAX_STOPS} strings", "stop")
     # top_p 0 keeps only the top token: greedy. So do values too small for float32 (a temperature of 1e-38
     # overflows the logits it divides; a top_p of 1e-49 is 0 in float32, which would drop every token).
     greedy = top_p < SMALLEST or temperature < SMALLEST
@@ -179,7 +182,22 @@ def common(body: dict, config, prompts, model: str, max_tokens_names) -> Generat
         logit_bias=logit_bias(body),
         presence_penalty=float(get(body, "presence_penalty", (int, float), 0.0, lo=-2, hi=2)),
         frequency_penalty=float(get(body, "frequency_penalty", (int, float), 0.0, lo=-2, hi=2)),
+        given=given_fields(body, max_tokens_names),
     )
+
+
+# request field -> SamplingParams field: what a request sets is its own, the rest the model's defaults (named.py)
+GIVEN = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop",
+         "repetition_penalty": "repetition_penalty", "repeat_last_n": "repeat_last_n"}
+
+
+def given_fields(body: dict, max_tokens_names) -> set[str]:
+    given = {GIVEN[k] for k in GIVEN if body.get(k) is not None}
+    if any(body.get(k) is not None for k in max_tokens_names):
+        given.add("max_new_tokens")
+    if isinstance(body.get("top_p"), (int, float)) and body["top_p"] < SMALLEST:  # greedy, whatever the model's temperature
+        given.add("temperature")
+    return given
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -214,9 +232,9 @@ def parse_chat(body: dict, config, available: list[str], default: str | None) ->
 
     tools, required = tool_choice(body)
     try:
-        request.grammar = response_format_grammar(body)
+        request.grammar = output_constraint(body)
         if tools and request.grammar:
-            raise APIError(400, "use either 'tools' or a JSON 'response_format', not both", "response_format")
+            raise APIError(400, "use either 'tools' or an output constraint ('response_format', 'grammar', ...), not both", "tools")
         if tools:
             messages[:] = with_tool_prompt(messages, tools)  # the list request.prompts holds
             request.grammar = constrain.tool_grammar(tools, required)
@@ -304,18 +322,89 @@ def response_format_grammar(body: dict) -> str | None:
 
 def parse_completion(body: dict, config, available: list[str], default: str | None) -> Plan:
     model = pick_model(body, available, default)
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise APIError(400, "'prompt' must be a string or a non-empty array of strings", "prompt")
-    request = common(body, config, prompts, model, ("max_tokens",))
-    if body.get("max_tokens") is None:  # the legacy API's default; null means the default too, as in OpenAI's API
+    prompts = completion_prompts(body.get("prompt"))
+    max_tokens = get(body, "max_tokens", (int,), lo=0)  # 0: the prompt alone (with echo: scored), as vLLM
+    request = common({**body, "max_tokens": max_tokens or None}, config, prompts, model, ("max_tokens",))
+    if max_tokens is None:  # the legacy API's default; null means the default too, as in OpenAI's API
         request.params.max_new_tokens = COMPLETION_MAX_TOKENS
+    request.no_new_tokens = max_tokens == 0
     stream, include_usage = stream_options(body)
-    request.logprobs = get(body, "logprobs", (int,), None, lo=0, hi=5)
-    if body.get("echo") or body.get("suffix") or get(body, "best_of", (int,), 1, lo=1, hi=1) != 1:
-        raise APIError(400, "'echo', 'suffix' and 'best_of' are not supported", "echo")
+    request.logprobs = get(body, "logprobs", (int,), None, lo=0, hi=MAX_LOGPROBS)
+    request.echo = get(body, "echo", (bool,), False)
+    request.end_token_logprob = True
+    if body.get("suffix") or get(body, "best_of", (int,), 1, lo=1, hi=1) != 1:
+        raise APIError(400, "'suffix' and 'best_of' are not supported", "suffix" if body.get("suffix") else "best_of")
+    request.grammar = output_constraint(body)
     return Plan("completion", request, stream, include_usage)
+
+
+def completion_prompts(prompt) -> list[str | list[int]]:
+    """'prompt': a string, an array of strings, an array of token ids, or an array of token-id arrays (what
+    lm-evaluation-harness sends: its own tokenization of each request)."""
+    def token_ids(p) -> bool:
+        return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p)
+
+    if isinstance(prompt, str) or token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_ids(p) for p in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a string, an array of strings, an array of token ids (integers >= 0) or an "
+                   "array of such arrays", "prompt")
+
+
+# Output constraints as other servers name them (request field -> constrain.compile_grammar's kind). Every one goes
+# through the same constrained decoding as response_format and tools.
+CONSTRAINT_FIELDS = {
+    "grammar": "grammar",  # llama.cpp's server: GBNF (TGI's {"type": "json" | "regex", "value"} is taken too)
+    "json_schema": "json_schema",  # llama.cpp's server, SGLang
+    "regex": "regex",  # SGLang
+    "ebnf": "grammar",  # SGLang (xgrammar's EBNF, which is GBNF)
+    "guided_grammar": "grammar",  # vLLM's guided decoding (GBNF, or Lark: told apart)
+    "guided_regex": "regex",
+    "guided_json": "json_schema",
+    "guided_choice": "choice",
+}
+STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}  # vLLM's newer object
+# An unknown field whose name says it constrains the output is refused (400, naming it), never ignored: vLLM's
+# guided_decoding_backend, guided_whitespace_pattern, structural_tag, llama.cpp's grammar_lazy, grammar_triggers,
+# Ollama's format, ... Other unknown fields are ignored, as in OpenAI's API: clients send many of their own.
+CONSTRAINT_LIKE = re.compile(r"grammar|regex|guided|schema|structur|constrain|ebnf|lark|choice|^format$|allowed_token|bad_words")
+CONSTRAINTS_HANDLED = {*CONSTRAINT_FIELDS, "structured_outputs", "response_format", "tool_choice"}
+SUPPORTED_CONSTRAINTS = "grammar (GBNF), regex, json_schema, guided_grammar, guided_regex, guided_json, guided_choice, response_format"
+
+
+def output_constraint(body: dict) -> str | None:
+    """The llguidance grammar the output must match, from whichever field gives it (one per request), or None."""
+    from pocketlm.serve import constrain
+
+    unknown = sorted(k for k in body if k not in CONSTRAINTS_HANDLED and CONSTRAINT_LIKE.search(k) and body[k] not in (None, False))
+    if unknown:
+        raise APIError(400, f"'{unknown[0]}' is not supported by this server, and an output constraint is never ignored; "
+                       f"constrain the output with one of {SUPPORTED_CONSTRAINTS}", unknown[0])
+    given = {name: body[name] for name in CONSTRAINT_FIELDS if body.get(name) is not None}
+    for key, value in get(body, "structured_outputs", (dict,), {}).items():
+        if key not in STRUCTURED_OUTPUTS:
+            raise APIError(400, f"'structured_outputs.{key}' is not supported; use one of {', '.join(STRUCTURED_OUTPUTS)}",
+                           f"structured_outputs.{key}")
+        if value is not None:
+            given[f"structured_outputs.{key}"] = value
+    if get(body, "response_format", (dict,), {"type": "text"}).get("type") != "text":
+        given["response_format"] = body["response_format"]
+    if len(given) > 1:
+        raise APIError(400, f"give one output constraint, not several ({', '.join(given)})", list(given)[1])
+    if not given:
+        return None
+    name, value = given.popitem()
+    kind = CONSTRAINT_FIELDS.get(name) or STRUCTURED_OUTPUTS.get(name.rpartition(".")[2])
+    if name == "grammar" and isinstance(value, dict):  # TGI's grammar object
+        kind = {"json": "json_schema", "json_object": "json_schema", "regex": "regex"}.get(value.get("type"))
+        if kind is None:
+            raise APIError(400, "'grammar' must be a GBNF grammar (a string) or {\"type\": \"json\" or \"regex\", \"value\": ...}", name)
+        value = value.get("value")
+    try:
+        return response_format_grammar(body) if name == "response_format" else constrain.compile_grammar(kind, value)
+    except PocketLMError as e:
+        raise APIError(400, f"'{name}': {e}", name) from None
 
 
 def parse_embedding(body: dict, available: list[str], default: str | None) -> EmbedRequest:
@@ -343,17 +432,27 @@ def chat_logprobs(delta: Delta) -> dict:
     return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(s, p) for s, p in t.top]} for t in delta.logprobs]}
 
 
-def completion_logprobs(delta: Delta, offset: int) -> dict:
-    offsets, at = [], offset
-    for t in delta.logprobs:
-        offsets.append(at)
-        at += len(t.token)
-    return {
-        "tokens": [t.token for t in delta.logprobs],
-        "token_logprobs": [finite(t.logprob) for t in delta.logprobs],
-        "top_logprobs": [{s: finite(p) for s, p in t.top} for t in delta.logprobs],
-        "text_offset": offsets,
-    }
+def completion_logprobs(deltas: list[Delta], offset: int) -> dict:
+    """OpenAI's legacy logprobs of one choice's deltas. text_offset counts characters from the prompt's start
+    (offset: where the first delta's text starts); a prompt's first token (echo) has null log-probs."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for delta in deltas:
+        at = offset
+        for t in delta.logprobs:
+            out["tokens"].append(t.token)
+            out["token_logprobs"].append(None if t.logprob is None else finite(t.logprob))
+            out["top_logprobs"].append(None if t.top is None else {s: finite(p) for s, p in t.top})
+            out["text_offset"].append(at)
+            at += len(t.token)
+        offset += len(delta.text)
+    return out
+
+
+def text_start(plan: Plan, started: Started, i: int) -> int:
+    """Where choice i's text starts, counted from its prompt's start: 0 when it echoes the prompt."""
+    if plan.request.echo or not started.prompt_chars:
+        return 0
+    return started.prompt_chars[i // plan.request.n]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -385,11 +484,13 @@ def response(plan: Plan, events: list) -> dict:
     started = next(e for e in events if isinstance(e, Started))
     n_choices = len(plan.request.prompts) * plan.request.n
     texts, lps = [""] * n_choices, [[] for _ in range(n_choices)]
+    deltas = [[] for _ in range(n_choices)]
     finished = {e.index: e for e in events if isinstance(e, Finished)}
     for e in events:
         if isinstance(e, Delta):
             texts[e.index] += e.text
             lps[e.index].extend(e.logprobs)
+            deltas[e.index].append(e)
     want_logprobs = plan.request.logprobs is not None
     choices = []
     for i in range(n_choices):
@@ -402,7 +503,7 @@ def response(plan: Plan, events: list) -> dict:
             logprobs = chat_logprobs(Delta(i, "", lps[i])) if want_logprobs else None
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         else:
-            logprobs = completion_logprobs(Delta(i, "", lps[i]), 0) if want_logprobs else None
+            logprobs = completion_logprobs(deltas[i], text_start(plan, started, i)) if want_logprobs else None
             choices.append({"index": i, "text": texts[i], "logprobs": logprobs, "finish_reason": reason})
     completion_tokens = sum(f.completion_tokens for f in finished.values())
     return {
@@ -436,9 +537,9 @@ class Streamer:
         if isinstance(event, Delta):
             i = event.index
             if plan.kind == "completion":
-                offset = self.offsets.get(i, 0)
+                offset = self.offsets.get(i, text_start(plan, self.started, i))
                 self.offsets[i] = offset + len(event.text)
-                logprobs = completion_logprobs(event, offset) if plan.request.logprobs is not None else None
+                logprobs = completion_logprobs([event], offset) if plan.request.logprobs is not None else None
                 return [self.chunk([{"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": None}])]
             if plan.tools:  # a call is only known to be one (and complete) at the end
                 self.buffered[i] = self.buffered.get(i, "") + event.text

@@ -5,7 +5,7 @@ generator or a fuzzer reads). Data, no torch.
 
 from __future__ import annotations
 
-from pocketlm.serve.openai_compat import COMPLETION_MAX_TOKENS, MAX_WINDOW, ROLES
+from pocketlm.serve.openai_compat import COMPLETION_MAX_TOKENS, CONSTRAINT_FIELDS, MAX_LOGPROBS, MAX_STOPS, MAX_WINDOW, ROLES
 
 NUMBER = {"type": "number"}
 STRING = {"type": "string"}
@@ -43,7 +43,12 @@ TOOL = {
         "name": STRING, "description": STRING, "parameters": {"type": "object"}}, "required": ["name"]}},
     "required": ["function"],
 }
-STOP = {"anyOf": [STRING, {"type": "array", "items": STRING, "maxItems": 4}, {"type": "null"}]}
+TOKEN_IDS = {"type": "array", "items": integer(0), "minItems": 1}
+# Not listed as properties: one request takes one of them (a fuzzer drawing each optional field would send several)
+CONSTRAINED = (f"The output may be constrained by one of the fields {', '.join(CONSTRAINT_FIELDS)} (GBNF, regular "
+               "expressions, JSON schemas, a list of choices; as llama.cpp's server, SGLang and vLLM name them), vLLM's "
+               "structured_outputs, or response_format; any other field that looks like a constraint is a 400.")
+STOP = {"anyOf": [STRING, {"type": "array", "items": STRING, "maxItems": MAX_STOPS}, {"type": "null"}]}
 
 # fields both generation routes take (OpenAI's, then vLLM's and llama.cpp's sampler names)
 SAMPLING = {
@@ -84,6 +89,7 @@ def chat_request(config) -> dict:
                 "type": {"const": "function"}, "function": {"type": "object", "properties": {"name": STRING}, "required": ["name"]}}}]}),
         },
         "required": ["messages"],
+        "description": CONSTRAINED,
     }
 
 
@@ -91,15 +97,17 @@ def completion_request(config) -> dict:
     return {
         "type": "object",
         "properties": {
-            "prompt": {"anyOf": [STRING, {"type": "array", "items": STRING, "minItems": 1}]},
-            "max_tokens": nullable(integer(1, default=COMPLETION_MAX_TOKENS, description="null: the default")),
+            "prompt": {"anyOf": [STRING, {"type": "array", "items": STRING, "minItems": 1}, TOKEN_IDS,
+                                 {"type": "array", "items": TOKEN_IDS, "minItems": 1}]},
+            "max_tokens": nullable(integer(0, default=COMPLETION_MAX_TOKENS, description="null: the default; 0: the prompt alone")),
             **SAMPLING,
             "n": nullable(integer(1, config.max_n, description="choices per prompt")),
-            "logprobs": nullable(integer(0, 5)),
-            "echo": {"const": False},
+            "logprobs": nullable(integer(0, MAX_LOGPROBS)),
+            "echo": nullable({"type": "boolean", "default": False, "description": "the prompt, and with logprobs its tokens' log-probs, before the answer"}),
             "best_of": nullable(integer(1, 1)),
         },
         "required": ["prompt"],
+        "description": CONSTRAINED,
     }
 
 
@@ -143,11 +151,77 @@ def get(summary: str, media: str = "application/json", open_: bool = False) -> d
     return {"get": operation}
 
 
+# Ollama's API (ollama_compat.py), as its docs/api.md describes the bodies
+OLLAMA_OPTIONS = {"type": "object", "description": "Ollama's sampler options; hardware hints (num_thread, num_gpu, ...) are "
+                  "taken and left to the server; mirostat, tfs_z and typical_p only at their neutral values",
+                  "properties": {"temperature": number(0, 2, default=0.8), "top_k": integer(0, default=40),
+                                 "top_p": number(0, 1, default=0.9), "min_p": number(0, 0.99, default=0),
+                                 "num_predict": integer(-2, description="-1: up to the context window"),
+                                 "repeat_penalty": number(0.01, 10, default=1.1), "repeat_last_n": integer(-1, MAX_WINDOW, default=64),
+                                 "seed": integer(-(2**63), 2**64 - 1), "stop": {"anyOf": [STRING, {"type": "array", "items": STRING}]},
+                                 "num_ctx": integer(2), "presence_penalty": number(-2, 2), "frequency_penalty": number(-2, 2)}}
+KEEP_ALIVE = {"anyOf": [NUMBER, STRING], "description": "seconds or a duration (\"5m\"); 0 unloads; < 0 keeps the model loaded"}
+FORMAT = {"anyOf": [{"enum": ["", "json"]}, {"type": "object"}], "description": "\"json\" or a JSON schema the output follows"}
+OLLAMA_COMMON = {"model": STRING, "stream": {"type": "boolean", "default": True}, "options": OLLAMA_OPTIONS,
+                 "format": FORMAT, "keep_alive": KEEP_ALIVE, "think": {"const": False},
+                 "logprobs": {"type": "boolean"}, "top_logprobs": integer(0, 20)}
+OLLAMA_MESSAGE = {"type": "object", "properties": {
+    "role": {"enum": ["system", "user", "assistant", "tool"]}, "content": STRING, "tool_name": STRING,
+    "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"function": {"type": "object", "properties": {
+        "name": STRING, "arguments": {"type": "object"}}, "required": ["name"]}}, "required": ["function"]}}}, "required": ["role"]}
+OLLAMA_SCHEMAS = {
+    "OllamaChatRequest": {"type": "object", "properties": {**OLLAMA_COMMON, "messages": {"type": "array", "items": OLLAMA_MESSAGE},
+                                                           "tools": {"type": "array", "items": TOOL}}, "required": ["model"]},
+    "OllamaGenerateRequest": {"type": "object", "properties": {**OLLAMA_COMMON, "prompt": STRING, "system": STRING,
+                                                               "raw": {"type": "boolean"}}, "required": ["model"]},
+    "OllamaEmbedRequest": {"type": "object", "properties": {"model": STRING, "input": {"anyOf": [STRING, {"type": "array", "items": STRING, "minItems": 1}]},
+                                                            "dimensions": integer(1), "keep_alive": KEEP_ALIVE, "options": OLLAMA_OPTIONS},
+                           "required": ["model", "input"]},
+    "OllamaEmbeddingsRequest": {"type": "object", "properties": {"model": STRING, "prompt": STRING, "keep_alive": KEEP_ALIVE}, "required": ["model"]},
+    "OllamaModelRequest": {"type": "object", "properties": {"model": STRING, "stream": {"type": "boolean", "default": True}}, "required": ["model"]},
+    "OllamaCreateRequest": {"type": "object", "properties": {
+        "model": STRING, "from": STRING, "system": STRING, "template": {**STRING, "description": "a Jinja chat template"},
+        "parameters": {"type": "object", "description": "sampling defaults by Ollama's option names"},
+        "stream": {"type": "boolean", "default": True}}, "required": ["model", "from"]},
+    "OllamaCopyRequest": {"type": "object", "properties": {"source": STRING, "destination": STRING}, "required": ["source", "destination"]},
+}
+
+
+def ollama_post(summary: str, schema: str, method: str = "post", streams: bool = False) -> dict:
+    content = {"application/json": {"schema": {"type": "object"}}}
+    if streams:
+        content["application/x-ndjson"] = {"schema": STRING}
+    return {method: {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {"200": {"description": "the answer (NDJSON, one object a line, unless stream is false)" if streams else "OK",
+                              "content": content},
+                      "400": {"description": "a bad value", "content": {"application/json": {"schema": {
+                          "type": "object", "properties": {"error": STRING}, "required": ["error"]}}}}},
+    }}
+
+
+OLLAMA_PATHS = {
+    "/api/chat": ollama_post("Chat (Ollama)", "OllamaChatRequest", streams=True),
+    "/api/generate": ollama_post("Generate (Ollama); no prompt: load the model, keep_alive 0: unload it", "OllamaGenerateRequest", streams=True),
+    "/api/embed": ollama_post("Embeddings (Ollama)", "OllamaEmbedRequest"),
+    "/api/embeddings": ollama_post("One embedding (Ollama's older route)", "OllamaEmbeddingsRequest"),
+    "/api/tags": get("The served models (Ollama)"),
+    "/api/show": ollama_post("A model's Modelfile, parameters, template, details and model_info (Ollama)", "OllamaModelRequest"),
+    "/api/ps": get("Loaded models and their memory (Ollama's shape, with pocketlm's kind and memory_bytes)"),
+    "/api/version": get("The Ollama API version this server follows"),
+    "/api/pull": ollama_post("Install a registry model (pocketlm pull)", "OllamaModelRequest", streams=True),
+    "/api/create": ollama_post("A named model from a base (pocketlm create)", "OllamaCreateRequest", streams=True),
+    "/api/copy": ollama_post("Copy a model under a new name (pocketlm cp)", "OllamaCopyRequest"),
+    "/api/delete": ollama_post("Delete a created model", "OllamaModelRequest", method="delete"),
+}
+
+
 def spec(config) -> dict:
     keyed = bool(config.api_key)
     doc = {
         "openapi": "3.1.0",
-        "info": {"title": "pocketlm serve", "version": "1", "description": "OpenAI-compatible API of a local pocketlm server"},
+        "info": {"title": "pocketlm serve", "version": "1", "description": "OpenAI-compatible API (under /v1) and Ollama's (under /api) of a local pocketlm server"},
         "paths": {
             "/v1/chat/completions": post("Chat completion (OpenAI)", "ChatCompletionRequest"),
             "/v1/completions": post("Text completion (OpenAI's legacy API)", "CompletionRequest"),
@@ -157,7 +231,7 @@ def spec(config) -> dict:
                 {"name": "name", "in": "path", "required": True, "schema": STRING}]}},
             "/health": get("Liveness; the models and queue only with the key", open_=True),
             "/metrics": get("Prometheus metrics", "text/plain"),
-            "/api/ps": get("Loaded models and their memory"),
+            **OLLAMA_PATHS,
             "/openapi.json": get("This description"),
             "/": get("The chat page", "text/html", open_=True),
         },
@@ -166,6 +240,7 @@ def spec(config) -> dict:
             "CompletionRequest": completion_request(config),
             "EmbeddingRequest": EMBEDDING_REQUEST,
             "Error": ERROR,
+            **OLLAMA_SCHEMAS,
         }},
     }
     if keyed:

@@ -11,8 +11,9 @@ from pocketlm.engine.sampling import SamplingParams
 @dataclass
 class GenerateRequest:
     model: str
-    # One entry per prompt: a list of chat messages ({"role", "content"}) or a raw text to continue.
-    prompts: list[list[dict] | str]
+    # One entry per prompt: a list of chat messages ({"role", "content"}), a raw text to continue, or token ids to
+    # continue as they are (no BOS added: what lm-evaluation-harness sends)
+    prompts: list[list[dict] | str | list[int]]
     params: SamplingParams
     n: int = 1  # choices per prompt; choice index = prompt index * n + j
     logprobs: int | None = None  # None: off; k: each token's logprob and its k most likely alternatives
@@ -20,12 +21,25 @@ class GenerateRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # SamplingParams fields the client set; the model's defaults (a created model's, generation_config.json:
+    # pocketlm/named.py) fill the others. None: every field is the client's.
+    given: set[str] | None = None
+    context_length: int | None = None  # a window smaller than the model's (Ollama's num_ctx)
+    keep_alive_s: float | None = None  # the model stays loaded this long after the request (0: unloaded; < 0: kept)
+    # completions (OpenAI's legacy API): echo the prompt (and, with logprobs, its tokens' log-probs, the first's None)
+    # before the answer; no_new_tokens is max_tokens 0 (only the prompt); end_token_logprob lists the end token that
+    # stopped a choice in its logprobs, as OpenAI's legacy API and vLLM do
+    echo: bool = False
+    no_new_tokens: bool = False
+    end_token_logprob: bool = False
 
 
 @dataclass
 class EmbedRequest:
     model: str
     texts: list[str]
+    keep_alive_s: float | None = None
+    truncate: bool = False  # a text over the context window is cut to it (Ollama's default), not refused
 
 
 @dataclass
@@ -34,13 +48,14 @@ class Started:
 
     model: str
     prompt_tokens: int  # summed over prompts, each counted once (not once per choice)
+    prompt_chars: list[int] = field(default_factory=list)  # each prompt's length as text: where text_offset starts
 
 
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None  # None: a prompt's first token (nothing before it predicts it)
+    top: list[tuple[str, float]] | None
 
 
 @dataclass

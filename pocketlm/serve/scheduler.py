@@ -49,14 +49,18 @@ class Loaded:
     lm: object  # pocketlm.load.LoadedModel
     memory_bytes: int
     loaded_at: float
-    last_used: float
+    last_used: float  # when a request last started or ended on it
+    keep_alive_s: float | None = None  # unloaded this long after last_used (a request's keep_alive); None: kept
 
 
 class ModelPool:
-    """Models by name, loaded on first use; beyond max_loaded the least recently used one leaves."""
+    """Models by name, loaded on first use; beyond max_loaded the least recently used one leaves. A LoRA adapter
+    (--lora) is no model of its own: it loads with its base, and its LoadedModel runs the base's model with it."""
 
     def __init__(self, config: ServerConfig, refs: dict[str, str]):
         self.config, self.refs = config, refs  # refs: served name -> registry name or path
+        # --lora NAME=PATH: each adapter's name -> the served model it runs over (the first one named)
+        self.lora = {name: next(iter(refs)) for name in config.adapters} if refs else {}
         self.slots: OrderedDict[str, Loaded] = OrderedDict()
         self.lock = threading.Lock()  # the worker changes slots; /api/ps reads them
         self.draft: Loaded | None = None  # --draft's model, once loaded
@@ -64,6 +68,8 @@ class ModelPool:
 
     def get(self, name: str):
         """The model served as `name` (only the worker thread calls this, so loads never race)."""
+        if name in self.lora:  # a LoRA adapter: its base's model (loaded with every adapter) run with this one
+            return self.get(self.lora[name]).lora_views[name]
         with self.lock:
             slot = self.slots.get(name)
             if slot is not None:
@@ -74,10 +80,46 @@ class ModelPool:
                 self.slots.popitem(last=False)  # least recently used; freed before the next one loads
         lm = self._load(self.refs.get(name, name))
         lm.name = name
+        lm.lora_views = {}  # its LoRA adapters' LoadedModels: one model, shared (pocketlm/models/lora.py)
+        adapters = {a: self.config.adapters[a] for a, base in self.lora.items() if base == name}
+        if adapters:
+            from pocketlm.load import load_adapters
+
+            lm.lora_views = load_adapters(lm, adapters)
         now = time.time()
         with self.lock:
             self.slots[name] = Loaded(lm, model_bytes(lm.model), now, now)
         return lm
+
+    def keep(self, name: str, seconds: float | None) -> None:
+        """A request's keep_alive (Ollama's): the model stays this long after its last request; < 0: until evicted."""
+        with self.lock:
+            if name in self.slots:
+                self.slots[name].keep_alive_s = None if seconds is None or seconds < 0 else seconds
+
+    def touch(self, name: str) -> None:
+        with self.lock:
+            if name in self.slots:
+                self.slots[name].last_used = time.time()
+
+    def unload(self, name: str) -> bool:
+        """Forget the model (a request still decoding on it keeps it until it ends). -> whether it was loaded."""
+        with self.lock:
+            return self.slots.pop(name, None) is not None
+
+    def expire(self, busy: set[str]) -> float | None:
+        """Unload the models whose keep_alive ran out, but not those in `busy`. -> seconds until the next one does."""
+        now, soonest = time.time(), None
+        with self.lock:
+            for name, slot in list(self.slots.items()):
+                if slot.keep_alive_s is None or name in busy:
+                    continue
+                left = slot.last_used + slot.keep_alive_s - now
+                if left <= 0:
+                    del self.slots[name]
+                else:
+                    soonest = left if soonest is None else min(soonest, left)
+        return soonest
 
     def draft_for(self, lm):
         """The draft model (--draft) for lm, loaded with the first model that takes it; None without one, for an
@@ -125,6 +167,7 @@ class ModelPool:
             return [
                 {"name": name, "memory_bytes": s.memory_bytes, "load_s": round(s.lm.load_s, 3),
                  "loaded_at": int(s.loaded_at), "last_used": int(s.last_used),
+                 "expires_at": None if s.keep_alive_s is None else s.last_used + s.keep_alive_s,
                  "context_length": s.lm.context_length, "kind": kind}
                 for name, s, kind in loaded
             ]
@@ -165,6 +208,7 @@ class Scheduler:
         self.choices: list[Choice] = []  # in arrival order
         self.running: set[Job] = set()  # taken from the queue and not done
         self.job_s = 2.0  # moving average of a job's duration, for Retry-After
+        self.wake_in_s: float | None = None  # when idle, wake up then: a model's keep_alive runs out
         self.follow = None
         if config.follow_threads:  # no --threads given: as many threads as the other processes leave cores idle
             from pocketlm.threads import Follow
@@ -187,6 +231,8 @@ class Scheduler:
         while True:
             if self.follow is not None:
                 self.follow.check()
+            busy = {c.job.request.model for c in self.choices} | {job.request.model for job in self.running}
+            self.wake_in_s = self.pool.expire(busy)
             self._admit()
             self._drop_cancelled()
             self._seat_waiting()
@@ -202,10 +248,11 @@ class Scheduler:
     def _step(self) -> None:
         """Each model's batch: a chunk of the new prompts, then one decode step; each choice samples its own
         next token from its logits."""
-        for lm in {id(c.lm): c.lm for c in self.choices if c.seated}.values():
+        # a base and its LoRA adapters (views of one model) share its batch: grouped by model
+        for lm in {id(c.lm.model): c.lm for c in self.choices if c.seated}.values():
             batch = self._batch(lm)
             for run in (batch.prefill_step, batch.step):
-                seated = {id(c.seq): c for c in self.choices if c.seated and c.lm is lm}
+                seated = {id(c.seq): c for c in self.choices if c.seated and c.lm.model is lm.model}
                 try:
                     stepped = run()
                 except Exception as e:  # a bug, not a client's fault: fail this batch's requests, keep serving
@@ -235,7 +282,7 @@ class Scheduler:
             if not self.choices:
                 self.hand_over()  # what was emitted (a failed or cancelled job's last events) goes out before it sleeps
             try:
-                job = self.queue.get(block=not self.choices)
+                job = self.queue.get(block=not self.choices, timeout=None if self.choices else self.wake_in_s)
             except queue.Empty:
                 return
             if job.cancelled.is_set():  # its client left while it waited
@@ -248,17 +295,34 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         request = job.request
+        if isinstance(request, GenerateRequest) and not request.prompts and request.keep_alive_s == 0:
+            self.pool.unload(request.model)  # Ollama's unload: keep_alive 0 and nothing to answer
+            job.emit(Started(request.model, 0))
+            return self._done(job)
         lm = self.pool.get(request.model)
+        if request.keep_alive_s is not None:
+            self.pool.keep(request.model, request.keep_alive_s)
+        if isinstance(request, GenerateRequest) and not request.prompts:  # Ollama's load: nothing to answer yet
+            job.emit(Started(lm.name, 0))
+            return self._done(job)
         if isinstance(request, EmbedRequest):
             run_embed(job, lm)
             return self._done(job)
         choices = sequences(request, lm)  # fails before any output for a prompt over the context window
         job.open_choices = len(choices)
-        job.emit(Started(lm.name, sum(len(seq.prompt_ids) for j, seq in enumerate(choices) if j % request.n == 0)))
+        texts = [prompt_text(lm.tokenizer, prompt, choices[p * request.n].prompt_ids) for p, prompt in enumerate(request.prompts)]
+        job.emit(Started(lm.name, sum(len(seq.prompt_ids) for j, seq in enumerate(choices) if j % request.n == 0),
+                         [len(text) for text in texts]))
+        if request.echo:
+            echo(job, lm, choices, texts)
+        if request.no_new_tokens:  # max_tokens 0: the prompt (echoed, scored) was the whole answer
+            for i in range(len(choices)):
+                job.emit(Finished(i, "length", 0, 0.0, 0.0))
+            return self._done(job)
         self.choices += [Choice(job, i, seq, lm) for i, seq in enumerate(choices)]
 
     def _seat(self, choice: Choice) -> None:
-        self._batch(choice.lm).add(choice.seq)
+        self._batch(choice.lm).add(choice.seq, getattr(choice.lm, "adapter", 0))
         choice.seated = True
 
     def _advance(self, choice: Choice, logits) -> int:
@@ -272,6 +336,10 @@ class Scheduler:
             # the tokens behind this text (a stop string may have held some back)
             entries = list(zip(stats.token_ids[choice.sent :], stats.token_logprobs[choice.sent :]))
             choice.sent = len(stats.token_logprobs)
+            if seq.done and token in seq.stop_ids and seq.logprobs is not None and choice.job.request.end_token_logprob:
+                from pocketlm.engine.generate import token_logprobs
+
+                entries.append((token, token_logprobs(logits[0], token, seq.logprobs)))  # Sequence keeps no end token
             if text or entries:
                 choice.job.emit(Delta(choice.index, text, logprobs_of(choice.lm.tokenizer, entries)))
         if seq.done:
@@ -309,6 +377,7 @@ class Scheduler:
         if job not in self.running:
             return
         self.running.discard(job)
+        self.pool.touch(job.request.model)  # its keep_alive counts from here
         for choice in [c for c in self.choices if c.job is job]:
             self._remove(choice)
         self.job_s = 0.8 * self.job_s + 0.2 * (time.monotonic() - job.started_at)
@@ -317,13 +386,14 @@ class Scheduler:
         job.emit(Done())
 
     def _batch(self, lm):
-        """The model's batch of slots, made on first use; it lives (cache and prefix cache) as long as the model."""
-        if getattr(lm, "batch", None) is None:
+        """The model's batch of slots, made on first use; it lives (cache and prefix cache) as long as the model, and
+        is kept on it: a base and its LoRA adapters' views share it."""
+        if getattr(lm.model, "batch", None) is None:
             from pocketlm.engine.batch import Batch
 
             draft = self.pool.draft_for(lm)
-            lm.batch = Batch(lm.model, self.max_batch, lm.context_length, draft and draft.model, self.pool.config.draft_tokens)
-        return lm.batch
+            lm.model.batch = Batch(lm.model, self.max_batch, lm.context_length, draft and draft.model, self.pool.config.draft_tokens)
+        return lm.model.batch
 
     def _count_cancel(self) -> None:
         if self.metrics is not None:
@@ -350,16 +420,22 @@ def sequences(request: GenerateRequest, lm) -> list:
     out_of_range = [t for t in request.logit_bias if t >= lm.config.vocab_size]
     if out_of_range:
         raise PocketLMError(f"logit_bias: token id {out_of_range[0]} is not in {lm.name}'s vocabulary of {lm.config.vocab_size}")
+    base_params, window = with_model_defaults(request, lm)
     out = []
     for prompt in request.prompts:
         if isinstance(prompt, str):
             ids = encode_raw(tokenizer, prompt)
+        elif prompt and isinstance(prompt[0], int):  # token ids, taken as they are
+            ids = prompt
+            unknown = [t for t in ids if t >= lm.config.vocab_size]
+            if unknown:
+                raise PocketLMError(f"prompt token id {unknown[0]} is not in {lm.name}'s vocabulary of {lm.config.vocab_size}")
         elif not tokenizer.has_chat_template:
             raise PocketLMError(f"{lm.name} is a base model with no chat template: use /v1/completions")
-        else:
-            ids = encode_chat(tokenizer, prompt)
+        else:  # a created model's system prompt when the conversation has none (as Ollama's SYSTEM)
+            ids = encode_chat(tokenizer, prompt, system=None if any(m["role"] == "system" for m in prompt) else lm.defaults.system)
         for j in range(request.n):
-            params = request.params
+            params = base_params
             if params.seed is not None and j:  # n choices from one seed must still differ
                 params = type(params)(**{**params.__dict__, "seed": (params.seed + j) % 2**64})
             processors = []
@@ -369,8 +445,43 @@ def sequences(request: GenerateRequest, lm) -> list:
                 processors.append(presence_frequency_processor(request.presence_penalty, request.frequency_penalty))
             if request.grammar is not None:  # last: nothing after it may re-enable a masked token
                 processors.append(grammar_processor(tokenizer, request.grammar, lm.config.vocab_size))
-            out.append(Sequence(tokenizer, ids, params, lm.context_length, processors, request.logprobs))
+            out.append(Sequence(tokenizer, ids, params, window, processors, request.logprobs))
     return out
+
+
+def with_model_defaults(request: GenerateRequest, lm):
+    """-> (the request's SamplingParams with what it left unset taken from the model's defaults, its context window):
+    a created model's parameters and generation_config.json (pocketlm/named.py) under the request's own values."""
+    from pocketlm import named
+
+    defaults = lm.defaults.params
+    params = request.params if request.given is None else named.apply(request.params, request.given, defaults)
+    window = request.context_length or defaults.get("num_ctx") or lm.context_length
+    return params, max(2, min(window, lm.context_length))
+
+
+def prompt_text(tokenizer, prompt, ids: list[int]) -> str:
+    """A completion prompt as text (token ids decoded); "" for chat messages."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(ids, skip_special_tokens=False) if prompt and isinstance(prompt[0], int) else ""
+
+
+def echo(job: Job, lm, choices: list, texts: list[str]) -> None:
+    """Each prompt as the first text of its choices (completions' echo); with logprobs, its tokens' log-probs,
+    None for the first token, as in OpenAI's legacy API."""
+    from pocketlm.engine.generate import prompt_logprobs
+    from pocketlm.models.lora import select
+
+    request = job.request
+    select(lm.model, getattr(lm, "adapter", 0))  # a LoRA adapter's view scores with its adapter
+    for p, text in enumerate(texts):
+        ids, logprobs = choices[p * request.n].prompt_ids, []
+        if request.logprobs is not None:
+            first = TokenLogprob(lm.tokenizer.decode(ids[:1], skip_special_tokens=False), None, None)
+            logprobs = [first, *logprobs_of(lm.tokenizer, zip(ids[1:], prompt_logprobs(lm.model, ids, request.logprobs)))]
+        for j in range(request.n):
+            job.emit(Delta(p * request.n + j, text, logprobs))
 
 
 def logprobs_of(tokenizer, entries) -> list[TokenLogprob]:
@@ -386,8 +497,8 @@ def run_embed(job: Job, lm) -> None:
     limit = lm.context_length
     counts = [len(lm.tokenizer.encode(t)) for t in job.request.texts]
     too_long = [(i, c) for i, c in enumerate(counts) if c > limit]
-    if too_long:
+    if too_long and not job.request.truncate:  # else engine.embed keeps the first tokens and the last ([SEP])
         i, c = too_long[0]
         raise PocketLMError(f"input {i} is {c} tokens but {lm.name}'s context window is {limit} tokens; shorten it")
     vectors = embed(lm, job.request.texts).tolist()
-    job.emit(Embedded(lm.name, vectors, sum(counts)))
+    job.emit(Embedded(lm.name, vectors, sum(min(c, limit) for c in counts)))  # the tokens it read
