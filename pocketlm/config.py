@@ -652,6 +652,7 @@ class PhiConfig:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None
+    head_dim: int | None = None  # None -> dim // n_heads (PhiAttention reads config.head_dim when set: a pruned model's)
     intermediate_size: int = 10240
     hidden_act: str = "gelu_new"
     norm_eps: float = 1e-5  # HF layer_norm_eps
@@ -666,7 +667,6 @@ class PhiConfig:
     dtype: str | None = None
 
     # derived in __post_init__
-    head_dim: int = field(init=False)
     rotary_dim: int = field(init=False)  # the leading dims of each head that RoPE turns
     layer_types: list[str] = field(init=False)
 
@@ -678,7 +678,8 @@ class PhiConfig:
         if self.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are GELU's tanh approximation
             raise PocketLMError(f"hidden_act {self.hidden_act!r} is not supported for phi (gelu_new)")
         self.rope_scaling = _rope_scaling(self.rope_scaling, self.max_position_embeddings)
-        self.head_dim = self.dim // self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
         self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)  # PhiRotaryEmbedding: int(hd * f)
         if self.rotary_dim % 2:
             raise PocketLMError(f"phi: a rotary dimension of {self.rotary_dim} is odd")
@@ -704,6 +705,7 @@ class PhiConfig:
             n_layers=d["num_hidden_layers"],
             n_heads=d["num_attention_heads"],
             n_kv_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
             intermediate_size=d["intermediate_size"],
             hidden_act=d.get("hidden_act", "gelu_new"),
             norm_eps=d.get("layer_norm_eps", 1e-5),
@@ -728,6 +730,7 @@ class PhiConfig:
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim if self.head_dim != self.dim // self.n_heads else None,
             "hidden_act": self.hidden_act,
             "max_position_embeddings": self.max_position_embeddings,
             "layer_norm_eps": self.norm_eps,

@@ -9,7 +9,9 @@ A row says, for one config.json `model_type`, what the rest of the toolkit needs
     gguf        llama.cpp's architecture name and tensor names, and the fix-up applied both ways (formats/gguf.py
                 reads it, formats/gguf_write.py writes it); None: no GGUF for this family
     lora        LoRA's default target Linears (finetune --lora-r without --lora-targets)
-    prune       what `pocketlm prune` can cut ("heads", "ffn", "hidden", "layers"); () = not prunable
+    prune       what `pocketlm prune` can cut ("heads", "ffn", "hidden", "layers"); () = not prunable. "heads" and
+                "hidden" need a config whose head_dim is its own (not dim // n_heads, which a cut would change)
+    cuts        where prune cuts: the block Linears whose rows or columns belong to a head or an MLP channel
     scaled_embedding  the embedding is multiplied by sqrt(D) (Gemma): pruning hidden channels rescales it
     base_prefix the stack's name in a *ForCausalLM file ("transformer"), which files saved from the base model lack
                 (openai-community/gpt2's own: "h.0.attn.c_attn.weight"); formats/hf.py reads them as if present
@@ -100,6 +102,21 @@ LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 @dataclass(frozen=True)
+class Cuts:
+    """Where `pocketlm prune` (compress/prune.py) cuts one block, by the HF names under <block list>.<i>. Phi-3's fused
+    self_attn.qkv_proj and mlp.gate_up_proj are cut as the parts their rows hold side by side (q, k, v; gate, up)."""
+
+    heads_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # rows per head: q, k, v
+    heads_out: str = "self_attn.o_proj"  # columns per query head; its input is the attention output hooks read
+    ffn_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # rows per MLP channel (weight and bias)
+    ffn_out: str = "mlp.down_proj"  # columns per MLP channel; its input is the activation hooks read
+    conv1d: bool = False  # weights stored (in, out), transformers' Conv1D (GPT-2): rows and columns swap
+
+
+LLAMA_CUTS = Cuts()
+
+
+@dataclass(frozen=True)
 class Gguf:
     arch: str  # general.architecture, as llama.cpp's convert_hf_to_gguf.py writes it
     block_names: dict[str, str]  # GGUF block tensor name -> HF module name under model.layers.<i>
@@ -127,6 +144,7 @@ class Family:
     gguf: Gguf | None = None
     lora: tuple[str, ...] = LLAMA_LORA
     prune: tuple[str, ...] = ()
+    cuts: Cuts = LLAMA_CUTS
     scaled_embedding: bool = False
     base_prefix: str | None = None
     stale: tuple[str, ...] = ()
@@ -145,6 +163,7 @@ class Family:
 _LLAMA = "pocketlm.models.llama:LlamaForCausalLM"
 _GEMMA = "pocketlm.models.gemma:GemmaForCausalLM"  # Gemma 1 and 2
 _PRUNE_ALL = ("heads", "ffn", "hidden", "layers")
+_PRUNE_DEPTH_FFN = ("ffn", "layers")  # head_dim is dim // n_heads in these configs: heads and hidden stay
 # the causal-mask buffers (bias, masked_bias) older GPT-2 / GPT-Neo / GPT-J files keep beside each attention's weights
 _GPT_MASKS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
 
@@ -165,14 +184,20 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            prune=_PRUNE_ALL, scaled_embedding=True),
     Family("phi", "pocketlm.config:PhiConfig", "pocketlm.models.phi:PhiForCausalLM",
            gguf=Gguf("phi2", PHI2_GGUF_NAMES, top_names=PHI2_GGUF_TOP_LEVEL_NAMES),
-           lora=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+           lora=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), prune=_PRUNE_ALL,
+           cuts=Cuts(heads_out="self_attn.dense", ffn_in=("mlp.fc1",), ffn_out="mlp.fc2")),
     Family("gpt2", "pocketlm.config:GPT2Config", "pocketlm.models.gpt2:GPT2LMHeadModel",
            gguf=Gguf("gpt2", GPT2_GGUF_NAMES, "transpose_conv1d", top_names=GPT2_GGUF_TOP_LEVEL_NAMES, blocks="transformer.h"),
-           lora=("c_attn", "c_proj", "c_fc"), base_prefix="transformer", stale=_GPT_MASKS),
+           lora=("c_attn", "c_proj", "c_fc"), base_prefix="transformer", stale=_GPT_MASKS, prune=_PRUNE_DEPTH_FFN,
+           cuts=Cuts(("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", conv1d=True)),  # c_attn: q, k, v in one
     Family("gpt_neo", "pocketlm.config:GPTNeoConfig", "pocketlm.models.gpt_neo:GPTNeoForCausalLM",
-           lora=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"), base_prefix="transformer", stale=_GPT_MASKS),
+           lora=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"), base_prefix="transformer", stale=_GPT_MASKS,
+           prune=_PRUNE_DEPTH_FFN, cuts=Cuts(("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+                                             "attn.attention.out_proj", ("mlp.c_fc",), "mlp.c_proj")),
     Family("gptj", "pocketlm.config:GPTJConfig", "pocketlm.models.gptj:GPTJForCausalLM",
-           lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), base_prefix="transformer", stale=_GPT_MASKS),
+           lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), base_prefix="transformer", stale=_GPT_MASKS,
+           prune=_PRUNE_DEPTH_FFN, cuts=Cuts(("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn.out_proj",
+                                             ("mlp.fc_in",), "mlp.fc_out")),
     Family("bert", "pocketlm.config:BertConfig", "pocketlm.models.bert:BertModel", kind="encoder",
            lora=("query", "key", "value", "dense")),
     Family("distilbert", "pocketlm.config:DistilBertConfig", "pocketlm.models.distilbert:DistilBertModel",

@@ -127,7 +127,7 @@ static void run_attend_decode(const Case &c) {
     const auto q_norm = c.read<float>("q_norm.bin", true), k_norm = c.read<float>("k_norm.bin", true);
     std::vector<float> out(nh * hd);
     attend_decode(c.read<float>("q.bin").data(), c.read<float>("k.bin").data(), c.read<float>("v.bin").data(), nh, n_kv, hd,
-                  c.read<float>("cos.bin").data(), c.read<float>("sin.bin").data(), or_null(q_norm), or_null(k_norm), float(c.arg("eps")),
+                  c.read<float>("cos.bin").data(), c.read<float>("sin.bin").data(), hd, or_null(q_norm), or_null(k_norm), float(c.arg("eps")),
                   k_cache.data(), v_cache.data(), kv_half, S, c.int_arg("pos"), c.int_arg("begin"), float(c.arg("scale")), 0.f,
                   out.data(), THREADS);
     c.write("out.bin", out), c.write("k_cache_out.bin", k_cache), c.write("v_cache_out.bin", v_cache);

@@ -151,7 +151,8 @@ def test_no_import_circles_below_the_recipes():
     assert not found, found
 
 
-# ---- Gemma 1, Gemma 2 and Phi-2 end to end: a tiny random model of each, built by transformers' own classes ----
+# ---- Gemma 1, Gemma 2 and Phi-2 end to end (and Phi-3's GGUF, prune and fused step): tiny random models built by
+# transformers' own classes
 
 NEW_DECODERS = ["gemma", "gemma2", "phi"]
 
@@ -179,7 +180,7 @@ def tiny_hf(model_type: str, vocab_size: int = 128, sharp: bool = False, **overr
     model = randomized(model_class(config))
     with torch.no_grad():  # Gemma's norms go into a GGUF as 1 + w: multiples of 1/1024 come back exactly
         for name, p in model.named_parameters():
-            if model_type != "phi" and name.endswith("norm.weight"):
+            if model_type.startswith("gemma") and name.endswith("norm.weight"):
                 p.copy_(torch.round(p * 1024) / 1024)
     if sharp:
         with torch.no_grad():
@@ -253,8 +254,8 @@ def test_gemma2_soft_caps_are_applied():
 def test_new_decoder_gguf_round_trip(model_type, tmp_path_factory, tmp_path, monkeypatch):
     """export --format gguf writes llama.cpp's architecture and tensor names; pocketlm reads back the same tensors
     and config, and the model gives the same logits (so the same greedy text); transformers' own GGUF loader
-    agrees where it reads every setting (gemma2; its phi3 reader drops partial rotary); a q4_0 file runs quantized
-    straight from its blocks."""
+    agrees where it reads every setting (gemma2; its phi3 reader drops partial rotary); q8_0 and q4_0 files run
+    quantized straight from their blocks."""
     from pocketlm.config import config_from_hf
     from pocketlm.export import export
     from pocketlm.formats.gguf import gguf_to_hf, read_gguf
@@ -286,11 +287,11 @@ def test_new_decoder_gguf_round_trip(model_type, tmp_path_factory, tmp_path, mon
             from conftest import hf_from_gguf
 
             torch.testing.assert_close(hf_from_gguf(path)(ids).logits, want, rtol=1e-4, atol=1e-4)
-    q4 = tmp_path / "model-q4.gguf"
-    export(str(folder), "gguf", q4, "q4_0")
-    with torch.inference_mode():
-        got = load(str(q4), quant="int4").model(ids)
-    assert float((got - want).abs().mean()) < 0.25 * float(want.std())  # as test_new_decoder_quantized_close_to_float
+    for qtype, quant, tol in (("q8_0", "int8", 0.03), ("q4_0", "int4", 0.25)):  # as test_new_decoder_quantized_close_to_float
+        export(str(folder), "gguf", tmp_path / f"{qtype}.gguf", qtype)
+        with torch.inference_mode():
+            got = load(str(tmp_path / f"{qtype}.gguf"), quant=quant).model(ids)
+        assert float((got - want).abs().mean()) < tol * float(want.std()), qtype
 
 
 def dataclass_replace(cfg, **changes):
@@ -300,11 +301,13 @@ def dataclass_replace(cfg, **changes):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-@pytest.mark.parametrize("model_type, fused", [("gemma", True), ("gemma2", True), ("gemma2-uncapped", True), ("phi", False)])
+@pytest.mark.parametrize("model_type, fused", [("gemma", True), ("gemma2", True), ("gemma2-uncapped", True), ("phi3", True),
+                                               ("phi", False)])
 def test_new_decoder_fused_step_equals_the_modules(model_type, fused, quant, tmp_path_factory):
     """On every kernel target this CPU runs: Gemma 1 and Gemma 2 (sliding layers, post norms, both soft-caps, or
-    none on the scores) decode in one call into the kernels, equal to their modules; what the fused step does not
-    compute (Phi's LayerNorm, parallel block, partial rotary) runs module by module, quantized too."""
+    none on the scores) and Phi-4 mini's shape (partial rotary) decode in one call into the kernels, equal to their
+    modules; what the fused step does not compute (Phi-2's LayerNorm, parallel block, MLP without a gate) runs
+    module by module, quantized too."""
     from pocketlm import kernels
     from pocketlm.load import load
     from pocketlm.models.fused_step import FusedStep
@@ -399,7 +402,7 @@ def test_new_decoder_hf_export_loads_in_transformers(model_type, tmp_path_factor
 def test_prune_loads_in_transformers_and_exports(model_type, tmp_path_factory, tmp_path, monkeypatch):
     """prune cuts a layer, heads, MLP and hidden channels of Gemma 1 and 2 (the sqrt(D) scale kept, Gemma 2's
     layer kinds kept) and of Phi-3 (its fused projections cut as q/k/v and gate/up): transformers loads the result
-    and agrees, and its GGUF reads back equal."""
+    and agrees, and its GGUF reads back equal (Phi-3's is refused: llama.cpp's phi3 needs heads * head_dim = D)."""
     from transformers import AutoModelForCausalLM
 
     from pocketlm.compress.prune import PruneSpec, prune_model
@@ -418,6 +421,10 @@ def test_prune_loads_in_transformers_and_exports(model_type, tmp_path_factory, t
     with torch.inference_mode():
         ours = lm.model(ids)
         torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-4)
+        if model_type == "phi3":
+            with pytest.raises(PocketLMError, match="llama.cpp's phi3 sizes q/k/v by the hidden size"):
+                export(str(out), "gguf", tmp_path / "pruned.gguf", "f32")
+            return
         export(str(out), "gguf", tmp_path / "pruned.gguf", "f32")
         assert torch.equal(load(str(tmp_path / "pruned.gguf")).model(ids), ours)
 
@@ -442,3 +449,15 @@ def test_phi_awq_folds_nothing_into_the_norm_both_branches_read(tmp_path_factory
         awq = (lm.model(ids) - want).abs().mean()
         rtn = (load(str(folder), quant="int4").model(ids) - want).abs().mean()
     assert awq < rtn, (awq, rtn)
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_run_otherwise(tmp_path_factory, tmp_path, monkeypatch):
+    """llama.cpp's gemma2 always soft-caps and derives the query scale from head_dim: a Gemma 2 without caps, or with
+    another query_pre_attn_scalar, is refused in one line rather than written as a different model."""
+    from pocketlm.export import export
+
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path / "home"))
+    uncapped = {"attn_logit_softcapping": None, "query_pre_attn_scalar": 16}
+    for overrides, says in ((uncapped, "without soft-capping"), ({}, "query_pre_attn_scalar 24")):
+        with pytest.raises(PocketLMError, match=says):
+            export(str(tiny_folder("gemma2", tmp_path_factory, **overrides)), "gguf", tmp_path / "m.gguf")

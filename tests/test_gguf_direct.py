@@ -196,6 +196,8 @@ def test_an_untied_head_on_a_4bit_grid_stays_int4_as_the_file_has_it(tmp_path, t
     gguf_file, config = read_gguf_model(path)
     assert gguf_file.tensors["output.weight"].ggml_type == T.Q4_0
     state_dict, layers = quantized_state_dict(gguf_file, QuantScheme.parse("int4-mixed"), config)
+    table = layers["model.embed_tokens"].head[0]  # the untied embedding's int8 rows: looked up, never laid out for a kernel
+    assert table.packed_weight is None and table.pack().packed_weight is None and table.weight.shape == (config["vocab_size"], config["hidden_size"])
     if not kernels.int4_kernel_on():
         assert "lm_head.qweight" in state_dict  # the plain int4 buffers, for torch's int4 path
         return

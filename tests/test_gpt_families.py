@@ -277,3 +277,13 @@ def test_settings_the_models_do_not_compute_are_refused_in_one_line(folders, tmp
         hf = tiny(family)
         with pytest.raises(PocketLMError, match=f"GGUF export of model_type '{family}' is not supported"):
             write_gguf(tmp_path / "x.gguf", hf.config.to_dict(), hf.state_dict(), tokenizer)
+
+
+def test_calibrated_quantization_refuses_these_families_in_one_line(folders, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Hello world. The hello world of x is a world of hello, he said.\n" * 20)
+    assert main(["quantize", str(folders["gpt2"][0]), "--to", "int4", "--calib", str(calib), "--method", "gptq", "-o", str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not support gpt2" in err and "without --calib" in err

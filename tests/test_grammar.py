@@ -27,8 +27,10 @@ GBNF_MATCH = r"The answer is [0-9]{2}\."
 LARK = 'start: "The answer is " DIGIT DIGIT "."\nDIGIT: /[0-9]/\n'
 REGEX = r"[0-9]{3}-[a-z]{2,4}"
 CHOICES = ["kiwi", "plum", "mango pie"]
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}}, "required": ["n", "ok"],
-          "additionalProperties": False}
+SCHEMA = {  # bounded: a random model would write digits until max_tokens
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+    "required": ["n", "ok"], "additionalProperties": False,
+}
 ASK = [{"role": "user", "content": "Answer me."}]
 
 
@@ -60,7 +62,8 @@ def test_a_grammar_constrains_the_output(server, client, constraint):
         assert re.fullmatch(GBNF_MATCH, text), text
 
 
-@pytest.mark.parametrize("constraint", [{"regex": REGEX}, {"guided_regex": REGEX}, {"grammar": {"type": "regex", "value": REGEX}}])
+@pytest.mark.parametrize("constraint", [{"regex": REGEX}, {"guided_regex": REGEX},
+                                        {"grammar": {"type": "regex", "value": REGEX}}])  # TGI's grammar object
 def test_a_regex_constrains_the_output(server, client, constraint):
     for text in texts(client, server[1], constraint):
         assert re.fullmatch(REGEX, text), text

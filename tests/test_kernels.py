@@ -202,6 +202,28 @@ def test_attend_decode_soft_caps_the_scores(hd):
     torch.testing.assert_close(out, ref.reshape(1, 1, nh * hd), rtol=1e-5, atol=1e-5)
     uncapped = kernels.attend_decode(q, k, v, nh, n_kv, hd, cos, sin, None, None, 0.0, cache, pos, begin, scale)
     assert not torch.allclose(uncapped, out, atol=1e-3)  # the scores reach past the cap
+
+
+@pytest.mark.parametrize("hd, rd", [(128, 96), (16, 8)])  # Phi-4 mini's 3/4 (a vector path), Phi-2's half
+def test_attend_decode_turns_the_rotary_part_of_each_head(hd, rd):
+    """cos, sin (1, rd) narrower than the head: RoPE on the first rd channels, the rest as they are (transformers'
+    Phi3 apply_rotary_pos_emb: pocketlm.models.phi3.apply_partial_rope)."""
+    from pocketlm.models.phi3 import apply_partial_rope
+
+    torch.manual_seed(0)
+    nh, n_kv, pos = 4, 2, 20
+    cache = KVCache(1, 32, n_kv, hd, torch.float32)
+    cache.k.normal_(), cache.v.normal_()
+    keys, values = cache.k.clone(), cache.v.clone()
+    q, k, v = torch.randn(1, 1, nh * hd), torch.randn(1, 1, n_kv * hd), torch.randn(1, 1, n_kv * hd)
+    angles = torch.rand(1, rd // 2).repeat(1, 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    out = kernels.attend_decode(q, k, v, nh, n_kv, hd, cos, sin, None, None, 0.0, cache, pos, 0, hd**-0.5)
+    q, k = apply_partial_rope(q.view(1, nh, 1, hd), cos, sin), apply_partial_rope(k.view(1, n_kv, 1, hd), cos, sin)
+    keys[:, :, pos], values[:, :, pos] = k[:, :, 0], v.view(1, n_kv, hd)
+    ref = F.scaled_dot_product_attention(q, keys[:, :, : pos + 1], values[:, :, : pos + 1], enable_gqa=True)
+    torch.testing.assert_close(out, ref.reshape(1, 1, nh * hd), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k, keys, rtol=1e-6, atol=1e-6)
     assert torch.equal(cache.v, values)
 
 

@@ -168,7 +168,7 @@ def test_server_answers_two_adapters_and_the_base_each_as_its_own_model(small_ll
         assert cards["alpha"].parent == base and cards["alpha"].root == str(adapters["alpha"])
 
         def answer(model: str) -> str:
-            reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+            reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
             assert reply.model == model
             return reply.choices[0].text
 
@@ -178,14 +178,14 @@ def test_server_answers_two_adapters_and_the_base_each_as_its_own_model(small_ll
         value = lambda name: float(re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", metrics, re.M).group(1))  # noqa: E731
         # some step decoded 3 or more rows: of two models at least, since each has two requests
         assert value("pocketlm_decode_batch_size_count") > value('pocketlm_decode_batch_size_bucket{le="2.0"}')
-    params = SamplingParams(**{**GREEDY, "ignore_eos": False})
+    params = SamplingParams(**{**GREEDY, "ignore_eos": False, "max_new_tokens": 24})
     for model, text in zip([base, "alpha", "beta"] * 2, texts):
         want = load(str(merged_dirs[model] if model in adapters else small_llama_dir))
         assert text == generate(want, encode_raw(want.tokenizer, PROMPT), params).text(), model
     assert len(set(texts[:3])) == 3  # three models, three answers
 
 
-def test_run_and_chat_with_lora_equal_the_merged_model(small_llama_dir, adapters, merged_dirs, capsys, monkeypatch):
+def test_run_and_chat_with_lora_equal_the_merged_model(small_llama_dir, adapters, merged_dirs, capsys, monkeypatch, throwaway_home):
     greedy = ["--temperature", "0", "--repeat-penalty", "1", "-n", "8"]
     assert main(["run", str(small_llama_dir), PROMPT, "--raw", "--lora", str(adapters["alpha"]), *greedy]) == 0
     unmerged = capsys.readouterr().out
@@ -198,6 +198,11 @@ def test_run_and_chat_with_lora_equal_the_merged_model(small_llama_dir, adapters
 
     lm = pocketlm.load(str(small_llama_dir), lora=str(adapters["alpha"]), threads=torch.get_num_threads())
     assert lm.generate(PROMPT, raw=True, max_tokens=8, temperature=0, repeat_penalty=1) + "\n" == unmerged
+    # a created model with an adapter (pocketlm create --adapter) runs it the same way
+    assert main(["create", "tiny-alpha", "--from", str(small_llama_dir), "--adapter", str(adapters["alpha"])]) == 0
+    capsys.readouterr()
+    assert main(["run", "tiny-alpha", PROMPT, "--raw", *greedy]) == 0
+    assert capsys.readouterr().out == unmerged
 
     def chat(*model) -> str:
         monkeypatch.setattr(sys, "stdin", io.StringIO("Hello world\nThe world of x\n/bye\n"))

@@ -87,7 +87,8 @@ def test_echo_then_new_tokens_streamed_or_not(tiny, client):
     assert all(len(top) == 20 for top in lp.top_logprobs[1:])
     n = len(plain.choices[0].logprobs.tokens)
     assert lp.token_logprobs[-n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
-    assert plain.choices[0].logprobs.text_offset[0] == len(prompt) and lp.text_offset[-n:] == plain.choices[0].logprobs.text_offset
+    assert plain.choices[0].logprobs.text_offset[0] == len(prompt)
+    assert lp.text_offset[-n:] == plain.choices[0].logprobs.text_offset
     chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=4, logprobs=20, temperature=0,
                                             echo=True, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == text
@@ -109,7 +110,8 @@ def test_an_end_token_is_listed_in_the_logprobs(tiny, client):
                                          logit_bias={str(end): 100}, temperature=0)
     choice = response.choices[0]
     assert choice.finish_reason == "stop" and choice.text == tokenizer.decode(ids)
-    assert len(choice.logprobs.tokens) == len(ids) + 1 and choice.logprobs.tokens[-1] == "<|im_end|>" == tokenizer.decode([end], skip_special_tokens=False)
+    assert len(choice.logprobs.tokens) == len(ids) + 1
+    assert choice.logprobs.tokens[-1] == "<|im_end|>" == tokenizer.decode([end], skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("prompt", [[], [[]], [1, "a"], [-1], [[1, 2], 3], [1.5], [True]])
@@ -138,7 +140,7 @@ def test_a_token_id_outside_the_vocabulary_is_400(tiny):
 
 
 def test_lm_eval_through_the_server_equals_its_hf_backend_and_pocketlm_eval(monkeypatch, tmp_path, capsys):
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval  # the test extra's lm-eval[api]
     from lm_eval.tasks import TaskManager
 
     from pocketlm.cli import main
@@ -147,13 +149,15 @@ def test_lm_eval_through_the_server_equals_its_hf_backend_and_pocketlm_eval(monk
     monkeypatch.chdir(ROOT)  # the tasks' data_files are relative to the repository
     model = "smollm2-135m-instruct"
     export(model, "hf", str(tmp_path / "hf"), None)
-    tasks, manager = ["pocketlm_sentiment_mc", "pocketlm_wiki_rolling"], TaskManager(include_path=str(FIXTURES / "lm_eval"), include_defaults=False)
+    tasks = ["pocketlm_sentiment_mc", "pocketlm_wiki_rolling"]
+    manager = TaskManager(include_path=str(FIXTURES / "lm_eval"), include_defaults=False)  # not lm-eval's thousands of tasks
 
     def evaluate(backend: str, args: str) -> dict:
         out = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=tasks, task_manager=manager, log_samples=True)
-        scores = [[r[0][0] for r in s["resps"]] for s in sorted(out["samples"]["pocketlm_sentiment_mc"], key=lambda s: s["doc_id"])]
-        nll = [s["resps"][0][0] for s in sorted(out["samples"]["pocketlm_wiki_rolling"], key=lambda s: s["doc_id"])]
-        return {**out["results"]["pocketlm_sentiment_mc"], **out["results"]["pocketlm_wiki_rolling"], "scores": scores, "nll": nll}
+        samples = {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in tasks}
+        scores = [[r[0][0] for r in s["resps"]] for s in samples["pocketlm_sentiment_mc"]]  # each choice's log-likelihood
+        nll = [s["resps"][0][0] for s in samples["pocketlm_wiki_rolling"]]  # each document's
+        return {**out["results"][tasks[0]], **out["results"][tasks[1]], "scores": scores, "nll": nll}
 
     with running_server(model, "--quant", "none") as url:  # float weights, as the export's
         # lm-eval's defaults: its own tokenization (tokenized_requests), echo with max_tokens 1; batch_size 16 sends

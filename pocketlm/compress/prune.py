@@ -9,7 +9,10 @@ One calibration pass over a few thousand tokens records, with forward hooks on t
   - heads: the L2 norm of each head's attention output (the input of o_proj), summed over tokens
     (Minitron, Muralidharan et al. 2024). A KV group's importance is the sum of its query heads'.
   - MLP channels: the magnitude of each channel's activation act(gate(x)) * up(x) (the input of down_proj).
-  - hidden channels: the magnitude of every RMSNorm's output per channel, summed over the layers (Minitron).
+  - hidden channels: the magnitude of every RMSNorm's (LayerNorm's) output per channel, summed over the layers (Minitron).
+Which rows and columns belong to a head or an MLP channel is the family's `cuts` row in families.py (Llama's
+q/k/v/o_proj and gate/up/down_proj, Phi-2's dense and fc1/fc2, GPT-2's transposed Conv1D c_fc/c_proj, Phi-3's fused
+qkv_proj and gate_up_proj cut as their parts); what it may cut is its `prune` row, and the rest is refused.
 All importances come from the unpruned model; each layer then keeps its own top heads and channels (the
 same count in every layer, so the config stays uniform); hidden channels are chosen once for the whole model.
 Kept rows and columns stay in their original order, so pruning that keeps everything is the identity.
@@ -85,14 +88,42 @@ class Importance:
     block: torch.Tensor  # (L,) block influence, 1 - mean cos(in, out)
     head: torch.Tensor  # (L, nh) attention-output norm per query head
     channel: torch.Tensor  # (L, F) MLP activation magnitude per channel
-    hidden: torch.Tensor  # (D,) RMSNorm output magnitude per hidden channel, summed over norms
+    hidden: torch.Tensor  # (D,) RMSNorm (LayerNorm) output magnitude per hidden channel, summed over norms
+
+
+@dataclass
+class Names:
+    """Where a loaded model keeps what prune cuts, as state_dict keys (Llama's; GPT-2's in brackets)."""
+
+    blocks: str  # the block list: "model.layers" ("transformer.h")
+    embed: str  # the token embedding: "model.embed_tokens.weight" ("transformer.wte.weight")
+    head: str  # the output head: "lm_head.weight"
+    cuts: object  # families.Cuts: the Linears inside a block
+
+    @classmethod
+    def of(cls, model) -> "Names":
+        # named_modules names each module once, by its first path: the stack's own name, not an Aliased alias
+        name = {id(m): n for n, m in model.named_modules()}
+        return cls(
+            blocks=name[id(model.model.layers)],
+            embed=f"{name[id(model.model.embed_tokens)]}.weight",
+            head=f"{name[id(model.lm_head)]}.weight",
+            cuts=family(model.cfg.model_type).cuts,
+        )
+
+    @property
+    def embedding_keys(self) -> tuple[str, str]:
+        """What count_params counts as the embedding: the token embedding and the head."""
+        return self.embed, self.head
 
 
 @torch.inference_mode()
 def measure_importance(model, batch: torch.Tensor, on_step=None) -> Importance:
-    """One forward pass per calibration sequence with hooks on every block, o_proj, down_proj and RMSNorm;
+    """One forward pass per calibration sequence with hooks on every block, on the Linears after attention and
+    after the MLP activation (the family's Cuts: o_proj, down_proj for Llama) and on every RMSNorm or LayerNorm;
     on_step() after each (a progress bar's advance)."""
     cfg = model.cfg
+    cuts = family(cfg.model_type).cuts
     layers = model.model.layers
     L, nh, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
     imp = Importance(
@@ -112,7 +143,7 @@ def measure_importance(model, batch: torch.Tensor, on_step=None) -> Importance:
 
     def head_hook(i):
         def hook(module, args):
-            y = args[0]  # (B, T, nh*hd): attention output per head, before o_proj mixes the heads
+            y = args[0]  # (B, T, nh*hd): attention output per head, before the output projection mixes the heads
             imp.head[i] += y.float().view(*y.shape[:2], nh, hd).norm(dim=-1).sum(dim=(0, 1)).double()
         return hook
 
@@ -128,10 +159,10 @@ def measure_importance(model, batch: torch.Tensor, on_step=None) -> Importance:
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(block_hook(i)))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(channel_hook(i)))
+        handles.append(layer.get_submodule(cuts.heads_out).register_forward_pre_hook(head_hook(i)))
+        handles.append(layer.get_submodule(cuts.ffn_out).register_forward_pre_hook(channel_hook(i)))
     for name, module in model.named_modules():
-        if type(module).__name__ == "RMSNorm":
+        if type(module).__name__ == "RMSNorm" or isinstance(module, torch.nn.LayerNorm):  # Phi-2's: LayerNorm
             handles.append(module.register_forward_hook(norm_hook))
     try:
         for seq in batch:
@@ -157,6 +188,17 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise PocketLMError(message)
+
+
+def refuse_unsupported_cuts(spec: PruneSpec, cfg) -> None:
+    """One line when the spec asks for a cut the family's row in families.py does not list."""
+    asked = {"layers": spec.drop_layers, "heads": spec.heads is not None or spec.kv_groups is not None,
+             "ffn": spec.ffn is not None, "hidden": spec.hidden is not None}
+    can = family(cfg.model_type).prune
+    flags = {"layers": "--drop-layers", "heads": "--heads/--kv-groups", "ffn": "--ffn", "hidden": "--hidden"}
+    missing = [flags[cut] for cut, wanted in asked.items() if wanted and cut not in can]
+    _check(not missing, f"{' and '.join(missing)}: pruning {cfg.model_type} can cut only "
+                        f"{', '.join(flags[c] for c in can)} (and --vocab-from)")
 
 
 def validate(spec: PruneSpec, cfg) -> None:
@@ -202,6 +244,16 @@ def _cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(1, idx).clone()
 
 
+def _outputs(t: torch.Tensor, idx: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """Output features idx of a Linear's weight (out, in) or bias (out,); of a Conv1D's weight (in, out)."""
+    return _cols(t, idx) if conv1d and t.dim() == 2 else _rows(t, idx)
+
+
+def _inputs(t: torch.Tensor, idx: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """Input features idx of a Linear's weight (out, in); of a Conv1D's weight (in, out)."""
+    return _rows(t, idx) if conv1d else _cols(t, idx)
+
+
 def _head_rows(idx: list[int], hd: int) -> torch.Tensor:
     """Row indices of heads idx in a (n * hd, D) projection."""
     return torch.tensor([h * hd + j for h in idx for j in range(hd)], dtype=torch.long)
@@ -238,11 +290,21 @@ def join_fused(sd: dict) -> dict:
     return out
 
 
-def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[dict, object, list[str]]:
-    """(new state dict, new config, changes as lines). sd has HF names; cfg is a pocketlm decoder config (a family
-    whose row in families.py lists what prune can cut)."""
+def per_layer_fields(cfg) -> list[str]:
+    """The config's own fields that name each layer's kind (layer_types; GPT-Neo's attention_layers): one string per
+    layer. A dropped block takes its entry along, so every kept layer keeps its kind (sliding / full, local / global)."""
+    def per_layer(value) -> bool:
+        return isinstance(value, list) and len(value) == cfg.n_layers and all(isinstance(v, str) for v in value)
+
+    return [f.name for f in fields(cfg) if f.init and per_layer(getattr(cfg, f.name))]
+
+
+def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance, names: Names) -> tuple[dict, object, list[str]]:
+    """(new state dict, new config, changes as lines). sd has HF names (`names` says which); cfg is a pocketlm
+    decoder config (a family whose row in families.py lists what prune can cut)."""
     sd, fused = split_fused(sd, cfg)
     changes: list[str] = []
+    cuts, conv1d = names.cuts, names.cuts.conv1d
     L, nh, nkv, hd = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     gemma = family(cfg.model_type).scaled_embedding  # sqrt(D) embedding scale and (1 + w) norms
 
@@ -251,22 +313,24 @@ def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[d
     heads = spec.heads if spec.heads is not None else groups * (nh // nkv)
     ffn = spec.ffn if spec.ffn is not None else cfg.intermediate_size
     for i in range(L):
-        p = f"model.layers.{i}."
+        p = f"{names.blocks}.{i}."
         if (heads, groups) != (nh, nkv):
             kept_groups, kept_heads = choose_heads(imp.head[i], nh, nkv, heads, groups)
             q_rows, kv_rows = _head_rows(kept_heads, hd), _head_rows(kept_groups, hd)
-            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            for name, rows in zip(cuts.heads_in, (q_rows, kv_rows, kv_rows)):
                 for suffix in ("weight", "bias"):
-                    if (key := f"{p}self_attn.{name}.{suffix}") in sd:
-                        sd[key] = _rows(sd[key], rows)  # (n * hd, D) -> (n' * hd, D)
-            sd[f"{p}self_attn.o_proj.weight"] = _cols(sd[f"{p}self_attn.o_proj.weight"], q_rows)  # (D, nh' * hd)
+                    if (key := f"{p}{name}.{suffix}") in sd:
+                        sd[key] = _outputs(sd[key], rows, conv1d)  # (n * hd, D) -> (n' * hd, D)
+            key = f"{p}{cuts.heads_out}.weight"
+            sd[key] = _inputs(sd[key], q_rows, conv1d)  # (D, nh' * hd)
         if ffn != cfg.intermediate_size:
             keep = top_k(imp.channel[i], ffn)
-            for name in ("gate_proj", "up_proj"):
+            for name in cuts.ffn_in:
                 for suffix in ("weight", "bias"):
-                    if (key := f"{p}mlp.{name}.{suffix}") in sd:
-                        sd[key] = _rows(sd[key], keep)  # (F, D) -> (F', D)
-            sd[f"{p}mlp.down_proj.weight"] = _cols(sd[f"{p}mlp.down_proj.weight"], keep)  # (D, F')
+                    if (key := f"{p}{name}.{suffix}") in sd:
+                        sd[key] = _outputs(sd[key], keep, conv1d)  # (F, D) -> (F', D)
+            key = f"{p}{cuts.ffn_out}.weight"
+            sd[key] = _inputs(sd[key], keep, conv1d)  # (D, F')
     if (heads, groups) != (nh, nkv):
         changes.append(f"attention: {nh} query heads / {nkv} KV groups -> {heads} / {groups} per layer")
     if ffn != cfg.intermediate_size:
@@ -278,46 +342,48 @@ def prune_state_dict(sd: dict, cfg, spec: PruneSpec, imp: Importance) -> tuple[d
         keep = top_k(imp.hidden, dim)
         for key in list(sd):
             t = sd[key]
-            if key.endswith("norm.weight") and not key.endswith(("q_norm.weight", "k_norm.weight")):  # over D
+            over_d = key.endswith(("norm.weight", "norm.bias")) and not key.endswith(("q_norm.weight", "k_norm.weight"))
+            if over_d:  # RMSNorm / LayerNorm over D, not Gemma's q_norm / k_norm over head_dim
                 sd[key] = t.index_select(0, keep).clone()
-            elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+            elif key in (names.embed, names.head):
                 sd[key] = _cols(t, keep)  # (V, D')
-            elif any(f".{n}.weight" in key for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            elif any(f".{n}.weight" in key for n in (*cuts.heads_in, *cuts.ffn_in)):
                 sd[key] = _cols(t, keep)  # (out, D')
-            elif any(f".{n}." in key for n in ("o_proj", "down_proj")):
+            elif any(f".{n}." in key for n in (cuts.heads_out, cuts.ffn_out)):
                 sd[key] = _rows(t, keep) if t.dim() == 2 else t.index_select(0, keep).clone()  # (D', in) / (D',)
         if gemma:
             # Gemma scales the embedding by sqrt(D): with D' channels the scale would change. Multiply the
             # embedding by c = sqrt(D / D') so the input keeps its values; a tied head then sees c * E, which
             # the final norm undoes: (1 + w') = (1 + w) / c.
             c = math.sqrt(cfg.dim / dim)
-            sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * c
+            sd[names.embed] = sd[names.embed] * c
             if cfg.tie_word_embeddings:
                 sd["model.norm.weight"] = (1 + sd["model.norm.weight"]) / c - 1
         changes.append(f"hidden: {cfg.dim} -> {dim} channels")
 
     # depth: drop the blocks with the least influence, renumber the rest
-    layer_types = list(cfg.layer_types)
     kept_layers = list(range(L))
+    blocks = f"{names.blocks}."
     if spec.drop_layers:
         dropped = sorted(imp.block.topk(spec.drop_layers, largest=False).indices.tolist())
         kept_layers = [i for i in range(L) if i not in dropped]
         renamed = {}
         for key, t in sd.items():
-            if key.startswith("model.layers."):
-                i, rest = key[len("model.layers."):].split(".", 1)
+            if key.startswith(blocks):
+                i, rest = key[len(blocks):].split(".", 1)
                 if int(i) in dropped:
                     continue
-                key = f"model.layers.{kept_layers.index(int(i))}.{rest}"
+                key = f"{blocks}{kept_layers.index(int(i))}.{rest}"
             renamed[key] = t
         sd = renamed
         scores = ", ".join(f"{i}:{imp.block[i]:.3f}" for i in dropped)
         changes.append(f"layers: {L} -> {len(kept_layers)}, dropped {dropped} (block influence {scores})")
 
+    # the new shape, through the config's own fields: a value a config derives (GPT-2's head_dim) it derives again
     shape = dict(n_layers=len(kept_layers), n_heads=heads, n_kv_heads=groups, head_dim=hd, intermediate_size=ffn, dim=dim)
-    if "layer_types" in {f.name for f in fields(cfg) if f.init}:  # else derived from the rest (Phi-3's)
-        shape["layer_types"] = [layer_types[i] for i in kept_layers]
-    new = replace(cfg, **shape)
+    shape |= {name: [getattr(cfg, name)[i] for i in kept_layers] for name in per_layer_fields(cfg)}
+    own = {f.name for f in fields(cfg) if f.init}
+    new = replace(cfg, **{k: v for k, v in shape.items() if k in own and v != getattr(cfg, k)})
     if getattr(cfg, "max_window_layers", None) is not None:  # Qwen2's: stays consistent with layer_types
         new = replace(new, max_window_layers=sum(1 for i in kept_layers if i < cfg.max_window_layers))
     return join_fused(sd) if fused else sd, new, changes
@@ -441,10 +507,15 @@ def _remap_config_ids(hf_config: dict, new_id: dict[int, int]) -> None:
 # ---- counting ----------------------------------------------------------------------------------------
 
 
-def count_params(sd: dict, tied: bool) -> dict[str, int]:
-    """{"total", "embedding", "non_embedding"}; a tied head counts once (as the embedding)."""
-    tensors = {k: t for k, t in sd.items() if not (tied and k == "lm_head.weight")}
-    embedding = sum(t.numel() for k, t in tensors.items() if k in ("model.embed_tokens.weight", "lm_head.weight"))
+LLAMA_EMBEDDING_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def count_params(sd: dict, tied: bool, embedding_keys: tuple[str, str] = LLAMA_EMBEDDING_KEYS) -> dict[str, int]:
+    """{"total", "embedding", "non_embedding"}; a tied head counts once (as the embedding). embedding_keys: the
+    token embedding's and the head's keys (Names.of(model).embedding_keys; Llama's by default)."""
+    head = embedding_keys[-1]
+    tensors = {k: t for k, t in sd.items() if not (tied and k == head)}
+    embedding = sum(t.numel() for k, t in tensors.items() if k in embedding_keys)
     total = sum(t.numel() for t in tensors.values())
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
@@ -464,10 +535,12 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
     cfg = lm.config
     if cfg.model_type not in DECODERS:
         raise PocketLMError(f"pruning supports decoders ({', '.join(DECODERS)}), not {cfg.model_type!r}")
+    refuse_unsupported_cuts(spec, cfg)
     validate(spec, cfg)
     sd = {k: v for k, v in lm.model.state_dict().items()}
+    names = Names.of(lm.model)
     tied = bool(cfg.tie_word_embeddings)
-    before = count_params(sd, tied)
+    before = count_params(sd, tied, names.embedding_keys)
     tokenizer = lm.tokenizer
 
     needs_calibration = (
@@ -477,25 +550,28 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
     changes: list[str] = []
     if needs_calibration:
         text = calib_text if calib_text is not None else read_text(DEFAULT_CALIB, "calibration")
-        batch = calibration_batch(tokenizer, text, calib_tokens)
+        # sequences no longer than the model's positions (GPT-2's learned ones end there)
+        seq_len = min(CALIB_SEQ_LEN, getattr(cfg, "max_position_embeddings", CALIB_SEQ_LEN))
+        batch = calibration_batch(tokenizer, text, calib_tokens, seq_len)
         progress.step("calibration sequences", total=len(batch))
         imp = measure_importance(lm.model, batch, on_step=progress.advance)
-        sd, cfg, changes = prune_state_dict(sd, cfg, spec, imp)
+        sd, cfg, changes = prune_state_dict(sd, cfg, spec, imp, names)
         changes.insert(0, f"importance measured on {batch.numel()} calibration tokens")
     hf_config = cfg.to_hf()
     if vocab_text is not None:
         kept, tokenizer = trim_vocab(tokenizer, vocab_text, spec.vocab_size)
-        for key in ("model.embed_tokens.weight", "lm_head.weight"):
-            if key in sd and not (tied and key == "lm_head.weight"):
-                sd[key] = _rows(sd[key], kept)  # (V, D) -> (V', D)
+        head_bias = names.head.removesuffix("weight") + "bias"  # Phi's and GPT-J's head have one
+        for key in (names.embed, names.head, head_bias):
+            if key in sd and not (tied and key == names.head):
+                sd[key] = _rows(sd[key], kept)  # (V, D) -> (V', D); (V,) -> (V',)
         new_id = {old: new for new, old in enumerate(kept.tolist())}
         hf_config["vocab_size"] = len(kept)
         _remap_config_ids(hf_config, new_id)
         changes.append(f"vocabulary: {cfg.vocab_size} -> {len(kept)} tokens")
     if tied:
-        sd.pop("lm_head.weight", None)
+        sd.pop(names.head, None)
     config_from_hf(hf_config)  # the new config must read back
-    after = count_params(sd, tied)
+    after = count_params(sd, tied, names.embedding_keys)
     report = {"params_before": before, "params_after": after, "changes": changes}
     hf_config["pocketlm"] = {
         **{k: v for k, v in lm.meta.items() if k != "runtime_quant"},

@@ -308,11 +308,12 @@ def prune(run: Run, folder: Path) -> dict:
 
 def blocks_to_drop(lm, size: float) -> int:
     """The fewest whole blocks whose removal leaves at most `size` of the non-embedding parameters."""
-    from pocketlm.compress.prune import count_params
+    from pocketlm.compress.prune import Names, count_params
 
-    sd = lm.model.state_dict()
-    non_embedding = count_params(sd, bool(getattr(lm.config, "tie_word_embeddings", False)))["non_embedding"]
-    per_block = sum(t.numel() for k, t in sd.items() if k.startswith("model.layers.0."))
+    sd, names = lm.model.state_dict(), Names.of(lm.model)  # model.layers.0. / GPT-2's transformer.h.0.
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    non_embedding = count_params(sd, tied, names.embedding_keys)["non_embedding"]
+    per_block = sum(t.numel() for k, t in sd.items() if k.startswith(f"{names.blocks}.0."))
     n = math.ceil(((1 - size) * non_embedding) / per_block - 1e-9)
     if n >= lm.config.n_layers:
         raise PocketLMError(f"--size {size}: the teacher's {lm.config.n_layers} blocks hold {per_block * lm.config.n_layers / non_embedding:.0%} "

@@ -37,7 +37,7 @@ def model_size(ref: str) -> dict:
     from its config alone: no weights are read."""
     import torch
 
-    from pocketlm.compress.prune import count_params
+    from pocketlm.compress.prune import Names, count_params
     from pocketlm.config import config_from_hf
     from pocketlm.families import is_encoder
     from pocketlm.load import model_folder, read_config
@@ -49,7 +49,8 @@ def model_size(ref: str) -> dict:
         raise PocketLMError(f"{name} is an embedding model: compare takes generative models")
     with torch.device("meta"):  # the architecture's parameters: a quantized model's packed codes would miscount
         skeleton = model_class_for(config)(config)
-    counts = count_params(skeleton.state_dict(), getattr(config, "tie_word_embeddings", False))
+    tied = getattr(config, "tie_word_embeddings", False)
+    counts = count_params(skeleton.state_dict(), tied, Names.of(skeleton).embedding_keys)  # GPT-2's wte, not only Llama's
     return {"model": name, "params": counts["total"] / 1e6, "non_embedding_params": counts["non_embedding"] / 1e6,
             "disk_mb": disk_bytes(Path(source)) / 1e6}
 

@@ -296,6 +296,12 @@ def _phi2_metadata(cfg: PhiConfig, arch: str) -> dict[str, tuple]:
         raise PocketLMError("GGUF export of Phi with a tied head is not supported: llama.cpp's phi2 reads output.weight")
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
         raise PocketLMError(f"GGUF export of Phi with {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    if cfg.n_heads * cfg.head_dim != cfg.dim:  # llama.cpp's phi2.cpp: wq and wo are (n_embd, n_embd)
+        raise PocketLMError(
+            f"GGUF export of Phi with {cfg.n_heads} heads of {cfg.head_dim} in a hidden size of {cfg.dim} is not supported: "
+            "llama.cpp's phi2 sizes q and the output projection by the hidden size (a model pruned by heads or hidden "
+            "channels: export it as hf)"
+        )
     md = _common_metadata(cfg, arch)
     del md[Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch)]
     md[Keys.Attention.LAYERNORM_EPS.format(arch=arch)] = _f32(cfg.norm_eps)
@@ -328,13 +334,15 @@ def _phi3_metadata(cfg: Phi3Config, arch: str) -> dict[str, tuple]:
     the sliding window (0: none). llama.cpp runs Phi-3's window as full attention (its phi3 disables SWA)."""
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "linear":
         raise PocketLMError(f"GGUF export of Phi-3 with {cfg.rope_scaling['rope_type']} RoPE scaling is not supported (only linear)")
+    if cfg.n_heads * cfg.head_dim != cfg.dim:
+        raise PocketLMError(
+            f"GGUF export of Phi-3 with {cfg.n_heads} heads of {cfg.head_dim} in a hidden size of {cfg.dim} is not supported: "
+            "llama.cpp's phi3 sizes q/k/v by the hidden size (a model pruned by heads or hidden channels: export it as hf)"
+        )
     md = _common_metadata(cfg, arch)
     md[Keys.Rope.DIMENSION_COUNT.format(arch=arch)] = _u32(cfg.rotary_dim)
     md[Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch)] = _u32(cfg.original_max_position_embeddings)
     md[Keys.Attention.SLIDING_WINDOW.format(arch=arch)] = _u32(cfg.sliding_window or 0)
-    if cfg.head_dim != cfg.dim // cfg.n_heads:  # llama.cpp's n_embd_head_k
-        md[Keys.Attention.KEY_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
-        md[Keys.Attention.VALUE_LENGTH.format(arch=arch)] = _u32(cfg.head_dim)
     return md
 
 

@@ -87,7 +87,7 @@ SIGNATURES = {
     "int8_packed_linear": [P, I64, I64, P, P, I64, P, P, I32],
     "rms_norm": [P, I64, I64, P, F32, F32, P],
     "gated_act": [P, I64, I64, I32, P],
-    "attend_decode": [P, P, P, I64, I64, I64, P, P, P, P, F32, P, P, I32, I64, I64, I64, F32, F32, P, I32],
+    "attend_decode": [P, P, P, I64, I64, I64, P, P, I64, P, P, F32, P, P, I32, I64, I64, I64, F32, F32, P, I32],
     "decode_step": [P, I64, P, P, P, P, I64, P, I32],  # pocketlm/models/fused_step.py
     "draft_head_step": [P, I64, P, P, I32],  # pocketlm/models/fused_step.py
 }
@@ -369,13 +369,15 @@ def gated_act(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
 def attend_decode(q, k, v, n_heads, n_kv_heads, head_dim, cos, sin, q_norm, k_norm, norm_eps, cache, pos, begin, scale,
                   softcap=None):
     """One token of one sequence (batch row 0 of the cache): q (1, 1, nh*hd), k, v (1, 1, n_kv*hd) fresh from the
-    projections (views of the fused one are fine); cos, sin (1, hd) at pos; q_norm, k_norm (hd,) weights or None.
+    projections (views of the fused one are fine); cos, sin (1, rd) at pos, RoPE on the first rd channels of each
+    head (rd < hd: Phi-3's partial rotary); q_norm, k_norm (hd,) weights or None.
     Writes the token's key and value at pos (into an fp32 or fp16 cache) and attends over positions begin..pos,
     the scores soft-capped as tanh(s / softcap) * softcap when softcap is set (Gemma 2). -> (1, 1, nh * hd)"""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(1, 1, n_heads * head_dim)
     library().attend_decode(
-        ptr(q), ptr(k), ptr(v), n_heads, n_kv_heads, head_dim, ptr(cos), ptr(sin), ptr(q_norm), ptr(k_norm), norm_eps,
+        ptr(q), ptr(k), ptr(v), n_heads, n_kv_heads, head_dim, ptr(cos), ptr(sin), cos.shape[-1], ptr(q_norm), ptr(k_norm),
+        norm_eps,
         ptr(cache.k), ptr(cache.v), int(cache.k.dtype == torch.float16), cache.k.shape[2], pos, begin, scale, softcap or 0.0,
         ptr(out), torch.get_num_threads(),
     )

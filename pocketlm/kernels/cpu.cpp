@@ -825,17 +825,20 @@ extern "C" void gated_act(const float *gate_up, int64_t M, int64_t F, int gelu, 
 
 // RoPE, NeoX half-split layout (HF's apply_rotary_pos_emb): y = x * cos + rotate_half(x) * sin; a query or key
 // head is first normalized when norm (hd) is given (Gemma 3's q_norm/k_norm, unit offset 1). scratch: hd floats.
-static void norm_rope(const float *x, const float *norm, float eps, const float *cos, const float *sin, int64_t hd,
+// RoPE on the first rd channels of a head (cos, sin (rd), their halves rotated together as HF's rotate_half), the
+// other hd - rd passed through (Phi-3's partial rotary; rd = hd elsewhere)
+static void norm_rope(const float *x, const float *norm, float eps, const float *cos, const float *sin, int64_t hd, int64_t rd,
                       float *scratch, float *y) {
     if (norm) {
         rms_norm_row(x, hd, norm, eps, 1.f, scratch);
         x = scratch;
     }
-    const int64_t half = hd / 2;
+    const int64_t half = rd / 2;
     for (int64_t i = 0; i < half; i++) {
         y[i] = x[i] * cos[i] - x[i + half] * sin[i];
         y[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
     }
+    std::copy(x + rd, x + hd, y + rd);
 }
 
 // Decode attention: the positions are split between the threads (flash-decoding's split, so a model with one
@@ -956,16 +959,16 @@ static void attend(const float *q, const C *K, const C *V, int64_t S, int64_t hd
 
 template <typename C>
 static void attend_decode_kv(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
-                             const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
+                             const float *cos, const float *sin, int64_t rd, const float *q_norm, const float *k_norm, float norm_eps,
                              C *k_cache, C *v_cache, int64_t S, int64_t pos, int64_t begin, float scale, float softcap, float *out,
                              int nthreads) {
     std::vector<float> scratch(hd), rotated(hd), qr(nh * hd);
     for (int64_t h = 0; h < n_kv; h++) {
-        norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, scratch.data(), rotated.data());
+        norm_rope(k_new + h * hd, k_norm, norm_eps, cos, sin, hd, rd, scratch.data(), rotated.data());
         kv_store(rotated.data(), hd, k_cache + (h * S + pos) * hd);
         kv_store(v_new + h * hd, hd, v_cache + (h * S + pos) * hd);
     }
-    for (int64_t h = 0; h < nh; h++) norm_rope(q + h * hd, q_norm, norm_eps, cos, sin, hd, scratch.data(), qr.data() + h * hd);
+    for (int64_t h = 0; h < nh; h++) norm_rope(q + h * hd, q_norm, norm_eps, cos, sin, hd, rd, scratch.data(), qr.data() + h * hd);
     const int64_t L = pos + 1 - begin;
     const C *K = k_cache + begin * hd, *V = v_cache + begin * hd;
     nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, L / 64)));  // a short context is not worth a split
@@ -981,19 +984,20 @@ static void attend_decode_kv(const float *q, const float *k_new, const float *v_
 
 
 // One decoded token of one sequence, all heads: q (nh * hd), k, v (n_kv * hd) from the projections; q_norm,
-// k_norm (hd) or null (Gemma 3's per-head RMSNorm, unit offset 1, before RoPE); cos, sin (hd) at position pos.
+// k_norm (hd) or null (Gemma 3's per-head RMSNorm, unit offset 1, before RoPE); cos, sin (rd) at position pos: RoPE on
+// the first rd channels of each head (rd = hd but for Phi-3's partial rotary).
 // Writes the new key and value into the cache (n_kv, S, hd; fp32, or fp16 with kv_half) at pos, then attends
 // over cache positions begin..pos (a sliding window starts after 0), its scores soft-capped when softcap > 0 (Gemma 2).
 // out (nh * hd). Matches SDPA with enable_gqa: query head h reads key/value head h / (nh / n_kv).
 extern "C" void attend_decode(const float *q, const float *k_new, const float *v_new, int64_t nh, int64_t n_kv, int64_t hd,
-                              const float *cos, const float *sin, const float *q_norm, const float *k_norm, float norm_eps,
+                              const float *cos, const float *sin, int64_t rd, const float *q_norm, const float *k_norm, float norm_eps,
                               void *k_cache, void *v_cache, int kv_half, int64_t S, int64_t pos, int64_t begin, float scale,
                               float softcap, float *out, int nthreads) {
     if (kv_half)
-        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<uint16_t *>(k_cache),
+        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, rd, q_norm, k_norm, norm_eps, static_cast<uint16_t *>(k_cache),
                          static_cast<uint16_t *>(v_cache), S, pos, begin, scale, softcap, out, nthreads);
     else
-        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, q_norm, k_norm, norm_eps, static_cast<float *>(k_cache),
+        attend_decode_kv(q, k_new, v_new, nh, n_kv, hd, cos, sin, rd, q_norm, k_norm, norm_eps, static_cast<float *>(k_cache),
                          static_cast<float *>(v_cache), S, pos, begin, scale, softcap, out, nthreads);
 }
 
@@ -1041,7 +1045,7 @@ struct Layer {
     Linear qkv[3], gate_up[2], o, down;
     int64_t n_qkv, n_gate_up;                     // 1 when fused (fuse_projections), else 3 and 2
     void *k_cache, *v_cache;                      // (B, n_kv, S, hd): the layer's KVCache, fp32 or fp16 (Model's kv_half)
-    const float *cos, *sin;                       // RoPE tables (positions, hd) of the layer's kind
+    const float *cos, *sin;                       // RoPE tables (positions, rd) of the layer's kind
     int64_t window;                               // sliding window in positions; 0: full causal attention
 };
 
@@ -1069,6 +1073,7 @@ struct Model {
     const Layer *layers;
     int64_t kv_half;                          // the caches hold fp16
     float attn_softcap;                       // Gemma 2's attention logit soft-capping; 0: none
+    int64_t rd;                               // rotary channels of a head: hd, or fewer (Phi-3's partial rotary)
 };
 
 // logits (n_logits, V) of the last n_logits of tokens[i] at position pos[i] of cache row rows[i] (a decode step
@@ -1098,7 +1103,7 @@ extern "C" void decode_step(const Model *m, int64_t n, const int64_t *tokens, co
             const float *qi = qkv.data() + i * qkv_dim;
             const int64_t p = pos[i], begin = L.window ? std::max<int64_t>(0, p - L.window + 1) : 0;
             const int64_t row = rows[i] * m->n_kv * m->S * m->hd * (m->kv_half ? 2 : 4);  // bytes
-            attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->hd, L.sin + p * m->hd, L.q_norm,
+            attend_decode(qi, qi + q_dim, qi + q_dim + kv_dim, m->nh, m->n_kv, m->hd, L.cos + p * m->rd, L.sin + p * m->rd, m->rd, L.q_norm,
                           L.k_norm, m->eps, static_cast<char *>(L.k_cache) + row, static_cast<char *>(L.v_cache) + row, int(m->kv_half),
                           m->S, p, begin, m->attn_scale, m->attn_softcap, y.data() + i * q_dim, threads);
         };

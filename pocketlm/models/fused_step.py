@@ -13,8 +13,9 @@ llama.cpp does the same with its graph: built once, computed per token with no i
 The step reads the layers as they are when it is built (at the first decoded token after setup_cache, which
 drops it) and holds on to every tensor it points at, so a pointer never outlives its memory. It knows no family:
 the model says what the step needs (`model.fused_spec()`: norm offset, activation, attention and embedding scales,
-attention and final softcaps; `model.fused_layer(layer)`: RoPE tables and which norms), or raises Unsupported for what cpu.cpp's
-decode_step does not compute (partial rotary, LayerNorm, a parallel block, ...): the modules then run.
+attention and final softcaps; `model.fused_layer(layer)`: RoPE tables, as wide as the rotary part of a head, and
+which norms), or raises Unsupported for what cpu.cpp's decode_step does not compute (LayerNorm, a parallel block,
+an MLP without a gate, ...): the modules then run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Model(ctypes.Structure):
         ("n_layers", I64), ("D", I64), ("nh", I64), ("n_kv", I64), ("hd", I64), ("F", I64), ("S", I64),
         ("eps", F32), ("norm_offset", F32), ("attn_scale", F32), ("embed_scale", F32), ("gelu", I64),
         ("embed", P), ("embed_scales", P), ("final_norm", P), ("head", Linear), ("layers", P), ("kv_half", I64),
-        ("attn_softcap", F32),
+        ("attn_softcap", F32), ("rd", I64),
     ]  # fmt: skip
 
 
@@ -72,7 +73,8 @@ class Unsupported(Exception):
 class FusedSpec:
     """What a decoder family tells the fused step about itself (DecoderLM.fused_spec): the layer is always
     x += [post_attn_norm](attn(attn_norm(x))); x += [post_mlp_norm](mlp(mlp_norm(x))) with RMSNorms, a gated MLP
-    and full-width RoPE, optional q/k norms."""
+    and RoPE on the first rd channels of each head (the tables' width: all of it but for partial rotary), optional
+    q/k norms."""
 
     norm_offset: float  # RMSNorm scales by (norm_offset + w): 0 Llama, 1 Gemma
     gelu: bool  # the gate's activation: GELU-tanh, else SiLU
@@ -86,6 +88,7 @@ class FusedStep:
     def __init__(self, model: nn.Module):
         self.keep: list[torch.Tensor] = []  # every tensor a struct points at
         self.rope_len = 1 << 62  # positions the RoPE tables cover (the shortest of them)
+        self.rd = None  # rotary channels of a head: the tables' width, the same in every layer
         cfg, inner = model.cfg, model.model
         spec = model.fused_spec()  # raises Unsupported for a family the kernels do not compute
         layers = inner.layers
@@ -103,7 +106,7 @@ class FusedStep:
             embed_scale=spec.embed_scale, gelu=int(spec.gelu),
             embed=embed, embed_scales=embed_scales, final_norm=self.vector(inner.norm.weight),
             head=self.linear(model.lm_head), layers=ctypes.addressof(self.layers), kv_half=int(cache.k.dtype == torch.float16),
-            attn_softcap=spec.attn_softcap or 0.0,
+            attn_softcap=spec.attn_softcap or 0.0, rd=self.rd,
         )  # fmt: skip
 
     def pointer(self, t: torch.Tensor) -> int:
@@ -164,8 +167,9 @@ class FusedStep:
         if shapes != expected + [cfg.dim] * (len(qkv) + len(gate_up) + 2):
             raise Unsupported("layers whose shapes differ from the config's")  # decode_step sizes its buffers by the config
         cos, sin, norms = model.fused_layer(layer)  # norms by the Layer struct's field names
-        if cos.shape[-1] != cfg.head_dim:
-            raise Unsupported("partial rotary embeddings")  # cpu.cpp rotates the whole head
+        if cos.shape[-1] % 2 or cos.shape[-1] > cfg.head_dim or self.rd not in (None, cos.shape[-1]):
+            raise Unsupported("RoPE tables of another width")  # cpu.cpp turns the first rd channels of every head
+        self.rd = cos.shape[-1]
         self.rope_len = min(self.rope_len, cos.shape[0])
         return Layer(
             **{k: self.vector(v) for k, v in norms.items()},

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
@@ -126,15 +125,16 @@ class AdapterTable:
 
 
 class LoraLinear(nn.Module):
-    """A Linear layer (float, Int4Linear or Int8Linear), unchanged, plus each attached adapter's update of it: for
-    adapter i, parts[i] lists (the output rows it updates, A (r, in), B (rows, r), scale) -- one part for a plain
-    layer, up to one per fused projection for a fused one."""
+    """A Linear layer (float, Int4Linear or Int8Linear), unchanged, plus each attached adapter's update of it:
+    updates[i] = (A^T (in, r), B^T (r, out), scale) of adapter i, or None where it leaves the layer alone. A fused layer's
+    update is its projections' side by side: their A matrices stacked, their B matrices on a block diagonal (each
+    block in its projection's output rows), so that it is still two matmuls."""
 
     def __init__(self, base_layer: nn.Module, table: AdapterTable):
         super().__init__()
         self.base_layer = base_layer
         self.table = table  # shared by every LoraLinear of the model (a plain attribute: no parameters of its own)
-        self.parts: list[list[tuple[slice, torch.Tensor, torch.Tensor, float]]] = [[]]  # [0]: the base, none
+        self.updates: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None]  # [0]: the base
 
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
@@ -146,16 +146,37 @@ class LoraLinear(nn.Module):
         if rows is None:
             return self.add_update(y, x, self.table.index)
         for i in rows.unique().tolist():
-            if self.parts[i]:
+            if self.updates[i] is not None:
                 take = (rows == i).nonzero()[:, 0]
                 y[take] = self.add_update(y[take], x[take], i)
         return y
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
-        """y += adapter i's B(A(x)) * scale in its rows, in place (peft's LoRA Linear.forward, op for op)."""
-        for rows, A, B, scale in self.parts[i]:
-            y[..., rows] += (F.linear(F.linear(x.to(A.dtype), A), B) * scale).to(y.dtype)
+        """y += adapter i's B(A(x)) * scale, in place: peft's LoRA Linear.forward, with the product by B, the scale and
+        the sum in one addmm where y is fp32 (a decoded token runs 4 of these a layer: each op costs)."""
+        if self.updates[i] is None:
+            return y
+        A_t, B_t, scale = self.updates[i]  # transposed: (in, r), (r, out), contiguous for the matmuls of one row
+        h = x.reshape(-1, x.shape[-1]).to(A_t.dtype) @ A_t  # (n, r)
+        if y.dtype == B_t.dtype and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(h, B_t, alpha=scale)
+        else:
+            y += ((h @ B_t) * scale).to(y.dtype).view(y.shape)
         return y
+
+
+def side_by_side(out_features: int, parts: list[tuple[slice, torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One adapter's updates of a layer's output rows (rows, A, B, scale) -> one (A, B, scale) for the whole layer."""
+    if len(parts) == 1 and parts[0][0] == slice(0, out_features):
+        return parts[0][1:]
+    scales = {scale for *_, scale in parts}
+    A = torch.cat([a for _, a, _, _ in parts])  # (sum of r, in)
+    B = torch.zeros(out_features, A.shape[0])  # (out, sum of r): each part's B in its rows and its own columns
+    col = 0
+    for rows, a, b, scale in parts:
+        B[rows, col : col + a.shape[0]] = b if len(scales) == 1 else b * scale
+        col += a.shape[0]
+    return A, B, scales.pop() if len(scales) == 1 else 1.0
 
 
 def attach(model: nn.Module, adapters: list[Adapter], base_name: str) -> list[int]:
@@ -175,17 +196,21 @@ def attach(model: nn.Module, adapters: list[Adapter], base_name: str) -> list[in
     for adapter, plan in zip(adapters, plans):
         table.names.append(adapter.name)
         index = len(table.names)
+        parts: dict[LoraLinear, list] = {}
         for (parent, attr, rows), A, B, scale in plan:
             layer = getattr(parent, attr)
             if not isinstance(layer, LoraLinear):
                 layer = LoraLinear(layer, table)
                 setattr(parent, attr, layer)
-            layer.parts += [[] for _ in range(index + 1 - len(layer.parts))]
-            layer.parts[index].append((rows, A, B, scale))
+            parts.setdefault(layer, []).append((rows, A, B, scale))
+        for layer, layer_parts in parts.items():
+            layer.updates += [None] * (index + 1 - len(layer.updates))
+            A, B, scale = side_by_side(layer.out_features, layer_parts)
+            layer.updates[index] = (A.T.contiguous(), B.T.contiguous(), scale)
         indices.append(index)
-    for module in model.modules():  # every wrapper has a (possibly empty) entry for every adapter
+    for module in model.modules():  # every wrapper has an entry (None: no update) for every adapter
         if isinstance(module, LoraLinear):
-            module.parts += [[] for _ in range(len(table.names) + 1 - len(module.parts))]
+            module.updates += [None] * (len(table.names) + 1 - len(module.updates))
     if hasattr(model, "decode_step"):
         model.decode_step = None  # built again over the wrappers' base layers
     return indices

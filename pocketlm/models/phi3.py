@@ -26,7 +26,6 @@ from pocketlm.models.decoder import (
     FusedSpec,
     KVCache,
     RMSNorm,
-    Unsupported,
     apply_rope,
     attend_rows,
     attention_spans,
@@ -50,7 +49,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: Phi3Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.full_rotary = cfg.rotary_dim == cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
@@ -64,8 +62,8 @@ class Attention(nn.Module):
         # x (B, T, D); cos, sin (T, rd) or (B, 1, T, rd) with slots; the rest as Llama's Attention.forward
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        if self.full_rotary and decodes_alone(x, input_pos, slots, self.kv_cache):
-            # one token of one sequence: RoPE, the cache write and attention in one call (pocketlm/kernels)
+        if decodes_alone(x, input_pos, slots, self.kv_cache):
+            # one token of one sequence: RoPE (on cos' rd channels), the cache write and attention in one call
             y = kernels.attend_decode(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin, None, None, 0.0,
                                       self.kv_cache, kv_span.stop - 1, kv_span.start, self.head_dim**-0.5)
             return self.o_proj(y)  # (1, 1, D)
@@ -172,8 +170,7 @@ class Phi3ForCausalLM(DecoderLM):
         self.tie_weights()
 
     def fused_spec(self) -> FusedSpec:
-        if self.cfg.rotary_dim != self.cfg.head_dim:
-            raise Unsupported("partial rotary embeddings")  # cpu.cpp's decode_step turns the whole head
+        # the RoPE tables' width (rotary_dim) is the part of each head cpu.cpp's decode_step turns
         return FusedSpec(norm_offset=0.0, gelu=False, attn_scale=self.cfg.head_dim**-0.5)
 
     def fused_layer(self, layer):

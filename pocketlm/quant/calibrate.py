@@ -887,6 +887,10 @@ def quantize_calibrated(ref: str, out, scheme: QuantScheme, calib: str | None, c
         raise PocketLMError(f"{lm.source} is already quantized; quantize the float model it came from")
     if lm.is_encoder:
         raise PocketLMError(f"{lm.name} is an encoder: calibrated quantization is for decoders")
+    if not any(name.startswith("model.layers.0.") for name in lm.model.state_dict()):
+        # GPT-2, GPT-Neo, GPT-J keep transformers' names (transformer.h.<i>...); the passes below walk model.layers.<i>
+        raise PocketLMError(f"calibrated quantization does not support {lm.config.model_type} models yet; "
+                            f"quantize without --calib (round to nearest), or use a Llama-like family")
     ids = calibration_ids(lm.tokenizer, text, cfg.tokens, min(cfg.seq_len, lm.context_length))
     if budget is not None:
         model, report = budget_search(lm, lambda: load(ref, quant="none"), scheme, ids, budget, cfg)

@@ -69,6 +69,7 @@ class Int8Linear(nn.Module):
         self.packed: list | None = None  # fbgemm's copy of the weight in blocks of PACK_ROWS rows, made by pack()
         self.packed_weight: torch.Tensor | None = None  # or the weight in int8_packed_linear's layout, made by pack()
         self.keep_rows = False  # a tied head: the embedding reads its plain rows (Int8Embedding), kept beside the layout
+        self.rows_only = False  # an untied embedding's table: rows looked up, never multiplied, so never packed
         # set into _buffers: register_buffer refuses the name of the `weight` property below
         self._buffers["weight"] = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
@@ -120,7 +121,7 @@ class Int8Linear(nn.Module):
         plain = self.weight
         self.packed = self.packed_weight = None
         self._buffers["weight"] = plain
-        if plain.device.type != "cpu":
+        if plain.device.type != "cpu" or self.rows_only:
             return self
         if kernels.int8_kernel_on() and self.in_features % 32 == 0:  # the kernel's activations come in blocks of 32
             self.packed_weight = kernels.int8_pack(plain)
@@ -211,6 +212,7 @@ class Int8Embedding(nn.Module):
         with torch.device("meta"):
             table = Int8Linear(weight.shape[1], weight.shape[0])
         table.weight, table.scales = weight, scales
+        table.rows_only = True
         return cls(table, dtype, own=True)
 
     @property
