@@ -120,17 +120,19 @@ def layer_types(path: Path) -> dict[str, set[str]]:
 
 def use_float_layers(quantized, float_model, types: dict[str, set[str]], float_types: set[str]) -> list[str]:
     """Put the float model's module in place of each of `quantized`'s layers made from a tensor of `float_types`."""
+    from pocketlm.models.decoder import fuse_linears
+    from pocketlm.quant.from_gguf import FUSED
+
     swapped = []
     for name, kinds in types.items():
         if not kinds & float_types:
             continue
         parent, _, leaf = name.rpartition(".")
-        try:
+        if leaf in FUSED:  # the float model keeps q/k/v and gate/up apart: fused as the quantized model's are
+            module = fuse_linears(*(float_model.get_submodule(f"{parent}.{part}") for part in FUSED[leaf]))
+        else:
             module = float_model.get_submodule(name)
-            owner = quantized.get_submodule(parent) if parent else quantized
-        except AttributeError:
-            continue  # a name this family lays out otherwise
-        setattr(owner, leaf, module)
+        setattr(quantized.get_submodule(parent) if parent else quantized, leaf, module)
         swapped.append(name)
     return swapped
 
