@@ -8,7 +8,7 @@ min(1, p(x) / q(x)); at the first refusal the token is drawn from normalize(max(
 tokens are then distributed exactly as the target's samples (the papers' theorem), whatever the draft.
 
 Caches: each model's cache is written by position and every forward pass attends only up to its own
-positions (pocketlm.models.llama.attention_spans), so refused proposals need no rollback: their entries
+positions (pocketlm.models.decoder.attention_spans), so refused proposals need no rollback: their entries
 lie past the accepted text and are overwritten by the next pass.
 """
 

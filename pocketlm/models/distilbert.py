@@ -36,6 +36,7 @@ class DistilBertEmbeddings(nn.Module):
         return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos))  # (B, T, D)
 
 
+# Copied from pocketlm.models.bert.BertSelfAttention with Bert->DistilBert, query->q_lin, key->k_lin, value->v_lin, out_lin added
 class DistilBertSelfAttention(nn.Module):
     def __init__(self, cfg: DistilBertConfig):
         super().__init__()

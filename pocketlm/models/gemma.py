@@ -68,9 +68,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
+        # Copied from pocketlm.models.llama.Attention.__init__
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
+    # Copied from pocketlm.models.llama.Attention.project
     def project(self, x):
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -92,6 +94,7 @@ class Attention(nn.Module):
             y = kernels.attend_decode(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin, None, None, 0.0,
                                       self.kv_cache, kv_span.stop - 1, kv_span.start, self.scale, self.softcap)
             return self.o_proj(y)  # (1, 1, D)
+        # Copied from pocketlm.models.llama.Attention.forward
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -114,6 +117,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: GemmaConfig, layer_idx: int):
         super().__init__()
+        # Copied from pocketlm.models.llama.DecoderLayer.__init__
         self.sliding = cfg.window(layer_idx) is not None
         self.post_norms = cfg.post_norms
         self.self_attn = Attention(cfg)
@@ -139,6 +143,7 @@ class GemmaModel(nn.Module):
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
+        # Copied from pocketlm.models.llama.LlamaModel.__init__ with Llama->Gemma
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
@@ -147,6 +152,7 @@ class GemmaModel(nn.Module):
         self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
+    # Copied from pocketlm.models.llama.LlamaModel.rope_len
     @property
     def rope_len(self) -> int:
         return self.rope_cos.shape[0]
@@ -161,6 +167,7 @@ class GemmaModel(nn.Module):
         self.register_buffer("embed_scale", torch.tensor(self.cfg.dim**0.5, device=device or "cpu"), persistent=False)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        # Copied from pocketlm.models.gemma3.Gemma3TextModel.forward
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
         x = x * self.embed_scale.to(x.dtype)
@@ -168,6 +175,7 @@ class GemmaModel(nn.Module):
             self.build_buffers(T, self.rope_cos.device)
         window = self.cfg.sliding_window if self.has_sliding else None
         pos, full, sliding = forward_spans(T, input_pos, slots, window, self.has_cache, idx.device)  # pos (T,) or (B, T)
+        # Copied from pocketlm.models.llama.LlamaModel.forward
         cos, sin = rope_at(self.rope_cos, self.rope_sin, pos, x.dtype)  # (T, hd) or (B, 1, T, hd)
         for layer in self.layers:
             span, mask = sliding if layer.sliding else full
@@ -185,6 +193,7 @@ class GemmaForCausalLM(DecoderLM):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
 
+    # Copied from pocketlm.models.gemma3.Gemma3ForCausalLM.logits
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)  # (B, T, V)
         if self.cfg.final_logit_softcapping is not None:  # as Gemma2ForCausalLM.forward

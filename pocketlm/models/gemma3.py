@@ -26,20 +26,18 @@ from torch import nn
 
 from pocketlm import kernels
 from pocketlm.config import Gemma3Config
-from pocketlm.errors import PocketLMError
 from pocketlm.models.decoder import (
     ROPE_TABLE_LEN,
     DecoderLM,
     FusedSpec,
     KVCache,
     apply_rope,
-    attend_rows,
-    attention_spans,
+    attend,
     decodes_alone,
+    forward_spans,
     rope_at,
     rope_inv_freq,
     rope_tables,
-    row_spans,
 )
 
 
@@ -76,9 +74,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # Copied from pocketlm.models.llama.Attention.__init__
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
+    # Copied from pocketlm.models.llama.Attention.project
     def project(self, x):
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -96,24 +96,15 @@ class Attention(nn.Module):
                                       self.k_norm.weight, self.q_norm.eps, self.kv_cache, kv_span.stop - 1, kv_span.start,
                                       self.scale)
             return self.o_proj(y)  # (1, 1, D)
+        # Copied from pocketlm.models.llama.Attention.forward
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if slots is not None:
-            y = attend_rows(self.kv_cache, q, k, v, slots, input_pos, kv_span, mask, scale=self.scale,
-                            enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-            k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd): only what the chunk can see
-        # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, scale=self.scale,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        y = attend(self.kv_cache, q, k, v, mask, input_pos, kv_span, slots, scale=self.scale,
+                   enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, nh, T, hd) -> (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -122,11 +113,13 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Gemma3Config):
         super().__init__()
+        # Copied from pocketlm.models.llama.MLP.__init__
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # made by fuse_projections()
 
+    # Copied from pocketlm.models.llama.MLP.forward with silu->gelu_tanh
     def forward(self, x):
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -141,6 +134,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer_idx: int):
         super().__init__()
+        # Copied from pocketlm.models.llama.DecoderLayer.__init__
         self.sliding = cfg.window(layer_idx) is not None
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
@@ -161,6 +155,7 @@ class Gemma3TextModel(nn.Module):
 
     def __init__(self, cfg: Gemma3Config):
         super().__init__()
+        # Copied from pocketlm.models.llama.LlamaModel.__init__ with Llama->Gemma3
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
@@ -189,21 +184,13 @@ class Gemma3TextModel(nn.Module):
         self.register_buffer("embed_scale", torch.tensor(cfg.dim**0.5, device=device or "cpu"), persistent=False)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        # Copied from pocketlm.models.llama.LlamaModel.forward
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
         x = x * self.embed_scale.to(x.dtype)
-        if input_pos is None:
-            if T > self.global_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
-                self.build_buffers(T, self.global_cos.device)
-            pos = torch.arange(T, device=idx.device)
-            full, sliding = attention_spans(pos, self.cfg.sliding_window)
-            full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
-        else:
-            if not self.has_cache:
-                raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos = input_pos  # (T,), or (B, T) with slots
-            spans = attention_spans if slots is None else row_spans
-            full, sliding = spans(pos, self.cfg.sliding_window)
+        if input_pos is None and T > self.rope_len:  # uncached long input (eval): grow the tables; never hit in decode
+            self.build_buffers(T, self.global_cos.device)
+        pos, full, sliding = forward_spans(T, input_pos, slots, self.cfg.sliding_window, self.has_cache, idx.device)
         rope = {  # (T, hd) each, or (B, 1, T, hd) with slots
             True: rope_at(self.local_cos, self.local_sin, pos, x.dtype),
             False: rope_at(self.global_cos, self.global_sin, pos, x.dtype),

@@ -60,6 +60,7 @@ class Attention(nn.Module):
         return self.attention(*args)
 
 
+# Copied from pocketlm.models.gpt2.MLP with GPT2->GPTNeo (nn.Linear, no Conv1D layout)
 class MLP(nn.Module):
     """GPTNeoMLP: c_proj(act(c_fc(x))), nn.Linear layers."""
 
@@ -79,11 +80,13 @@ class Block(Aliased):
     def __init__(self, cfg: GPTNeoConfig, layer_idx: int):
         super().__init__()
         self.sliding = cfg.window(layer_idx) is not None
+        # Copied from pocketlm.models.gpt2.Block.__init__
         self.ln_1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    # Copied from pocketlm.models.gpt2.Block.forward
     def forward(self, x, mask, input_pos, kv_span, slots=None):
         x = x + self.attn(self.ln_1(x), mask, input_pos, kv_span, slots)
         return x + self.mlp(self.ln_2(x))

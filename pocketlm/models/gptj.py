@@ -47,6 +47,7 @@ def apply_rope_every_two(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTJConfig):
         super().__init__()
+        # Copied from pocketlm.models.gpt_neo.SelfAttention.__init__
         self.n_heads = self.n_kv_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -56,6 +57,7 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
+    # Copied from pocketlm.models.gpt_neo.SelfAttention.project
     def project(self, x):
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -70,6 +72,7 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
+# Copied from pocketlm.models.gpt2.MLP with GPT2->GPTJ, c_fc->fc_in, c_proj->fc_out (nn.Linear, no Conv1D layout)
 class MLP(nn.Module):
     """GPTJMLP: fc_out(act(fc_in(x)))."""
 
@@ -107,6 +110,7 @@ class GPTJModel(Aliased):
 
     def __init__(self, cfg: GPTJConfig):
         super().__init__()
+        # Copied from pocketlm.models.llama.LlamaModel.__init__ with Llama->GPTJ
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -114,6 +118,7 @@ class GPTJModel(Aliased):
         self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
+    # Copied from pocketlm.models.llama.LlamaModel.rope_len
     @property
     def rope_len(self) -> int:
         return self.rope_cos.shape[0]

@@ -29,7 +29,6 @@ from torch import nn
 
 from pocketlm import kernels
 from pocketlm.config import LlamaConfig
-from pocketlm.errors import PocketLMError
 from pocketlm.models.decoder import (
     ROPE_TABLE_LEN,
     DecoderLM,
@@ -37,13 +36,12 @@ from pocketlm.models.decoder import (
     KVCache,
     RMSNorm,
     apply_rope,
-    attend_rows,
-    attention_spans,
+    attend,
     decodes_alone,
+    forward_spans,
     rope_at,
     rope_inv_freq,
     rope_tables,
-    row_spans,
 )
 
 # ------------------------------------------------------------------------------------------- blocks
@@ -81,19 +79,11 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if slots is not None:
-            y = attend_rows(self.kv_cache, q, k, v, slots, input_pos, kv_span, mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-            # only the positions the chunk can see: attention over the whole preallocated cache with a
-            # mask costs up to 30x more for one decoded token (docs/BENCHMARKS.md)
-            k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd)
-        # enable_gqa lets SDPA broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        # through the cache, only the positions the chunk can see (kv_span): attention over the whole preallocated
+        # cache with a mask costs up to 30x more for one decoded token (docs/BENCHMARKS.md). enable_gqa lets SDPA
+        # broadcast the n_kv heads instead of copying them nh/n_kv times (HF's repeat_kv)
+        y = attend(self.kv_cache, q, k, v, mask, input_pos, kv_span, slots, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, nh, T, hd) -> (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -159,18 +149,10 @@ class LlamaModel(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
+        if input_pos is None and T > self.rope_len:  # uncached long input (eval): grow the tables; never hit in decode
+            self.build_buffers(T, self.rope_cos.device)
         window = self.cfg.sliding_window if self.has_sliding else None
-        if input_pos is None:
-            if T > self.rope_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
-                self.build_buffers(T, self.rope_cos.device)
-            pos = torch.arange(T, device=idx.device)
-            full, sliding = attention_spans(pos, window)
-            full = (None, None)  # SDPA's is_causal; sliding layers keep their window mask
-        else:
-            if not self.has_cache:
-                raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos = input_pos  # (T,), or (B, T) with slots
-            full, sliding = attention_spans(pos, window) if slots is None else row_spans(pos, window)
+        pos, full, sliding = forward_spans(T, input_pos, slots, window, self.has_cache, idx.device)  # pos (T,) or (B, T)
         cos, sin = rope_at(self.rope_cos, self.rope_sin, pos, x.dtype)  # (T, hd) or (B, 1, T, hd)
         for layer in self.layers:
             span, mask = sliding if layer.sliding else full

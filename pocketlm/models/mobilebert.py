@@ -71,6 +71,7 @@ class MobileBertEmbeddings(nn.Module):
         return self.LayerNorm(e + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids))  # (B, T, D)
 
 
+# Copied from pocketlm.models.bert.BertSelfAttention with Bert->MobileBert, dim->inner_dim, x->q_in, k_in, v_in
 class MobileBertSelfAttention(nn.Module):
     def __init__(self, cfg: MobileBertConfig):
         super().__init__()
@@ -182,12 +183,14 @@ class MobileBertLayer(nn.Module):
         return out
 
 
+# Copied from pocketlm.models.bert.BertEncoder with Bert->MobileBert
 class MobileBertEncoder(nn.Module):
     def __init__(self, cfg: MobileBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(MobileBertLayer(cfg) for _ in range(cfg.n_layers))
 
 
+# Copied from pocketlm.models.bert.BertPooler with Bert->MobileBert, dense made only with classifier_activation
 class MobileBertPooler(nn.Module):
     """Kept so checkpoints load strictly (and for a transformers classifier's head); embeddings pool by mean."""
 

@@ -42,9 +42,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
         self.dense = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim)  # HF's name for the output projection
+        # Copied from pocketlm.models.llama.Attention.__init__
         self.qkv_proj: nn.Linear | None = None  # q, k, v in one matmul, made by fuse_projections() for inference
         self.kv_cache: KVCache | None = None
 
+    # Copied from pocketlm.models.llama.Attention.project
     def project(self, x):
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -54,6 +56,7 @@ class Attention(nn.Module):
         # x (B, T, D); cos, sin (T, rd) or (B, 1, T, rd) with slots; the rest as Llama's Attention.forward
         B, T, _ = x.shape
         q, k, v = self.project(x)
+        # Copied from pocketlm.models.llama.Attention.forward
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -96,6 +99,7 @@ class PhiModel(nn.Module):
 
     def __init__(self, cfg: PhiConfig):
         super().__init__()
+        # Copied from pocketlm.models.llama.LlamaModel.__init__ with Llama->Phi
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
@@ -108,10 +112,12 @@ class PhiModel(nn.Module):
         """The final norm under the name the shared runtime reads (its weight's dtype and device)."""
         return self.final_layernorm
 
+    # Copied from pocketlm.models.phi3.Phi3Model.rope_len
     @property
     def rope_len(self) -> int:
         return self.rope_cos.shape[0]
 
+    # Copied from pocketlm.models.phi3.Phi3Model.build_buffers
     def build_buffers(self, n: int, device=None):
         """(Re)build the fp32 cos/sin tables (n, rd) for positions 0..n-1 (non-persistent buffers)."""
         inv_freq = rope_inv_freq(self.cfg.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
@@ -120,6 +126,7 @@ class PhiModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)  # (n, rd)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        # Copied from pocketlm.models.gemma.GemmaModel.forward
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
         if input_pos is None and T > self.rope_len:  # uncached long input (eval): grow the tables; never hit in decode

@@ -19,7 +19,6 @@ from torch import nn
 
 from pocketlm import kernels
 from pocketlm.config import Phi3Config
-from pocketlm.errors import PocketLMError
 from pocketlm.models.decoder import (
     ROPE_TABLE_LEN,
     DecoderLM,
@@ -27,13 +26,12 @@ from pocketlm.models.decoder import (
     KVCache,
     RMSNorm,
     apply_rope,
-    attend_rows,
-    attention_spans,
+    attend,
     decodes_alone,
+    forward_spans,
     rope_at,
     rope_inv_freq,
     rope_tables,
-    row_spans,
 )
 
 
@@ -53,6 +51,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    # Copied from pocketlm.models.llama.Attention.project
     def project(self, x):
         if self.qkv_proj is None:  # split into q/k/v_proj by pocketlm.quant.unfuse_projections (QLoRA)
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -67,19 +66,13 @@ class Attention(nn.Module):
             y = kernels.attend_decode(q, k, v, self.n_heads, self.n_kv_heads, self.head_dim, cos, sin, None, None, 0.0,
                                       self.kv_cache, kv_span.stop - 1, kv_span.start, self.head_dim**-0.5)
             return self.o_proj(y)  # (1, 1, D)
+        # Copied from pocketlm.models.llama.Attention.forward
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
-        if slots is not None:
-            y = attend_rows(self.kv_cache, q, k, v, slots, input_pos, kv_span, mask, enable_gqa=gqa)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-            k, v = k[:, :, kv_span].to(q.dtype), v[:, :, kv_span].to(q.dtype)  # (B, n_kv, s, hd): what the chunk sees
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and input_pos is None, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        y = attend(self.kv_cache, q, k, v, mask, input_pos, kv_span, slots, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, nh, T, hd) -> (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -94,6 +87,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gate_up_proj is None:  # split by pocketlm.quant.unfuse_projections (QLoRA)
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Copied from pocketlm.models.llama.MLP.forward
         gate_up = self.gate_up_proj(x)  # (B, T, 2F)
         if kernels.usable(gate_up):  # every row count, so a row's numbers never depend on its chunk
             return self.down_proj(kernels.gated_act(gate_up, gelu=False))  # silu(gate) * up in one call
@@ -101,6 +95,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+# Copied from pocketlm.models.llama.DecoderLayer with Llama->Phi3
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Phi3Config, layer_idx: int):
         super().__init__()
@@ -120,6 +115,7 @@ class Phi3Model(nn.Module):
 
     def __init__(self, cfg: Phi3Config):
         super().__init__()
+        # Copied from pocketlm.models.llama.LlamaModel.__init__ with Llama->Phi3
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
@@ -127,10 +123,12 @@ class Phi3Model(nn.Module):
         self.has_cache = False  # set by setup_cache: each layer holds a KVCache
         self.build_buffers(min(cfg.max_position_embeddings, ROPE_TABLE_LEN))
 
+    # Copied from pocketlm.models.llama.LlamaModel.rope_len
     @property
     def rope_len(self) -> int:
         return self.rope_cos.shape[0]
 
+    # Copied from pocketlm.models.llama.LlamaModel.build_buffers with head_dim->rotary_dim
     def build_buffers(self, n: int, device=None):
         """(Re)build the fp32 cos/sin tables (n, rd) for positions 0..n-1 (non-persistent buffers)."""
         inv_freq = rope_inv_freq(self.cfg.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
@@ -139,20 +137,12 @@ class Phi3Model(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)  # (n, rd)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        # Copied from pocketlm.models.llama.LlamaModel.forward
         T = idx.shape[1]
         x = self.embed_tokens(idx)  # (B, T, D)
-        window = self.cfg.sliding_window
-        if input_pos is None:
-            if T > self.rope_cos.shape[0]:  # uncached long input (eval): grow the tables; never hit in decode
-                self.build_buffers(T, self.rope_cos.device)
-            pos = torch.arange(T, device=idx.device)
-            _, sliding = attention_spans(pos, window)
-            full = (None, None)  # SDPA's is_causal; a sliding window keeps its mask
-        else:
-            if not self.has_cache:
-                raise PocketLMError("input_pos given but no KV cache: call setup_cache() first")
-            pos = input_pos  # (T,), or (B, T) with slots
-            full, sliding = attention_spans(pos, window) if slots is None else row_spans(pos, window)
+        if input_pos is None and T > self.rope_len:  # uncached long input (eval): grow the tables; never hit in decode
+            self.build_buffers(T, self.rope_cos.device)
+        pos, full, sliding = forward_spans(T, input_pos, slots, self.cfg.sliding_window, self.has_cache, idx.device)
         cos, sin = rope_at(self.rope_cos, self.rope_sin, pos, x.dtype)  # (T, rd) or (B, 1, T, rd)
         for layer in self.layers:
             span, mask = sliding if layer.sliding else full
