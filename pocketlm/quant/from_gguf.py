@@ -14,8 +14,9 @@ w = (q - 8) * scale + zero. Their codes move over as they are, and each group's 
 fp32 from the block's fields, then held in bf16 as every Int4Linear holds them (that rounding is the one loss,
 as on the dequantize-then-quantize path). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are rounded as
 `pocketlm.quant` rounds a float weight: int8 rows (in C, a row at a time: cpu.cpp's int8_rows_gguf, the same values
-as the torch dequantizers and int8_rows), or int4 groups where the scheme asks int4 for every layer. Each tensor's pages of the file are dropped once it is converted
-(madvise), so the process holds the quantized model and at most one tensor in float.
+as the torch dequantizers and int8_rows), or int4 groups where the scheme asks int4 for every layer. Each tensor's
+pages of the file are dropped once it is converted (madvise), so the process holds the quantized model and at most
+one tensor in float.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         return w if w.shape == info.shape else w.t()
 
     state_dict: dict[str, torch.Tensor] = {}
-    ready: dict[str, Int4Linear] = {}
+    ready: dict[str, torch.nn.Module] = {}
     done: set[str] = set()
     for hf_name, info in by_hf_name.items():
         if hf_name in done:
