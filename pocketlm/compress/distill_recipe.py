@@ -223,8 +223,8 @@ def run(cfg: DistillConfig) -> dict:
     from pocketlm.finetune.data import build_examples, read_jsonl, stream_indices, target_count
     from pocketlm.finetune.lora import apply_lora, enable_grad_checkpointing, merge, save_adapter, trainable_state, unwrap
     from pocketlm.finetune.recipe import (
-        CausalLMLoss, _evaluate, _log, _plot, _progress, _publish_model, _read_lines, load_base, lora_method, lr_lambda,
-        setup_processes,
+        CausalLMLoss, _evaluate, _log, _plot, _progress, _publish_model, _read_lines, load_base, lora_method,
+        optimizer_and_schedule, setup_processes,
     )
     from pocketlm.load import load
 
@@ -302,11 +302,7 @@ def run(cfg: DistillConfig) -> dict:
     loss_module.to(device)
     eval_loss = CausalLMLoss(model)  # held out: the student's own cross-entropy on the data
     params = {name: p for name, p in loss_module.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=cfg.betas, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(params, cfg, total_steps, warmup)
     step, metrics_path = 0, out / "metrics.jsonl"
     if cfg.resume:
         found = checkpoint.latest(out)

@@ -89,22 +89,9 @@ class ShrinkConfig:
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> ShrinkConfig:
         """A recipe file, then `overrides` (the flags given) on top; `distill` settings merge key by key.
         Relative data paths are relative to the recipe's folder, as in finetune's recipes."""
-        import yaml
+        from pocketlm.finetune.config import read_recipe
 
-        path = Path(path)
-        if not path.is_file():
-            raise PocketLMError(f"{path}: no such recipe file")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PocketLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise PocketLMError(f"{path}: a recipe is a mapping of settings (key: value)")
-        for key in ("data", "eval_data"):
-            if isinstance(d.get(key), str) and not Path(d[key]).expanduser().is_absolute():
-                candidate = (path.parent / d[key]).resolve()
-                if candidate.exists() or not Path(d[key]).exists():
-                    d[key] = str(candidate)
+        d = read_recipe(path)
         overrides = dict(overrides or {})
         if "distill" in overrides:
             overrides["distill"] = {**(d.get("distill") or {}), **overrides["distill"]}

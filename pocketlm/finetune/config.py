@@ -153,21 +153,26 @@ class FinetuneConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> FinetuneConfig:
         """A recipe file, then `overrides` (the CLI flags that were given) on top."""
-        import yaml
+        return cls.from_dict({**read_recipe(path), **(overrides or {})}, source=str(path))
 
-        path = Path(path)
-        if not path.is_file():
-            raise PocketLMError(f"{path}: no such recipe file")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PocketLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise PocketLMError(f"{path}: a recipe is a mapping of settings (key: value)")
-        # relative data paths in a recipe are relative to the recipe's folder, so a recipe runs from anywhere
-        for key in ("data", "eval_data"):
-            if isinstance(d.get(key), str) and not Path(d[key]).expanduser().is_absolute():
-                candidate = (path.parent / d[key]).resolve()
-                if candidate.exists() or not Path(d[key]).exists():
-                    d[key] = str(candidate)
-        return cls.from_dict({**d, **(overrides or {})}, source=str(path))
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe YAML file's settings, its relative data paths made relative to the recipe's folder (so a recipe runs
+    from anywhere); a missing file, bad YAML or a non-mapping is a PocketLMError in one line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PocketLMError(f"{path}: no such recipe file")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PocketLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise PocketLMError(f"{path}: a recipe is a mapping of settings (key: value)")
+    for key in ("data", "eval_data"):
+        if isinstance(d.get(key), str) and not Path(d[key]).expanduser().is_absolute():
+            candidate = (path.parent / d[key]).resolve()
+            if candidate.exists() or not Path(d[key]).exists():
+                d[key] = str(candidate)
+    return d

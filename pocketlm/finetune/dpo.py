@@ -40,7 +40,8 @@ from pocketlm.finetune.config import FinetuneConfig
 from pocketlm.finetune.data import IGNORE, build_pairs, collate, read_jsonl, stream_indices
 from pocketlm.finetune.lora import apply_lora, enable_grad_checkpointing, merge, save_adapter, trainable_state, unwrap
 from pocketlm.finetune.recipe import (
-    _log, _plot, _progress, _publish_model, _read_lines, all_sum, barrier, load_base, lora_method, lr_lambda, setup_processes,
+    _log, _plot, _progress, _publish_model, _read_lines, all_sum, barrier, load_base, lora_method, optimizer_and_schedule,
+    setup_processes,
 )
 
 
@@ -120,11 +121,7 @@ def dpo(cfg: FinetuneConfig) -> dict:
             return sequence_logps(ref_model, batch["ids"], batch["labels"])
 
     # ---- optimizer, schedule, resume
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=cfg.betas, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(params, cfg, total_steps, warmup)
     step, metrics_path = 0, out / "metrics.jsonl"
     if cfg.resume:
         found = checkpoint.latest(out)
