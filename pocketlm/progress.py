@@ -67,21 +67,29 @@ class Progress:
         self.done += n
 
     def _show(self) -> None:
-        """The display's thread: after SHOW_AFTER_S with a step begun, draw the bar and keep it current."""
+        """The display's thread: after SHOW_AFTER_S with a step begun, draw the bar and keep it current; once the
+        command ends, draw the last step once more, so the bar's final frame is the step the command ended in."""
         task = None
-        while not self.stop.wait(POLL_S):
-            if not self.what or time.monotonic() - self.started < SHOW_AFTER_S:
-                continue
-            if self.bars is None:
-                self.bars, task = self._start_bars()
-            done, total, poll = self.done, self.total, self.poll
-            if poll is not None:
-                try:
-                    done, total = poll()
-                except (OSError, RuntimeError):  # a file being renamed, a module dict being changed: next look
-                    continue
-            completed = min(done, total) if total else 0
-            self.bars.update(task, description=self.what, completed=completed, total=total or None)
+        while True:
+            ending = self.stop.wait(POLL_S)
+            if ending and self.bars is None:
+                return  # never shown: a quick command starts no bar on its way out
+            if self.what and time.monotonic() - self.started >= SHOW_AFTER_S:
+                if self.bars is None:
+                    self.bars, task = self._start_bars()
+                self._draw(task)
+            if ending:
+                return
+
+    def _draw(self, task) -> None:
+        done, total, poll = self.done, self.total, self.poll
+        if poll is not None:
+            try:
+                done, total = poll()
+            except (OSError, RuntimeError):  # a file being renamed, a module dict being changed: next look
+                return
+        completed = min(done, total) if total else 0
+        self.bars.update(task, description=self.what, completed=completed, total=total or None)
 
     def _start_bars(self):
         from rich.console import Console
