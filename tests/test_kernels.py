@@ -40,8 +40,23 @@ def test_the_default_target_is_the_best_this_cpu_runs():
                           capture_output=True, text=True).stdout.strip() == TARGETS[0]
 
 
+def q4_0_layer(N: int, K: int, seed: int, bf16_exact: bool = False) -> tuple[Int4Linear, torch.Tensor]:
+    """An Int4Linear in the int4 layout without zeros, written by int4_pack_gguf from random GGML Q4_0 blocks
+    (block_q4_0: fp16 d, then 16 bytes of codes), with a bias; and the blocks (N, K/32, 18) uint8.
+    bf16_exact: every d also a bf16 value (its 3 lowest mantissa bits 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=gen)
+    d = ((torch.rand(N, K // 32, generator=gen) * 0.02 + 1e-3).to(torch.float16)).view(torch.int16)
+    if bf16_exact:
+        d &= ~0x7
+    blocks[..., :2] = d.view(torch.uint8).view(N, K // 32, 2)
+    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, zeros=False), dtype=torch.uint8)
+    kernels.int4_pack_gguf(blocks.reshape(-1), "Q4_0", N, K, None, packed, zeros=False)
+    return Int4Linear.from_packed(packed, K, N, 32, torch.randn(N, generator=gen), zeros=False), blocks
+
+
 # blocks of 16 output rows, taken two at a time for several rows on AVX-512; a tile of rows then single rows
-@pytest.mark.parametrize("kernel", ["int4", "int8"])
+@pytest.mark.parametrize("kernel", ["int4", "int4-q4_0", "int8"])
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])
 @pytest.mark.parametrize("N", [24, 40, 64])
 def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target, monkeypatch):
@@ -57,6 +72,9 @@ def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target
     if kernel == "int4":
         layer = Int4Linear.from_linear(nn.Linear(K, N, bias=True), 64)
         run = lambda: kernels.int4_linear(x, layer.packed, N, 64, layer.bias)  # noqa: E731
+    elif kernel == "int4-q4_0":
+        layer = q4_0_layer(N, K, M * 100 + N)[0]
+        run = lambda: kernels.int4_linear(x, layer.packed, N, 32, layer.bias, zeros=False)  # noqa: E731
     else:
         layer = Int8Linear.from_linear(nn.Linear(K, N, bias=True))
         run = lambda: kernels.int8_packed_linear(x, layer.packed_weight, layer.scales, layer.bias)  # noqa: E731
@@ -88,6 +106,31 @@ def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_
     x[4] *= 50
     out = kernels.int4_linear(x, layer.packed, N, group_size, layer.bias)
     assert torch.equal(out, torch.cat([layer(row[None]) for row in x]))
+
+
+@pytest.mark.parametrize("N", [24, 40, 64])
+def test_the_q4_0_layout_without_zeros_is_the_layout_with_zeros_0(N):
+    """Q4_0's blocks held as they are (fp16 scales, no zeros: 4.5 bits a weight) give what the layout with bf16
+    scales and zeros 0 gives, bit for bit, where every scale is also a bf16 value; and its weight is the file's,
+    exactly (gguf-py's dequantizer), where the bf16 buffers would round the scales."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    K = 256
+    layer, blocks = q4_0_layer(N, K, N, bf16_exact=True)
+    with_zeros = Int4Linear(K, N, 32, bias=True)
+    with_zeros.load_state_dict(layer.state_dict())  # the plain codes, bf16 scales and zeros 0
+    with_zeros.pack()
+    assert with_zeros.zeros and not layer.zeros and layer.packed.numel() == with_zeros.packed.numel() * 288 // 320
+    assert torch.equal(with_zeros.scales_and_zeros[..., 1].float(), torch.zeros(K // 32, N))
+    for M in (1, 2, 3, 7, 8, 13):  # one row, the tiles, the pairs of blocks
+        x = torch.randn(M, K)
+        assert torch.equal(layer(x), with_zeros(x)), M
+    layer, blocks = q4_0_layer(N, K, N)  # any fp16 scales
+    file_weight = torch.from_numpy(dequantize(blocks.reshape(-1).numpy(), GGMLQuantizationType.Q4_0)).view(N, K)
+    assert torch.equal(layer.dequantized(), file_weight.float())
+    x = torch.randn(5, K)
+    exact = x.double() @ file_weight.double().T + layer.bias.double()
+    assert ((layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)).max() < 1e-4
 
 
 def test_int4_kernel_is_switched_off_by_the_environment(monkeypatch):
@@ -249,15 +292,22 @@ def test_decoding_with_kernels_matches_aten(tiny_dir, quant, monkeypatch):
     torch.testing.assert_close(steps["pocketlm"], steps["aten"], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4", "int8"])
-def test_fused_decode_step_equals_the_modules(tiny_dir, quant, monkeypatch):
+@pytest.mark.parametrize("quant", ["none", "int4", "int8", "gguf-q4_0"])
+def test_fused_decode_step_equals_the_modules(tiny_dir, quant, tmp_path, throwaway_home):
     """A whole decoded token in one call (pocketlm/models/fused_step.py) against the same model module by module,
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
     same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu. Every int8
-    layer (the head, and each layer of an int8 model) runs the packed int8 kernel."""
-    lm = load(str(tiny_dir), quant=quant)
+    layer (the head, and each layer of an int8 model) runs the packed int8 kernel. A Q4_0 GGUF's int4 layers hold
+    its blocks as they are (the layout without zeros)."""
+    if quant == "gguf-q4_0":
+        from test_gguf_direct import export
+
+        lm = load(export(tiny_dir, "q4_0", tmp_path / "tiny-q4_0.gguf"), quant="auto")
+        assert any(isinstance(m, Int4Linear) and not m.zeros for m in lm.model.modules())
+    else:
+        lm = load(str(tiny_dir), quant=quant)
     int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
-    assert all(m.packed_weight is not None for m in int8_layers) and (quant == "none") == (not int8_layers)
+    assert all(m.packed_weight is not None for m in int8_layers) and (quant == "none") == (not int8_layers), quant
     model, steps = lm.model, {}
     ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
     T = ids.shape[1]

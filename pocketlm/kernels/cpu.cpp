@@ -11,7 +11,8 @@
 //
 // Layouts (all row-major, contiguous):
 //   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16;
-//         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack
+//         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack;
+//         a GGUF's Q4_0 tensor, w = (q - 8) * d, goes into the kernel's layout without zeros (int4_pack_gguf)
 //   int8: weight (N, K) int8, scales (N) bf16; w[n, k] = q * scale  (pocketlm/quant/int8.py)
 //   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32, or fp16 (kv_half; a quantized model's cache holds
 //         half the bytes a decoded token reads, as llama.cpp's f16 cache)  (pocketlm/models/llama.py's KVCache)
@@ -30,37 +31,6 @@
 // The weight kernels ask for the cache line this many bytes ahead of the one they read: the hardware's own
 // prefetcher alone leaves a 2-core read at 10-12 GB/s, this at 16-18 (a 24-layer C++ harness, 2048 beat 1024 and 4096)
 static constexpr int64_t PREFETCH = 2048;
-
-static inline float bits_to_float(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint32_t float_to_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-}
-
-// IEEE fp16 <-> fp32, rounding to nearest even: c10::Half's conversions (Marat Dukhan's FP16 library,
-// fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value), so a key the kernels write equals the one torch writes
-static inline float half_to_float(uint16_t h) {
-    const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
-    const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-    const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-    return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized)));
-}
-
-static inline uint16_t float_to_half(float f) {
-    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = float_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = bits_to_float((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = float_to_bits(base), nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
 
 // A KV cache element: fp32, or fp16 as its bits
 static inline float kv_float(float x) { return x; }
@@ -146,6 +116,9 @@ static float exp_shifted_sum(float *x, int64_t n) {
 // nibbles meet activations k..k+3, the high ones k+4..k+7). Rows past N (the last block) are zero. The layout
 // is the same on every target (16 lanes are one 512-bit register, two 256-bit or four 128-bit ones).
 //   w[n, k] = (q - 8) * scale + zero, so sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x per group.
+// The layout without zeros (`zeros` 0) holds Q4_0's blocks as they are: each group [16 scales fp16 (the file's d,
+// exact) | g/8 steps], w = (q - 8) * scale, 4.5 bits a weight where the zeros make 5; decode reads every weight
+// byte once per token, so a Q4_0 model decodes in 0.9 of the time (llama.cpp's block_q4_0 holds the same bytes).
 
 extern "C" const char *kernel_target() { return TARGET; }  // simd.h: the instruction sets this build uses
 
@@ -177,10 +150,11 @@ extern "C" OLDEST_CPU int cpu_runs_target() {
 
 static constexpr int ROWS = 16;  // output rows per block: one per lane of simd.h's 16
 
-static inline int64_t int4_group_bytes(int64_t g) { return 64 + g * 8; }  // scales, zeros, then codes
+// scales (and zeros), then codes
+static inline int64_t int4_group_bytes(int64_t g, bool zeros) { return (zeros ? 64 : 32) + g * 8; }
 
-extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g) {
-    return (N + ROWS - 1) / ROWS * (K / g) * int4_group_bytes(g);
+extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, int zeros) {
+    return (N + ROWS - 1) / ROWS * (K / g) * int4_group_bytes(g, zeros);
 }
 
 // codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16
@@ -190,8 +164,8 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            uint8_t *p = out + (b * G + gi) * int4_group_bytes(g);
-            std::memset(p, 0, int4_group_bytes(g));  // the last block's rows past N stay zero
+            uint8_t *p = out + (b * G + gi) * int4_group_bytes(g, true);
+            std::memset(p, 0, int4_group_bytes(g, true));  // the last block's rows past N stay zero
             uint16_t *sz = reinterpret_cast<uint16_t *>(p);
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = b * ROWS + r;
@@ -210,33 +184,35 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
         }
 }
 
+// bf16 of an fp32, rounded to nearest even (c10::BFloat16's round_to_nearest_even; scales are never NaN)
+static inline uint16_t float_to_bf16(float f) {
+    const uint32_t u = float_to_bits(f);
+    return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
 // The inverse of int4_pack: the kernel's layout -> codes (N, K/2) and scales_and_zeros (K/g, N, 2), for a layer that
-// keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained
-extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, uint8_t *codes, uint16_t *scales_and_zeros) {
-    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS;
+// keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained. Without zeros (Q4_0's
+// layout): zeros 0, the fp16 scales rounded to bf16 (Int4Linear's buffers hold bf16).
+extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, int zeros, uint8_t *codes, uint16_t *scales_and_zeros) {
+    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS, header = zeros ? 64 : 32;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            const uint8_t *p = packed + (b * G + gi) * int4_group_bytes(g);
+            const uint8_t *p = packed + (b * G + gi) * int4_group_bytes(g, zeros);
             const uint16_t *sz = reinterpret_cast<const uint16_t *>(p);
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = b * ROWS + r;
-                scales_and_zeros[(gi * N + n) * 2] = sz[r], scales_and_zeros[(gi * N + n) * 2 + 1] = sz[ROWS + r];
+                scales_and_zeros[(gi * N + n) * 2] = zeros ? sz[r] : float_to_bf16(half_to_float(sz[r]));
+                scales_and_zeros[(gi * N + n) * 2 + 1] = zeros ? sz[ROWS + r] : 0;
                 uint8_t *row = codes + n * (K / 2) + gi * g / 2;
                 for (int64_t step = 0; step < g / 8; step++) {
-                    const uint8_t *o = p + 64 + step * 64 + r * 4;
+                    const uint8_t *o = p + header + step * 64 + r * 4;
                     uint8_t *c = row + step * 4;
                     c[0] = uint8_t((o[0] & 0x0F) | (o[1] & 0x0F) << 4), c[2] = uint8_t((o[0] >> 4) | (o[1] & 0xF0));
                     c[1] = uint8_t((o[2] & 0x0F) | (o[3] & 0x0F) << 4), c[3] = uint8_t((o[2] >> 4) | (o[3] & 0xF0));
                 }
             }
         }
-}
-
-// bf16 of an fp32, rounded to nearest even (c10::BFloat16's round_to_nearest_even; scales are never NaN)
-static inline uint16_t float_to_bf16(float f) {
-    const uint32_t u = float_to_bits(f);
-    return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
 enum GGMLType { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12 };  // ggml.h's type ids
@@ -266,23 +242,26 @@ static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int6
     zero = 8.f * scale - f16(block + 2) * float(min6);  // w = (d sc) q - dmin m
 }
 
-// A GGML Q4_0, Q4_1 or Q4_K tensor (N, K) -> int4_pack's layout with groups of 32, straight from the file's blocks
-// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are)
-extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, uint8_t *out) {
-    const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS;
+// A GGML Q4_0, Q4_1 or Q4_K tensor (N, K) -> the kernel's layout with groups of 32, straight from the file's blocks
+// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are). zeros 0
+// (Q4_0 only): the layout without zeros, each group's scale the block's fp16 d as it is.
+extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, int zeros, uint8_t *out) {
+    const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS, header = zeros ? 64 : 32;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            uint8_t *p = out + (b * G + gi) * int4_group_bytes(32);
-            std::memset(p, 0, int4_group_bytes(32));  // the last block's rows past N stay zero
+            uint8_t *p = out + (b * G + gi) * int4_group_bytes(32, zeros);
+            std::memset(p, 0, int4_group_bytes(32, zeros));  // the last block's rows past N stay zero
             uint16_t *sz = reinterpret_cast<uint16_t *>(p);
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
+                const int64_t n = order ? order[b * ROWS + r] : b * ROWS + r;
                 uint8_t codes[32];
                 float scale, zero;
-                gguf_group(data, type, K, order ? order[b * ROWS + r] : b * ROWS + r, gi, codes, scale, zero);
-                sz[r] = float_to_bf16(scale), sz[ROWS + r] = float_to_bf16(zero);
+                gguf_group(data, type, K, n, gi, codes, scale, zero);
+                if (zeros) sz[r] = float_to_bf16(scale), sz[ROWS + r] = float_to_bf16(zero);
+                else std::memcpy(&sz[r], data + (n * (K / 32) + gi) * 18, 2);  // block_q4_0's d
                 for (int step = 0; step < 4; step++)
-                    for (int j = 0; j < 4; j++) p[64 + step * 64 + r * 4 + j] = uint8_t(codes[8 * step + j] | codes[8 * step + 4 + j] << 4);
+                    for (int j = 0; j < 4; j++) p[header + step * 64 + r * 4 + j] = uint8_t(codes[8 * step + j] | codes[8 * step + 4 + j] << 4);
             }
         }
 }
@@ -521,11 +500,12 @@ static constexpr bool INT4_BLOCK_PAIRS = false;
 // K 576, N 3072, 8 rows, one thread, L2-resident weights). BPG: blocks of 32 columns per group (g / 32), a
 // constant so no division runs in the loops (a 64-bit idiv per block had made a batch of 8 rows 3x slower
 // than its arithmetic). Every row's arithmetic is its own: the result does not depend on MT or NB.
-template <int MT, int NB, int BPG>
+// ZEROS: the layout with bf16 scales and zeros (int4_pack's), else fp16 scales alone (Q4_0's).
+template <int MT, int NB, int BPG, bool ZEROS>
 static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead, Floats *res) {
-    const int64_t g = BPG * 32, G = K / g, B = K / 32;
+    const int64_t g = BPG * 32, G = K / g, B = K / 32, header = ZEROS ? 64 : 32;
     for (int m = 0; m < MT * NB; m++) res[m] = f_zero();
-    for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g)) {
+    for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g, ZEROS)) {
         Floats group[MT * NB];
         for (int m = 0; m < MT * NB; m++) group[m] = f_zero();
         for (int j = 0; j < BPG; j++) {
@@ -539,7 +519,7 @@ static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *
             for (int step = 0; step < 4; step++) {
                 Bytes lo[NB], hi[NB];
                 for (int i = 0; i < NB; i++) {
-                    const uint8_t *codes = p + i * block_bytes + 64 + j * 256 + step * 64;
+                    const uint8_t *codes = p + i * block_bytes + header + j * 256 + step * 64;
                     prefetch(codes + ahead);
                     const Bytes v = load_bytes(codes);
                     lo[i] = low_nibbles(v), hi[i] = high_nibbles(v);
@@ -570,7 +550,8 @@ static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *
         }
         for (int i = 0; i < NB; i++) {
             const uint16_t *scales = reinterpret_cast<const uint16_t *>(p + i * block_bytes);
-            const Floats s = load_bf16(scales), offset = fnma(f_set1(8.f), s, load_bf16(scales + ROWS));  // zero - 8 scale
+            const Floats s = ZEROS ? load_bf16(scales) : load_f16(scales);
+            const Floats offset = fnma(f_set1(8.f), s, ZEROS ? load_bf16(scales + ROWS) : f_zero());  // zero - 8 scale
             for (int m = 0; m < MT; m++) {
                 res[m * NB + i] = fma(s, group[m * NB + i], res[m * NB + i]);
                 res[m * NB + i] = fma(offset, f_set1(xq.group_sum[(m0 + m) * G + gi]), res[m * NB + i]);
@@ -580,10 +561,10 @@ static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *
 }
 
 // All M rows of x through NB blocks from block b on -> out (M, N) row-major: tiles of MT rows, then single rows.
-template <int MT, int NB>
+template <int MT, int NB, bool ZEROS>
 static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, const uint8_t *packed, int64_t N, int64_t b,
                         const float *bias, float *out) {
-    const int64_t block_bytes = (K / g) * int4_group_bytes(g);
+    const int64_t block_bytes = (K / g) * int4_group_bytes(g, ZEROS);
     const uint8_t *p = packed + b * block_bytes;
     // One block (a single row): prefetch PREFETCH bytes ahead in its stream. Two blocks (several rows, tile after
     // tile over the same weights): the same place in the next pair. At 4-8 rows the model's step still waits on
@@ -593,9 +574,9 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     Floats res[MT * NB];
     auto tile = [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
-        if (g == 32) int4_tile<R, NB, 1>(xq, m, K, p, block_bytes, ahead, res);
-        else if (g == 64) int4_tile<R, NB, 2>(xq, m, K, p, block_bytes, ahead, res);
-        else int4_tile<R, NB, 4>(xq, m, K, p, block_bytes, ahead, res);
+        if (g == 32) int4_tile<R, NB, 1, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
+        else if (g == 64) int4_tile<R, NB, 2, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
+        else int4_tile<R, NB, 4, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
         for (int i = 0; i < NB; i++) {
             const int64_t n0 = (b + i) * ROWS, n = std::min<int64_t>(ROWS, N - n0);
             const Floats bias_v = bias ? load_floats(bias + n0, n) : f_zero();
@@ -607,10 +588,10 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     for (; m < M; m++) tile(std::integral_constant<int, 1>(), m);
 }
 
-// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack; g 32, 64 or 128. One row (a decode step of one
-// sequence) reads each block once; several rows take tiles of INT4_ROW_TILE rows, and on AVX-512 the blocks two at a
-// time (int4_tile).
-extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g,
+// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack (zeros 1) or int4_pack_gguf (zeros 0: Q4_0's layout);
+// g 32, 64 or 128. One row (a decode step of one sequence) reads each block once; several rows take tiles of
+// INT4_ROW_TILE rows, and on AVX-512 the blocks two at a time (int4_tile).
+extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g, int zeros,
                             const float *bias, float *out, int nthreads) {
     Int8Rows xq(x, M, K, g);
     const int64_t blocks = (N + ROWS - 1) / ROWS, pairs = INT4_BLOCK_PAIRS && M > 1 ? blocks / 2 : 0;
@@ -619,8 +600,10 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
         xq.round_in_team();
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < blocks - pairs; u++) {  // pairs of blocks first, then the blocks left
-            if (u < pairs) int4_blocks<2, 2>(xq, M, K, g, packed, N, 2 * u, bias, out);
-            else int4_blocks<INT4_ROW_TILE, 1>(xq, M, K, g, packed, N, u + pairs, bias, out);
+            if (zeros && u < pairs) int4_blocks<2, 2, true>(xq, M, K, g, packed, N, 2 * u, bias, out);
+            else if (zeros) int4_blocks<INT4_ROW_TILE, 1, true>(xq, M, K, g, packed, N, u + pairs, bias, out);
+            else if (u < pairs) int4_blocks<2, 2, false>(xq, M, K, g, packed, N, 2 * u, bias, out);
+            else int4_blocks<INT4_ROW_TILE, 1, false>(xq, M, K, g, packed, N, u + pairs, bias, out);
         }
     }
 }
@@ -1013,7 +996,7 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
 // pocketlm/models/fused_step.py fills these structs from a model's modules and keeps their tensors alive.
 
 struct Linear {  // one (N, K) weight: kind 0 fp32 (N, K); 1 int8 (N, K) with bf16 scales (N); 2 int4_pack's layout;
-                 // 3 int8_pack's layout with bf16 scales (N)
+                 // 3 int8_pack's layout with bf16 scales (N); 4 the int4 layout without zeros (Q4_0's)
     int64_t kind, N, K, g;
     const void *weight;
     const uint16_t *scales;
@@ -1025,7 +1008,8 @@ static void linear(const Linear &l, const float *x, int64_t M, float *out, int64
     float *y = stride == l.N ? out : (tmp.resize(M * l.N), tmp.data());
     if (l.kind == 0) fp32_linear(x, M, l.K, static_cast<const float *>(l.weight), l.N, l.bias, y, nthreads);
     else if (l.kind == 1) int8_linear(x, M, l.K, static_cast<const int8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
-    else if (l.kind == 2) int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.bias, y, nthreads);
+    else if (l.kind == 2 || l.kind == 4)
+        int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.kind == 2, l.bias, y, nthreads);
     else int8_packed_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
     if (y != out)
         for (int64_t m = 0; m < M; m++) std::memcpy(out + m * stride, y + m * l.N, l.N * sizeof(float));

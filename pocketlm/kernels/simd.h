@@ -42,6 +42,37 @@ static constexpr const char *TARGET = "neon-dotprod";
 static constexpr const char *TARGET = "scalar";
 #endif
 
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// IEEE fp16 <-> fp32, rounding to nearest even: c10::Half's conversions (Marat Dukhan's FP16 library,
+// fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value), so a key the kernels write equals the one torch writes
+static inline float half_to_float(uint16_t h) {
+    const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_to_float(sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized)));
+}
+
+static inline uint16_t float_to_half(float f) {
+    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = float_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = float_to_bits(base), nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
 static inline void prefetch(const void *p) {
 #if defined(POCKETLM_AVX512) || defined(POCKETLM_AVX2)
     _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
@@ -63,7 +94,7 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 //           chains against vpdpbusd's 5-cycle latency; AVX2's int16 sums hold a block's 8 products of a pass, at
 //           most 8 * 2 * 15 * 127 = 30480 < 32767)
 //   Ints    16 int32
-//   Floats  16 fp32
+//   Floats  16 fp32 (load_bf16, load_f16: 16 scales widened, exactly)
 //   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
 
 #if defined(POCKETLM_AVX512)
@@ -97,6 +128,7 @@ static inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : 
 static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {  // lanes past n: 0
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
 }
+static inline Floats load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
 static inline Floats load_floats(const float *p, int64_t n = 16) { return _mm512_maskz_loadu_ps(first(n), p); }
 static inline void store_floats(float *p, Floats v, int64_t n = 16) { _mm512_mask_storeu_ps(p, first(n), v); }
 
@@ -179,6 +211,10 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16)),
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16))};
+}
+static inline Floats load_f16(const uint16_t *p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p + 8)))};
 }
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
@@ -276,6 +312,11 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
     for (int i = 0; i < 4; i++) f.v[i] = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(tmp + 4 * i), 16));
     return f;
 }
+static inline Floats load_f16(const uint16_t *p) {
+    Floats f;
+    for (int i = 0; i < 4; i++) f.v[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
+    return f;
+}
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
     std::memcpy(tmp, p, (n < 16 ? n : 16) * 4);
@@ -355,6 +396,11 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
         const uint32_t u = r < n ? uint32_t(p[r]) << 16 : 0;
         std::memcpy(&f.v[r], &u, 4);
     }
+    return f;
+}
+static inline Floats load_f16(const uint16_t *p) {  // 16 fp16 values, each exact in fp32
+    Floats f;
+    for (int r = 0; r < 16; r++) f.v[r] = half_to_float(p[r]);
     return f;
 }
 static inline Floats load_floats(const float *p, int64_t n = 16) {
