@@ -70,23 +70,24 @@ static const int THREADS = omp_get_max_threads();
 // x.bin (M, K) fp32, bias.bin (N) or none -> out.bin (M, N)
 static void run_int4_linear(const Case &c) {
     const int64_t M = c.int_arg("M"), K = c.int_arg("K"), N = c.int_arg("N"), g = c.int_arg("g");
-    std::vector<uint8_t> packed(int4_packed_bytes(N, K, g, 1));
+    std::vector<uint8_t> packed(int4_packed_bytes(N, K, g, INT4_ZEROS));
     int4_pack(c.read<uint8_t>("codes.bin").data(), c.read<uint16_t>("scales_and_zeros.bin").data(), N, K, g, packed.data());
     std::vector<float> out(M * N);
     const auto x = c.read<float>("x.bin"), bias = c.read<float>("bias.bin", true);
-    int4_linear(x.data(), M, K, packed.data(), N, g, 1, or_null(bias), out.data(), THREADS);
+    int4_linear(x.data(), M, K, packed.data(), N, g, INT4_ZEROS, or_null(bias), out.data(), THREADS);
     c.write("packed.bin", packed), c.write("out.bin", out);
 }
 
-// blocks.bin: a GGML Q4_0 tensor (N, K) -> packed.bin (int4_pack_gguf's layout without zeros); x.bin (M, K) fp32,
-// bias.bin (N) or none -> out.bin (M, N)
-static void run_int4_linear_q4_0(const Case &c) {
+// blocks.bin: a GGML tensor (N, K) of type `type` (ggml's id) -> packed.bin (int4_pack_gguf's `layout`); x.bin (M, K)
+// fp32, bias.bin (N) or none -> out.bin (M, N)
+static void run_int4_linear_gguf(const Case &c) {
     const int64_t M = c.int_arg("M"), K = c.int_arg("K"), N = c.int_arg("N");
-    std::vector<uint8_t> packed(int4_packed_bytes(N, K, 32, 0));
-    int4_pack_gguf(c.read<uint8_t>("blocks.bin").data(), GGML_Q4_0, N, K, nullptr, 0, packed.data());
+    const int type = int(c.int_arg("type")), layout = int(c.int_arg("layout"));
+    std::vector<uint8_t> packed(int4_packed_bytes(N, K, 32, layout));
+    int4_pack_gguf(c.read<uint8_t>("blocks.bin").data(), type, N, K, nullptr, layout, packed.data());
     std::vector<float> out(M * N);
     const auto x = c.read<float>("x.bin"), bias = c.read<float>("bias.bin", true);
-    int4_linear(x.data(), M, K, packed.data(), N, 32, 0, or_null(bias), out.data(), THREADS);
+    int4_linear(x.data(), M, K, packed.data(), N, 32, layout, or_null(bias), out.data(), THREADS);
     c.write("packed.bin", packed), c.write("out.bin", out);
 }
 
@@ -146,7 +147,7 @@ static void run_attend_decode(const Case &c) {
 }
 
 static const std::map<std::string, void (*)(const Case &)> KERNELS = {
-    {"int4_linear", run_int4_linear}, {"int4_linear_q4_0", run_int4_linear_q4_0}, {"int8_packed_linear", run_int8_packed_linear}, {"int8_linear", run_int8_linear},
+    {"int4_linear", run_int4_linear}, {"int4_linear_gguf", run_int4_linear_gguf}, {"int8_packed_linear", run_int8_packed_linear}, {"int8_linear", run_int8_linear},
     {"rms_norm", run_rms_norm},       {"gated_act", run_gated_act},                   {"attend_decode", run_attend_decode},
 };
 

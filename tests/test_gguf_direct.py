@@ -58,23 +58,23 @@ def test_a_quantized_gguf_loads_as_the_float_round_trip_did_without_a_float_copy
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
 def test_the_kernel_layout_written_from_the_blocks_equals_the_torch_reading(tiny_dir, qtype, tmp_path, throwaway_home):
-    """cpu.cpp's int4_pack_gguf (the file's blocks straight into the kernels' layout) against grid_groups (the same
-    blocks read in torch): every layer's weight, (q - 8) * bf16(scale) + bf16(zero), equal; Q4_0's, held without
-    zeros and with the file's fp16 scales, (q - 8) * scale exactly."""
+    """cpu.cpp's int4_pack_gguf (the file's blocks straight into the kernels' layout, Q4_0's and Q4_K's own): every
+    layer's weight is the file's, as gguf-py dequantizes it, exactly."""
+    from gguf import dequantize
+
     if not kernels.int4_kernel_on():
         pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
     path = export(tiny_dir, qtype, tmp_path / f"tiny-{qtype}.gguf")
     f = read_gguf(path)
-    if f.tensors["blk.0.ffn_down.weight"].ggml_type.name.lower() != qtype:
+    info = f.tensors["blk.0.ffn_down.weight"]
+    if info.ggml_type.name.lower() != qtype:
         pytest.skip(f"the tiny model's rows are too short for {qtype} (the exporter took another type)")
     lm = load(path, quant="auto")
     down = lm.model.model.layers[0].mlp.down_proj  # an int4 layer without reordered rows
     assert isinstance(down, Int4Linear) and down.packed is not None and down._buffers["qweight"].numel() == 0
-    codes, scale, zero = grid_groups(f.tensors["blk.0.ffn_down.weight"])  # (N K / 32, 32), (N K / 32,) x 2
-    bf16 = (lambda t: t) if qtype == "q4_0" else lambda t: t.to(torch.bfloat16).float()  # noqa: E731
-    assert down.zeros == (qtype != "q4_0")
-    expected = ((codes.float() - 8) * bf16(scale)[:, None] + bf16(zero)[:, None]).view(down.out_features, -1)
-    assert torch.equal(down.dequantized(), expected)
+    assert down.layout == qtype
+    expected = torch.from_numpy(dequantize(info.data, info.ggml_type)).view(down.out_features, -1)
+    assert torch.equal(down.dequantized(), expected.float())
 
 
 def test_a_layer_kept_in_the_kernel_layout_saves_and_loads_its_plain_codes():
@@ -207,4 +207,59 @@ def test_an_untied_head_on_a_4bit_grid_stays_int4_as_the_file_has_it(tmp_path, t
         return
     head = layers["lm_head"]
     codes, scale, zero = grid_groups(gguf_file.tensors["output.weight"])  # Q4_0: zero 0, the layout's scales fp16
-    assert not head.zeros and torch.equal(head.dequantized(), ((codes.float() - 8) * scale[:, None]).view(head.out_features, -1))
+    assert head.layout == "q4_0" and torch.equal(head.dequantized(), ((codes.float() - 8) * scale[:, None]).view(head.out_features, -1))
+
+
+def test_q4_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modules(tmp_path, throwaway_home):
+    """A file whose matrices are Q4_K (Q4_K_M's most): every int4 layer holds the Q4_K layout (4.625 bits a weight, the
+    file's weights exactly), the logits stay close to the float model's, and the fused decode step (cpu.cpp's Linear
+    kind 5) gives the modules' logits bit for bit."""
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
+    from test_kernels import random_blocks
+    from tiny_models import byte_level_metadata
+
+    from pocketlm.formats.gguf import gguf_to_hf
+    from pocketlm.load import build, read_gguf_model
+    from pocketlm.models.fused_step import FusedStep
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.from_gguf import quantized_state_dict
+    from pocketlm.tokenizer import Tokenizer
+
+    if not kernels.int4_kernel_on():
+        pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
+    mix = {"token_embd": T.Q8_0, "output.": T.Q6_K, **{name: T.Q4_K for name in ("attn_q.", "attn_k.", "attn_v", "attn_output",
+                                                                                "ffn_gate", "ffn_up", "ffn_down")}}
+    tensors = random_k_quants(to_gguf_tensors("llama", tiny_hf_state_dict("llama", False), mix))
+    gen = torch.Generator().manual_seed(0)
+    for name, (w, qtype) in tensors.items():  # Q4_K blocks with small scales, so the activations stay in range
+        if qtype == T.Q4_K:
+            rows = w.shape[0]
+            tensors[name] = (random_blocks("q4_k", rows, w.size // 144 * 256 // rows, gen).reshape(rows, -1).numpy(), qtype)
+    path = write_gguf(tmp_path / "q4_k.gguf", "llama", tiny_metadata("llama"), tensors)
+    gguf_file, config = read_gguf_model(path)
+    scheme = QuantScheme.parse("int4-mixed")
+    config["pocketlm"]["quantization"] = scheme.to_dict()
+    state_dict, layers = quantized_state_dict(gguf_file, scheme, config)
+    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
+    lm = build("q4_k", path, path, config, state_dict, tokenizer, torch.float32, "int4-mixed", layers)
+    int4 = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+    assert int4 and {m.layout for m in int4} == {"q4_k"}
+    float_config, float_state_dict = gguf_to_hf(gguf_file)
+    float_config["pocketlm"] = {}
+    reference = build("q4_k", path, path, float_config, float_state_dict, tokenizer, torch.float32, "none")
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])
+    with torch.inference_mode():
+        ours, theirs = lm.model(ids), reference.model(ids)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 0.05
+    model, steps, T_ = lm.model, {}, ids.shape[1]
+    for way in ("fused", "modules"):
+        model.setup_cache(1, T_ + 12)
+        with torch.inference_mode():
+            model(ids, torch.arange(T_))
+            if way == "modules":
+                model.decode_step = False  # as for a model the fused step cannot take
+            steps[way] = torch.stack([model(ids[:, t % T_, None], torch.tensor([t]))[0, -1] for t in range(T_, T_ + 8)])
+        if way == "fused":
+            assert isinstance(model.decode_step, FusedStep)
+    assert torch.equal(steps["fused"], steps["modules"])

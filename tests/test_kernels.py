@@ -40,23 +40,31 @@ def test_the_default_target_is_the_best_this_cpu_runs():
                           capture_output=True, text=True).stdout.strip() == TARGETS[0]
 
 
-def q4_0_layer(N: int, K: int, seed: int, bf16_exact: bool = False) -> tuple[Int4Linear, torch.Tensor]:
-    """An Int4Linear in the int4 layout without zeros, written by int4_pack_gguf from random GGML Q4_0 blocks
-    (block_q4_0: fp16 d, then 16 bytes of codes), with a bias; and the blocks (N, K/32, 18) uint8.
-    bf16_exact: every d also a bf16 value (its 3 lowest mantissa bits 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=gen)
-    d = ((torch.rand(N, K // 32, generator=gen) * 0.02 + 1e-3).to(torch.float16)).view(torch.int16)
+def random_blocks(qtype: str, N: int, K: int, gen: torch.Generator, bf16_exact: bool = False) -> torch.Tensor:
+    """Random GGML blocks of an (N, K) tensor, uint8 (N, blocks a row, bytes a block): block_q4_0 (fp16 d | 16 bytes
+    of codes) or block_q4_K (fp16 d | fp16 dmin | 12 bytes of 6-bit scales and mins | 128 bytes of codes), their
+    fp16 fields small positive numbers. bf16_exact: every d also a bf16 value (its 3 lowest mantissa bits 0)."""
+    per_block, size, halves = {"q4_0": (32, 18, 1), "q4_k": (256, 144, 2)}[qtype]
+    blocks = torch.randint(0, 256, (N, K // per_block, size), dtype=torch.uint8, generator=gen)
+    fields = ((torch.rand(N, K // per_block, halves, generator=gen) * 0.02 + 1e-3).to(torch.float16)).view(torch.int16)
     if bf16_exact:
-        d &= ~0x7
-    blocks[..., :2] = d.view(torch.uint8).view(N, K // 32, 2)
-    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, zeros=False), dtype=torch.uint8)
-    kernels.int4_pack_gguf(blocks.reshape(-1), "Q4_0", N, K, None, packed, zeros=False)
-    return Int4Linear.from_packed(packed, K, N, 32, torch.randn(N, generator=gen), zeros=False), blocks
+        fields &= ~0x7
+    blocks[..., : 2 * halves] = fields.view(torch.uint8).view(N, K // per_block, 2 * halves)
+    return blocks
+
+
+def gguf_layer(qtype: str, N: int, K: int, seed: int, bf16_exact: bool = False) -> tuple[Int4Linear, torch.Tensor]:
+    """An Int4Linear in the kernel layout of a GGUF's `qtype` blocks ("q4_0", "q4_k"), written by int4_pack_gguf from
+    random_blocks, with a bias; and the blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = random_blocks(qtype, N, K, gen, bf16_exact)
+    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, qtype), dtype=torch.uint8)
+    kernels.int4_pack_gguf(blocks.reshape(-1), qtype.upper(), N, K, None, packed, qtype)
+    return Int4Linear.from_packed(packed, K, N, 32, torch.randn(N, generator=gen), qtype), blocks
 
 
 # blocks of 16 output rows, taken two at a time for several rows on AVX-512; a tile of rows then single rows
-@pytest.mark.parametrize("kernel", ["int4", "int4-q4_0", "int8"])
+@pytest.mark.parametrize("kernel", ["int4", "int4-q4_0", "int4-q4_k", "int8"])
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])
 @pytest.mark.parametrize("N", [24, 40, 64])
 def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target, monkeypatch):
@@ -72,9 +80,12 @@ def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target
     if kernel == "int4":
         layer = Int4Linear.from_linear(nn.Linear(K, N, bias=True), 64)
         run = lambda: kernels.int4_linear(x, layer.packed, N, 64, layer.bias)  # noqa: E731
-    elif kernel == "int4-q4_0":
-        layer = q4_0_layer(N, K, M * 100 + N)[0]
-        run = lambda: kernels.int4_linear(x, layer.packed, N, 32, layer.bias, zeros=False)  # noqa: E731
+    elif kernel.startswith("int4-"):  # a GGUF's blocks in their own layout
+        K = 512  # Q4_K's super-blocks of 256
+        x = torch.randn(M, K)
+        x[:, 7] *= 40
+        layer = gguf_layer(kernel[5:], N, K, M * 100 + N)[0]
+        run = lambda: kernels.int4_linear(x, layer.packed, N, 32, layer.bias, layer.layout)  # noqa: E731
     else:
         layer = Int8Linear.from_linear(nn.Linear(K, N, bias=True))
         run = lambda: kernels.int8_packed_linear(x, layer.packed_weight, layer.scales, layer.bias)  # noqa: E731
@@ -109,28 +120,45 @@ def test_int4_kernel_matches_the_dequantized_weight_and_ignores_the_batch(group_
 
 
 @pytest.mark.parametrize("N", [24, 40, 64])
-def test_the_q4_0_layout_without_zeros_is_the_layout_with_zeros_0(N):
+def test_the_q4_0_layout_is_the_layout_with_zeros_0(N):
     """Q4_0's blocks held as they are (fp16 scales, no zeros: 4.5 bits a weight) give what the layout with bf16
-    scales and zeros 0 gives, bit for bit, where every scale is also a bf16 value; and its weight is the file's,
-    exactly (gguf-py's dequantizer), where the bf16 buffers would round the scales."""
-    from gguf import GGMLQuantizationType, dequantize
-
+    scales and zeros 0 gives, bit for bit, where every scale is also a bf16 value."""
     K = 256
-    layer, blocks = q4_0_layer(N, K, N, bf16_exact=True)
+    layer = gguf_layer("q4_0", N, K, N, bf16_exact=True)[0]
     with_zeros = Int4Linear(K, N, 32, bias=True)
     with_zeros.load_state_dict(layer.state_dict())  # the plain codes, bf16 scales and zeros 0
     with_zeros.pack()
-    assert with_zeros.zeros and not layer.zeros and layer.packed.numel() == with_zeros.packed.numel() * 288 // 320
+    assert with_zeros.layout == "zeros" and layer.packed.numel() == with_zeros.packed.numel() * 288 // 320
     assert torch.equal(with_zeros.scales_and_zeros[..., 1].float(), torch.zeros(K // 32, N))
     for M in (1, 2, 3, 7, 8, 13):  # one row, the tiles, the pairs of blocks
         x = torch.randn(M, K)
         assert torch.equal(layer(x), with_zeros(x)), M
-    layer, blocks = q4_0_layer(N, K, N)  # any fp16 scales
-    file_weight = torch.from_numpy(dequantize(blocks.reshape(-1).numpy(), GGMLQuantizationType.Q4_0)).view(N, K)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("N", [24, 40])
+def test_a_gguf_layout_holds_the_files_weights_exactly(qtype, N):
+    """A GGUF's Q4_0 / Q4_K blocks in their own layouts (4.5 / 4.625 bits a weight where bf16 scales and zeros take
+    5): the weight is gguf-py's dequantization of the blocks, exactly (the bf16 buffers would round the scales);
+    the kernel's product that weight's within the activations' rounding, a row the same alone as in a batch; the
+    plain buffers (saving, training) are the C and torch readings alike."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    from pocketlm.quant.int4 import unpack_kernel_layout
+
+    K = 512
+    layer, blocks = gguf_layer(qtype, N, K, N)
+    bits = layer.packed.numel() * 8 / (-(-N // 16) * 16 * K)
+    assert bits == {"q4_0": 4.5, "q4_k": 4.625}[qtype]
+    file_weight = torch.from_numpy(dequantize(blocks.reshape(-1).numpy(), GGMLQuantizationType[qtype.upper()])).view(N, K)
     assert torch.equal(layer.dequantized(), file_weight.float())
-    x = torch.randn(5, K)
+    x = torch.randn(9, K)
     exact = x.double() @ file_weight.double().T + layer.bias.double()
     assert ((layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)).max() < 1e-4
+    assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+    c_reading = kernels.int4_unpack(layer.packed, N, K, 32, qtype)
+    torch_reading = unpack_kernel_layout(layer.packed, N, K, 32, qtype)
+    assert all(torch.equal(a, b) for a, b in zip(c_reading, torch_reading))
 
 
 def test_int4_kernel_is_switched_off_by_the_environment(monkeypatch):
@@ -298,12 +326,12 @@ def test_fused_decode_step_equals_the_modules(tiny_dir, quant, tmp_path, throwaw
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
     same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu. Every int8
     layer (the head, and each layer of an int8 model) runs the packed int8 kernel. A Q4_0 GGUF's int4 layers hold
-    its blocks as they are (the layout without zeros)."""
+    its blocks as they are (cpu.cpp's Q4_0 layout)."""
     if quant == "gguf-q4_0":
         from test_gguf_direct import export
 
         lm = load(export(tiny_dir, "q4_0", tmp_path / "tiny-q4_0.gguf"), quant="auto")
-        assert any(isinstance(m, Int4Linear) and not m.zeros for m in lm.model.modules())
+        assert any(isinstance(m, Int4Linear) and m.layout == "q4_0" for m in lm.model.modules())
     else:
         lm = load(str(tiny_dir), quant=quant)
     int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]

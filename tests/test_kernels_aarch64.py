@@ -122,20 +122,23 @@ def test_int4_linear_equals_the_x86_scalar_build(drivers, tmp_path, group_size, 
         assert_same_bits(output(folder, "out.bin", torch.float32, (M, N)), expected, name)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
 @pytest.mark.parametrize("M", [1, 2, 7])
-def test_int4_linear_on_q4_0_blocks_equals_the_x86_scalar_build(drivers, tmp_path, M):
-    """Q4_0's blocks laid out as they are (fp16 scales, no zeros: int4_pack_gguf) and int4_linear on them, both
-    aarch64 targets bit for bit the x86 scalar build (NEON widens the fp16 scales with vcvt_f32_f16)."""
-    N, K = 40, 384
+def test_int4_linear_on_gguf_blocks_equals_the_x86_scalar_build(drivers, tmp_path, qtype, M):
+    """A GGUF's Q4_0 / Q4_K blocks laid out as they are (int4_pack_gguf) and int4_linear on them, both aarch64
+    targets bit for bit the x86 scalar build (NEON widens the fp16 and u8 scales with vcvt_f32_f16, vmovl)."""
+    from test_kernels import random_blocks
+
+    N, K = 40, 512
     gen = torch.Generator().manual_seed(M)
-    blocks = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=gen)  # block_q4_0: d, then codes
-    blocks[..., :2] = (torch.rand(N, K // 32, generator=gen) * 0.02).to(torch.float16).view(torch.uint8).view(N, K // 32, 2)
+    blocks = random_blocks(qtype, N, K, gen)
     x, b = activations(M, K), torch.randn(N, generator=gen)
     with kernels.using("scalar"):
-        packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, zeros=False), dtype=torch.uint8)
-        kernels.int4_pack_gguf(blocks.reshape(-1), "Q4_0", N, K, None, packed, zeros=False)
-        expected = kernels.int4_linear(x, packed, N, 32, b, zeros=False)  # (M, N)
-    folders = on_aarch64(drivers, tmp_path, "int4_linear_q4_0", {"M": M, "K": K, "N": N}, {"blocks": blocks, "x": x, "bias": b})
+        packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, qtype), dtype=torch.uint8)
+        kernels.int4_pack_gguf(blocks.reshape(-1), qtype.upper(), N, K, None, packed, qtype)
+        expected = kernels.int4_linear(x, packed, N, 32, b, qtype)  # (M, N)
+    case = {"M": M, "K": K, "N": N, "type": kernels.GGUF_GRID_TYPES[qtype.upper()], "layout": kernels.INT4_LAYOUTS[qtype]}
+    folders = on_aarch64(drivers, tmp_path, "int4_linear_gguf", case, {"blocks": blocks, "x": x, "bias": b})
     for name, folder in folders.items():
         assert torch.equal(output(folder, "packed.bin", torch.uint8, packed.shape), packed), f"{name}: int4_pack_gguf's layout"
         assert_same_bits(output(folder, "out.bin", torch.float32, (M, N)), expected, name)

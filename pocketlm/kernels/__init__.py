@@ -273,35 +273,40 @@ def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: i
     (cpu.cpp: 16 output rows per block, each group's scales and zeros before its codes), uint8."""
     N, K = codes.shape[0], codes.shape[1] * 2
     codes, scales_and_zeros = codes.contiguous(), scales_and_zeros.contiguous()
-    out = torch.empty(library().int4_packed_bytes(N, K, group_size, 1), dtype=torch.uint8)
+    out = torch.empty(int4_packed_bytes(N, K, group_size), dtype=torch.uint8)
     library().int4_pack(ptr(codes), ptr(scales_and_zeros), N, K, group_size, ptr(out))
     return out
 
 
-def int4_unpack(packed: torch.Tensor, N: int, K: int, group_size: int, zeros: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4_pack's inverse -> codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16. zeros False: the layout
-    without zeros (Q4_0's, int4_pack_gguf's), whose fp16 scales come back rounded to bf16 and its zeros 0."""
+# The int4 kernel's layouts (cpu.cpp's Int4Layout): "zeros", int4_pack's bf16 scales and zeros (any group size);
+# "q4_0" and "q4_k", int4_pack_gguf's of a GGUF's Q4_0 / Q4_K blocks as they are (groups of 32; 4.5 and 4.625 bits a
+# weight where "zeros" takes 5)
+INT4_LAYOUTS = {"zeros": 0, "q4_0": 1, "q4_k": 2}
+
+
+def int4_unpack(packed: torch.Tensor, N: int, K: int, group_size: int, layout: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout -> codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16 (int4_pack's inverse; a GGUF's
+    layouts' scales and zeros rounded to bf16)."""
     codes, scales_and_zeros = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(K // group_size, N, 2, dtype=torch.bfloat16)
-    library().int4_unpack(ptr(packed), N, K, group_size, int(zeros), ptr(codes), ptr(scales_and_zeros))
+    library().int4_unpack(ptr(packed), N, K, group_size, INT4_LAYOUTS[layout], ptr(codes), ptr(scales_and_zeros))
     return codes, scales_and_zeros
 
 
 GGUF_GRID_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12}  # int4_pack_gguf's types (ggml's ids)
 
 
-def int4_packed_bytes(N: int, K: int, group_size: int, zeros: bool = True) -> int:
-    return library().int4_packed_bytes(N, K, group_size, int(zeros))
+def int4_packed_bytes(N: int, K: int, group_size: int, layout: str = "zeros") -> int:
+    return library().int4_packed_bytes(N, K, group_size, INT4_LAYOUTS[layout])
 
 
 def int4_pack_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, order: torch.Tensor | None, out: torch.Tensor,
-                   zeros: bool = True) -> None:
-    """A GGML Q4_0 / Q4_1 / Q4_K tensor's bytes (N, K) -> the kernel's layout (groups of 32) written into out, rows
-    taken in `order` (int64, or None: as they are). zeros False (Q4_0 only): the layout without zeros, the
-    blocks' fp16 scales as they are."""
-    if not zeros and ggml_type != "Q4_0":
-        raise ValueError(f"the int4 layout without zeros holds Q4_0 blocks, not {ggml_type}")
+                   layout: str = "zeros") -> None:
+    """A GGML Q4_0 / Q4_1 / Q4_K tensor's bytes (N, K) -> the kernel's `layout` (groups of 32) written into out, rows
+    taken in `order` (int64, or None: as they are). "zeros" takes any of the three; "q4_0" and "q4_k" their own."""
+    if layout != "zeros" and layout != ggml_type.lower():
+        raise ValueError(f"the int4 layout {layout!r} holds {layout.upper()} blocks, not {ggml_type}")
     order = None if order is None else order.to(torch.int64).contiguous()
-    library().int4_pack_gguf(ptr(blocks), GGUF_GRID_TYPES[ggml_type], N, K, ptr(order), int(zeros), ptr(out))
+    library().int4_pack_gguf(ptr(blocks), GGUF_GRID_TYPES[ggml_type], N, K, ptr(order), INT4_LAYOUTS[layout], ptr(out))
 
 
 GGUF_ROW_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
@@ -314,13 +319,12 @@ def int8_rows_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, weight:
     library().int8_rows_gguf(ptr(blocks), GGUF_ROW_TYPES[ggml_type], N, K, ptr(weight), ptr(scales))
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int, bias, zeros: bool = True) -> torch.Tensor:
-    """x (..., K) fp32; packed: int4_pack's layout of an (N, K) weight (zeros False: int4_pack_gguf's for Q4_0)
-    -> (..., N)."""
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int, bias, layout: str = "zeros") -> torch.Tensor:
+    """x (..., K) fp32; packed: an (N, K) weight in the kernel's `layout` (INT4_LAYOUTS) -> (..., N)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     out = torch.empty(*x.shape[:-1], N)
-    library().int4_linear(ptr(x2), x2.shape[0], K, ptr(packed), N, group_size, int(zeros), ptr(bias), ptr(out),
+    library().int4_linear(ptr(x2), x2.shape[0], K, ptr(packed), N, group_size, INT4_LAYOUTS[layout], ptr(bias), ptr(out),
                           torch.get_num_threads())
     return out
 

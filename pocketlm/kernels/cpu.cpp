@@ -12,7 +12,7 @@
 // Layouts (all row-major, contiguous):
 //   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16;
 //         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack;
-//         a GGUF's Q4_0 tensor, w = (q - 8) * d, goes into the kernel's layout without zeros (int4_pack_gguf)
+//         a GGUF's Q4_0 and Q4_K tensors go into layouts of their own, their blocks' bytes (int4_pack_gguf)
 //   int8: weight (N, K) int8, scales (N) bf16; w[n, k] = q * scale  (pocketlm/quant/int8.py)
 //   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32, or fp16 (kv_half; a quantized model's cache holds
 //         half the bytes a decoded token reads, as llama.cpp's f16 cache)  (pocketlm/models/llama.py's KVCache)
@@ -116,9 +116,12 @@ static float exp_shifted_sum(float *x, int64_t n) {
 // nibbles meet activations k..k+3, the high ones k+4..k+7). Rows past N (the last block) are zero. The layout
 // is the same on every target (16 lanes are one 512-bit register, two 256-bit or four 128-bit ones).
 //   w[n, k] = (q - 8) * scale + zero, so sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x per group.
-// The layout without zeros (`zeros` 0) holds Q4_0's blocks as they are: each group [16 scales fp16 (the file's d,
-// exact) | g/8 steps], w = (q - 8) * scale, 4.5 bits a weight where the zeros make 5; decode reads every weight
-// byte once per token, so a Q4_0 model decodes in 0.9 of the time (llama.cpp's block_q4_0 holds the same bytes).
+// Two more layouts hold a GGUF's blocks as they are (int4_pack_gguf), groups of 32, the same steps of codes:
+//   INT4_Q4_0  each group [16 scales fp16 (block_q4_0's d) | steps]: w = (q - 8) * d, 4.5 bits a weight
+//   INT4_Q4_K  each super-block of 8 groups [16 d fp16 | 16 dmin fp16], then its groups [16 scales u8 | 16 mins u8 |
+//              steps] (block_q4_K's 6-bit sub-scales unpacked): w = (d sc) q - dmin m, 4.625 bits a weight
+// where the scales and zeros make 5. Decode reads every weight byte once per token, so fewer bytes are a faster
+// step; and the weights are the file's exactly (ggml-quants.c's dequantize_row_q4_0 / _q4_K arithmetic).
 
 extern "C" const char *kernel_target() { return TARGET; }  // simd.h: the instruction sets this build uses
 
@@ -150,11 +153,19 @@ extern "C" OLDEST_CPU int cpu_runs_target() {
 
 static constexpr int ROWS = 16;  // output rows per block: one per lane of simd.h's 16
 
-// scales (and zeros), then codes
-static inline int64_t int4_group_bytes(int64_t g, bool zeros) { return (zeros ? 64 : 32) + g * 8; }
+enum Int4Layout { INT4_ZEROS = 0, INT4_Q4_0 = 1, INT4_Q4_K = 2 };  // pocketlm/kernels/__init__.py's INT4_LAYOUTS
+static constexpr int64_t Q4K_HEADER = 64;  // a Q4_K super-block's d and dmin for 16 rows
 
-extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, int zeros) {
-    return (N + ROWS - 1) / ROWS * (K / g) * int4_group_bytes(g, zeros);
+// a group: its scales (and zeros, or mins), then its codes
+static inline int64_t int4_group_bytes(int64_t g, int layout) { return (layout == INT4_ZEROS ? 64 : 32) + g * 8; }
+
+// where group gi of a block of 16 rows begins (after its super-block's d and dmin, INT4_Q4_K)
+static inline int64_t int4_group_offset(int64_t gi, int64_t g, int layout) {
+    return gi * int4_group_bytes(g, layout) + (layout == INT4_Q4_K ? (gi / 8 + 1) * Q4K_HEADER : 0);
+}
+
+extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, int layout) {
+    return (N + ROWS - 1) / ROWS * (int4_group_offset(K / g, g, layout) - (layout == INT4_Q4_K ? Q4K_HEADER : 0));
 }
 
 // codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16
@@ -164,8 +175,8 @@ extern "C" void int4_pack(const uint8_t *codes, const uint16_t *scales_and_zeros
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            uint8_t *p = out + (b * G + gi) * int4_group_bytes(g, true);
-            std::memset(p, 0, int4_group_bytes(g, true));  // the last block's rows past N stay zero
+            uint8_t *p = out + (b * G + gi) * int4_group_bytes(g, INT4_ZEROS);
+            std::memset(p, 0, int4_group_bytes(g, INT4_ZEROS));  // the last block's rows past N stay zero
             uint16_t *sz = reinterpret_cast<uint16_t *>(p);
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = b * ROWS + r;
@@ -191,19 +202,26 @@ static inline uint16_t float_to_bf16(float f) {
 }
 
 // The inverse of int4_pack: the kernel's layout -> codes (N, K/2) and scales_and_zeros (K/g, N, 2), for a layer that
-// keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained. Without zeros (Q4_0's
-// layout): zeros 0, the fp16 scales rounded to bf16 (Int4Linear's buffers hold bf16).
-extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, int zeros, uint8_t *codes, uint16_t *scales_and_zeros) {
-    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS, header = zeros ? 64 : 32;
+// keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained. A GGUF's layouts give their
+// scales and zeros rounded to bf16 (Int4Linear's buffers hold bf16): Q4_0's zeros 0, Q4_K's 8 d sc - dmin m.
+extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, int layout, uint8_t *codes, uint16_t *scales_and_zeros) {
+    const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS, header = layout == INT4_ZEROS ? 64 : 32;
+    const int64_t block_bytes = int4_packed_bytes(ROWS, K, g, layout);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            const uint8_t *p = packed + (b * G + gi) * int4_group_bytes(g, zeros);
+            const uint8_t *p = packed + b * block_bytes + int4_group_offset(gi, g, layout);
             const uint16_t *sz = reinterpret_cast<const uint16_t *>(p);
+            const uint16_t *dd = layout == INT4_Q4_K ? reinterpret_cast<const uint16_t *>(p - (gi % 8) * int4_group_bytes(g, layout) - Q4K_HEADER) : nullptr;
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = b * ROWS + r;
-                scales_and_zeros[(gi * N + n) * 2] = zeros ? sz[r] : float_to_bf16(half_to_float(sz[r]));
-                scales_and_zeros[(gi * N + n) * 2 + 1] = zeros ? sz[ROWS + r] : 0;
+                uint16_t scale = sz[r], zero = sz[ROWS + r];
+                if (layout == INT4_Q4_0) scale = float_to_bf16(half_to_float(sz[r])), zero = 0;
+                if (layout == INT4_Q4_K) {
+                    const float d_sc = half_to_float(dd[r]) * float(p[r]);
+                    scale = float_to_bf16(d_sc), zero = float_to_bf16(8.f * d_sc - half_to_float(dd[ROWS + r]) * float(p[ROWS + r]));
+                }
+                scales_and_zeros[(gi * N + n) * 2] = scale, scales_and_zeros[(gi * N + n) * 2 + 1] = zero;
                 uint8_t *row = codes + n * (K / 2) + gi * g / 2;
                 for (int64_t step = 0; step < g / 8; step++) {
                     const uint8_t *o = p + header + step * 64 + r * 4;
@@ -222,6 +240,12 @@ enum GGMLType { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12 };  // ggml.h's typ
 // ggml-common.h's block_q4_0 (d | qs[16]: value j < 16 the low nibble of qs[j], j + 16 its high one), block_q4_1
 // (d | m | qs[16]), block_q4_K (d | dmin | scales[12] | qs[128]: 8 groups of 32, group s in the low (even s) or high
 // nibbles of qs[32 (s / 2) ..], its 6-bit scale and min unpacked as ggml-quants.c's get_scale_min_k4).
+static inline void q4_k_scale_min(const uint8_t *block, int s, uint8_t &scale6, uint8_t &min6) {
+    const uint8_t *sc = block + 4;
+    scale6 = s < 4 ? sc[s] & 63 : (sc[s + 4] & 0x0F) | ((sc[s - 4] >> 6) << 4);
+    min6 = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+}
+
 static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int64_t gi, uint8_t *codes, float &scale, float &zero) {
     auto f16 = [](const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); };
     if (type == GGML_Q4_0 || type == GGML_Q4_1) {
@@ -232,10 +256,10 @@ static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int6
         zero = type == GGML_Q4_0 ? 0.f : f16(block + 2) + 8.f * scale;  // w = d q + m
         return;
     }
-    const uint8_t *block = data + (n * (K / 256) + gi / 8) * 144, *sc = block + 4;
+    const uint8_t *block = data + (n * (K / 256) + gi / 8) * 144;
     const int s = int(gi % 8);
-    const int scale6 = s < 4 ? sc[s] & 63 : (sc[s + 4] & 0x0F) | ((sc[s - 4] >> 6) << 4);
-    const int min6 = s < 4 ? sc[s + 4] & 63 : (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+    uint8_t scale6, min6;
+    q4_k_scale_min(block, s, scale6, min6);
     const uint8_t *qs = block + 16 + (s / 2) * 32;
     for (int e = 0; e < 32; e++) codes[e] = s % 2 ? qs[e] >> 4 : qs[e] & 0x0F;
     scale = f16(block) * float(scale6);
@@ -243,23 +267,30 @@ static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int6
 }
 
 // A GGML Q4_0, Q4_1 or Q4_K tensor (N, K) -> the kernel's layout with groups of 32, straight from the file's blocks
-// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are). zeros 0
-// (Q4_0 only): the layout without zeros, each group's scale the block's fp16 d as it is.
-extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, int zeros, uint8_t *out) {
-    const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS, header = zeros ? 64 : 32;
+// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are), in `layout`:
+// INT4_ZEROS (any of the three), INT4_Q4_0 (a Q4_0 tensor), INT4_Q4_K (a Q4_K tensor).
+extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, int layout, uint8_t *out) {
+    const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS, header = layout == INT4_ZEROS ? 64 : 32;
+    const int64_t block_bytes = int4_packed_bytes(ROWS, K, 32, layout);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t gi = 0; gi < G; gi++) {
-            uint8_t *p = out + (b * G + gi) * int4_group_bytes(32, zeros);
-            std::memset(p, 0, int4_group_bytes(32, zeros));  // the last block's rows past N stay zero
-            uint16_t *sz = reinterpret_cast<uint16_t *>(p);
+            uint8_t *p = out + b * block_bytes + int4_group_offset(gi, 32, layout);
+            std::memset(p, 0, int4_group_bytes(32, layout));  // the last block's rows past N stay zero
+            uint16_t *sz = reinterpret_cast<uint16_t *>(p), *dd = layout == INT4_Q4_K ? reinterpret_cast<uint16_t *>(p - Q4K_HEADER) : nullptr;
+            if (layout == INT4_Q4_K && gi % 8 == 0) std::memset(dd, 0, Q4K_HEADER);
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = order ? order[b * ROWS + r] : b * ROWS + r;
                 uint8_t codes[32];
                 float scale, zero;
                 gguf_group(data, type, K, n, gi, codes, scale, zero);
-                if (zeros) sz[r] = float_to_bf16(scale), sz[ROWS + r] = float_to_bf16(zero);
-                else std::memcpy(&sz[r], data + (n * (K / 32) + gi) * 18, 2);  // block_q4_0's d
+                if (layout == INT4_ZEROS) sz[r] = float_to_bf16(scale), sz[ROWS + r] = float_to_bf16(zero);
+                if (layout == INT4_Q4_0) std::memcpy(&sz[r], data + (n * (K / 32) + gi) * 18, 2);  // block_q4_0's d
+                if (layout == INT4_Q4_K) {
+                    const uint8_t *block = data + (n * (K / 256) + gi / 8) * 144;  // block_q4_K: d | dmin | scales | qs
+                    q4_k_scale_min(block, int(gi % 8), p[r], p[ROWS + r]);
+                    if (gi % 8 == 0) std::memcpy(&dd[r], block, 2), std::memcpy(&dd[ROWS + r], block + 2, 2);
+                }
                 for (int step = 0; step < 4; step++)
                     for (int j = 0; j < 4; j++) p[header + step * 64 + r * 4 + j] = uint8_t(codes[8 * step + j] | codes[8 * step + 4 + j] << 4);
             }
@@ -500,12 +531,20 @@ static constexpr bool INT4_BLOCK_PAIRS = false;
 // K 576, N 3072, 8 rows, one thread, L2-resident weights). BPG: blocks of 32 columns per group (g / 32), a
 // constant so no division runs in the loops (a 64-bit idiv per block had made a batch of 8 rows 3x slower
 // than its arithmetic). Every row's arithmetic is its own: the result does not depend on MT or NB.
-// ZEROS: the layout with bf16 scales and zeros (int4_pack's), else fp16 scales alone (Q4_0's).
-template <int MT, int NB, int BPG, bool ZEROS>
+// LAYOUT: INT4_ZEROS (bf16 scales and zeros), or a GGUF's INT4_Q4_0 / INT4_Q4_K (BPG 1).
+template <int MT, int NB, int BPG, int LAYOUT>
 static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead, Floats *res) {
-    const int64_t g = BPG * 32, G = K / g, B = K / 32, header = ZEROS ? 64 : 32;
+    const int64_t g = BPG * 32, G = K / g, B = K / 32, header = LAYOUT == INT4_ZEROS ? 64 : 32;
+    Floats d[NB], dmin[NB];  // INT4_Q4_K: the super-block's, for its 8 groups
     for (int m = 0; m < MT * NB; m++) res[m] = f_zero();
-    for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g, ZEROS)) {
+    for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g, LAYOUT)) {
+        if (LAYOUT == INT4_Q4_K && gi % 8 == 0) {
+            for (int i = 0; i < NB; i++) {
+                const uint16_t *dd = reinterpret_cast<const uint16_t *>(p + i * block_bytes);
+                d[i] = load_f16(dd), dmin[i] = load_f16(dd + ROWS);
+            }
+            p += Q4K_HEADER;
+        }
         Floats group[MT * NB];
         for (int m = 0; m < MT * NB; m++) group[m] = f_zero();
         for (int j = 0; j < BPG; j++) {
@@ -549,9 +588,12 @@ static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *
                 }
         }
         for (int i = 0; i < NB; i++) {
-            const uint16_t *scales = reinterpret_cast<const uint16_t *>(p + i * block_bytes);
-            const Floats s = ZEROS ? load_bf16(scales) : load_f16(scales);
-            const Floats offset = fnma(f_set1(8.f), s, ZEROS ? load_bf16(scales + ROWS) : f_zero());  // zero - 8 scale
+            const uint8_t *h = p + i * block_bytes;
+            const uint16_t *scales = reinterpret_cast<const uint16_t *>(h);
+            Floats s, offset;  // w = s q + offset
+            if (LAYOUT == INT4_ZEROS) s = load_bf16(scales), offset = fnma(f_set1(8.f), s, load_bf16(scales + ROWS));  // zero - 8 s
+            if (LAYOUT == INT4_Q4_0) s = load_f16(scales), offset = fnma(f_set1(8.f), s, f_zero());  // -8 d
+            if (LAYOUT == INT4_Q4_K) s = fma(d[i], load_u8(h), f_zero()), offset = fnma(dmin[i], load_u8(h + ROWS), f_zero());  // d sc, -dmin m
             for (int m = 0; m < MT; m++) {
                 res[m * NB + i] = fma(s, group[m * NB + i], res[m * NB + i]);
                 res[m * NB + i] = fma(offset, f_set1(xq.group_sum[(m0 + m) * G + gi]), res[m * NB + i]);
@@ -561,10 +603,10 @@ static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *
 }
 
 // All M rows of x through NB blocks from block b on -> out (M, N) row-major: tiles of MT rows, then single rows.
-template <int MT, int NB, bool ZEROS>
+template <int MT, int NB, int LAYOUT>
 static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, const uint8_t *packed, int64_t N, int64_t b,
                         const float *bias, float *out) {
-    const int64_t block_bytes = (K / g) * int4_group_bytes(g, ZEROS);
+    const int64_t block_bytes = int4_packed_bytes(ROWS, K, g, LAYOUT);
     const uint8_t *p = packed + b * block_bytes;
     // One block (a single row): prefetch PREFETCH bytes ahead in its stream. Two blocks (several rows, tile after
     // tile over the same weights): the same place in the next pair. At 4-8 rows the model's step still waits on
@@ -574,9 +616,10 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     Floats res[MT * NB];
     auto tile = [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
-        if (g == 32) int4_tile<R, NB, 1, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
-        else if (g == 64) int4_tile<R, NB, 2, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
-        else int4_tile<R, NB, 4, ZEROS>(xq, m, K, p, block_bytes, ahead, res);
+        if constexpr (LAYOUT != INT4_ZEROS) int4_tile<R, NB, 1, LAYOUT>(xq, m, K, p, block_bytes, ahead, res);  // g 32
+        else if (g == 32) int4_tile<R, NB, 1, LAYOUT>(xq, m, K, p, block_bytes, ahead, res);
+        else if (g == 64) int4_tile<R, NB, 2, LAYOUT>(xq, m, K, p, block_bytes, ahead, res);
+        else int4_tile<R, NB, 4, LAYOUT>(xq, m, K, p, block_bytes, ahead, res);
         for (int i = 0; i < NB; i++) {
             const int64_t n0 = (b + i) * ROWS, n = std::min<int64_t>(ROWS, N - n0);
             const Floats bias_v = bias ? load_floats(bias + n0, n) : f_zero();
@@ -588,10 +631,17 @@ static void int4_blocks(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, con
     for (; m < M; m++) tile(std::integral_constant<int, 1>(), m);
 }
 
-// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack (zeros 1) or int4_pack_gguf (zeros 0: Q4_0's layout);
-// g 32, 64 or 128. One row (a decode step of one sequence) reads each block once; several rows take tiles of
-// INT4_ROW_TILE rows, and on AVX-512 the blocks two at a time (int4_tile).
-extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g, int zeros,
+template <int LAYOUT>
+static void int4_unit(const Int8Rows &xq, int64_t M, int64_t K, int64_t g, const uint8_t *packed, int64_t N, int64_t u,
+                      int64_t pairs, const float *bias, float *out) {
+    if (u < pairs) int4_blocks<2, 2, LAYOUT>(xq, M, K, g, packed, N, 2 * u, bias, out);
+    else int4_blocks<INT4_ROW_TILE, 1, LAYOUT>(xq, M, K, g, packed, N, u + pairs, bias, out);
+}
+
+// out (M, N) = x (M, K) @ w^T + bias, w packed by int4_pack (layout INT4_ZEROS; g 32, 64 or 128) or int4_pack_gguf
+// (g 32). One row (a decode step of one sequence) reads each block once; several rows take tiles of INT4_ROW_TILE
+// rows, and on AVX-512 the blocks two at a time (int4_tile).
+extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N, int64_t g, int layout,
                             const float *bias, float *out, int nthreads) {
     Int8Rows xq(x, M, K, g);
     const int64_t blocks = (N + ROWS - 1) / ROWS, pairs = INT4_BLOCK_PAIRS && M > 1 ? blocks / 2 : 0;
@@ -600,10 +650,9 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
         xq.round_in_team();
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < blocks - pairs; u++) {  // pairs of blocks first, then the blocks left
-            if (zeros && u < pairs) int4_blocks<2, 2, true>(xq, M, K, g, packed, N, 2 * u, bias, out);
-            else if (zeros) int4_blocks<INT4_ROW_TILE, 1, true>(xq, M, K, g, packed, N, u + pairs, bias, out);
-            else if (u < pairs) int4_blocks<2, 2, false>(xq, M, K, g, packed, N, 2 * u, bias, out);
-            else int4_blocks<INT4_ROW_TILE, 1, false>(xq, M, K, g, packed, N, u + pairs, bias, out);
+            if (layout == INT4_Q4_0) int4_unit<INT4_Q4_0>(xq, M, K, g, packed, N, u, pairs, bias, out);
+            else if (layout == INT4_Q4_K) int4_unit<INT4_Q4_K>(xq, M, K, g, packed, N, u, pairs, bias, out);
+            else int4_unit<INT4_ZEROS>(xq, M, K, g, packed, N, u, pairs, bias, out);
         }
     }
 }
@@ -996,7 +1045,7 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
 // pocketlm/models/fused_step.py fills these structs from a model's modules and keeps their tensors alive.
 
 struct Linear {  // one (N, K) weight: kind 0 fp32 (N, K); 1 int8 (N, K) with bf16 scales (N); 2 int4_pack's layout;
-                 // 3 int8_pack's layout with bf16 scales (N); 4 the int4 layout without zeros (Q4_0's)
+                 // 3 int8_pack's layout with bf16 scales (N); 4 and 5 int4_pack_gguf's Q4_0 and Q4_K layouts
     int64_t kind, N, K, g;
     const void *weight;
     const uint16_t *scales;
@@ -1008,8 +1057,8 @@ static void linear(const Linear &l, const float *x, int64_t M, float *out, int64
     float *y = stride == l.N ? out : (tmp.resize(M * l.N), tmp.data());
     if (l.kind == 0) fp32_linear(x, M, l.K, static_cast<const float *>(l.weight), l.N, l.bias, y, nthreads);
     else if (l.kind == 1) int8_linear(x, M, l.K, static_cast<const int8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
-    else if (l.kind == 2 || l.kind == 4)
-        int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.kind == 2, l.bias, y, nthreads);
+    else if (l.kind == 2 || l.kind >= 4)  // int4: INT4_ZEROS, INT4_Q4_0, INT4_Q4_K
+        int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.kind == 2 ? INT4_ZEROS : int(l.kind) - 3, l.bias, y, nthreads);
     else int8_packed_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
     if (y != out)
         for (int64_t m = 0; m < M; m++) std::memcpy(out + m * stride, y + m * l.N, l.N * sizeof(float));

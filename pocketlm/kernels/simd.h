@@ -94,7 +94,7 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 //           chains against vpdpbusd's 5-cycle latency; AVX2's int16 sums hold a block's 8 products of a pass, at
 //           most 8 * 2 * 15 * 127 = 30480 < 32767)
 //   Ints    16 int32
-//   Floats  16 fp32 (load_bf16, load_f16: 16 scales widened, exactly)
+//   Floats  16 fp32 (load_bf16, load_f16, load_u8: 16 scales widened, exactly)
 //   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
 
 #if defined(POCKETLM_AVX512)
@@ -129,6 +129,7 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {  // lanes pa
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
 }
 static inline Floats load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
+static inline Floats load_u8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))); }
 static inline Floats load_floats(const float *p, int64_t n = 16) { return _mm512_maskz_loadu_ps(first(n), p); }
 static inline void store_floats(float *p, Floats v, int64_t n = 16) { _mm512_mask_storeu_ps(p, first(n), v); }
 
@@ -215,6 +216,10 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
 static inline Floats load_f16(const uint16_t *p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p + 8)))};
+}
+static inline Floats load_u8(const uint8_t *p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p + 8))))};
 }
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
@@ -317,6 +322,12 @@ static inline Floats load_f16(const uint16_t *p) {
     for (int i = 0; i < 4; i++) f.v[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
     return f;
 }
+static inline Floats load_u8(const uint8_t *p) {
+    const uint8x16_t b = vld1q_u8(p);
+    const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
+    return {{vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo))),
+             vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)))}};
+}
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
     std::memcpy(tmp, p, (n < 16 ? n : 16) * 4);
@@ -401,6 +412,11 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
 static inline Floats load_f16(const uint16_t *p) {  // 16 fp16 values, each exact in fp32
     Floats f;
     for (int r = 0; r < 16; r++) f.v[r] = half_to_float(p[r]);
+    return f;
+}
+static inline Floats load_u8(const uint8_t *p) {  // 16 bytes, each a float
+    Floats f;
+    for (int r = 0; r < 16; r++) f.v[r] = float(p[r]);
     return f;
 }
 static inline Floats load_floats(const float *p, int64_t n = 16) {

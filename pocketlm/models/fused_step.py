@@ -133,7 +133,7 @@ class FusedStep:
         if isinstance(module, Int4Linear):
             if module.packed is None:
                 raise Unsupported("an int4 layer without pocketlm's kernel layout")
-            kind = 2 if module.zeros else 4  # cpu.cpp's Linear: int4_pack's layout, or Q4_0's without zeros
+            kind = {"zeros": 2, "q4_0": 4, "q4_k": 5}[module.layout]  # cpu.cpp's Linear: int4_pack's layout, a GGUF's
             return Linear(kind, module.out_features, module.in_features, module.group_size, self.pointer(module.packed), None, bias)
         if isinstance(module, Int8Linear) and module.packed_weight is not None:
             return Linear(3, module.out_features, module.in_features, 0, self.pointer(module.packed_weight), self.pointer(module.scales), bias)

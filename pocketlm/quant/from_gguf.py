@@ -12,8 +12,9 @@ their state dict entries.
 Q4_0, Q4_1 and Q4_K blocks are groups of 32 on a 4-bit grid with a scale and an offset: Int4Linear's own form,
 w = (q - 8) * scale + zero. Their codes move over as they are, and each group's scale and zero are computed in
 fp32 from the block's fields, then held in bf16 as every Int4Linear holds them (that rounding is the one loss,
-as on the dequantize-then-quantize path). A Q4_0 layer made ready for the kernels keeps its blocks' bytes as
-they are, fp16 scales and no zeros (exact, and 4.5 bits a weight, as in the file). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are rounded as
+as on the dequantize-then-quantize path). Layers made ready for the kernels from Q4_0 or Q4_K tensors alone keep
+their blocks' bytes instead (cpu.cpp's Q4_0 and Q4_K layouts: the file's weights exactly, 4.5 and 4.625 bits a
+weight against 5). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are rounded as
 `pocketlm.quant` rounds a float weight: int8 rows (in C, a row at a time: cpu.cpp's int8_rows_gguf, the same values
 as the torch dequantizers and int8_rows), or int4 groups where the scheme asks int4 for every layer. Each tensor's
 pages of the file are dropped once it is converted (madvise), so the process holds the quantized model and at most
@@ -86,15 +87,16 @@ def int4_layer_from_grid(infos: list[TensorInfo], rows: list[torch.Tensor | None
     N, K = sum(info.shape[0] for info in infos), infos[0].shape[1]
     if not kernels.int4_kernel_on() or any(info.shape[0] % 16 for info in infos[:-1]):
         return None
-    zeros = any(info.ggml_type.name != "Q4_0" for info in infos)  # Q4_0 alone: its blocks' bytes, no zeros (4.5 bits)
-    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, zeros), dtype=torch.uint8)
-    block_bytes = kernels.int4_packed_bytes(16, K, 32, zeros)  # one block of 16 rows
+    types = {info.ggml_type.name for info in infos}
+    layout = types.pop().lower() if len(types) == 1 and types <= {"Q4_0", "Q4_K"} else "zeros"  # the blocks' own bytes
+    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, layout), dtype=torch.uint8)
+    block_bytes = kernels.int4_packed_bytes(16, K, 32, layout)  # one block of 16 rows
     first = 0
     for info, order in zip(infos, rows):
         blocks = torch.from_numpy(info.data)
-        kernels.int4_pack_gguf(blocks, info.ggml_type.name, info.shape[0], K, order, packed[first // 16 * block_bytes :], zeros)
+        kernels.int4_pack_gguf(blocks, info.ggml_type.name, info.shape[0], K, order, packed[first // 16 * block_bytes :], layout)
         first += info.shape[0]
-    return Int4Linear.from_packed(packed, K, N, 32, bias, zeros)
+    return Int4Linear.from_packed(packed, K, N, 32, bias, layout)
 
 
 def float_rows(info: TensorInfo):

@@ -91,30 +91,52 @@ def unpack_nibbles(packed: torch.Tensor, dtype=torch.uint8) -> torch.Tensor:
     return codes
 
 
-def unpack_kernel_layout(packed: torch.Tensor, N: int, K: int, g: int, zeros: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_kernel_layout(packed: torch.Tensor, N: int, K: int, g: int, layout: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """cpu.cpp's int4_unpack in torch (for a layer packed while the kernels were on, read after they were switched
     off): blocks of 16 rows, each group [16 scales | 16 zeros (bf16) | g/8 steps of 16 rows x 4 bytes], byte j of a
     step holding codes k + j (low nibble) and k + 4 + j (high) -> qweight (N, K/2), scales_and_zeros (K/g, N, 2).
-    zeros False: each group [16 scales (fp16) | steps] (Q4_0's layout), its zeros 0."""
-    B, G, header = -(-N // 16), K // g, 64 if zeros else 32
-    p = packed.view(B, G, header + g * 8)
-    if zeros:
-        sz = p[:, :, :64].contiguous().view(torch.bfloat16).view(B, G, 2, 16)  # (B, G, scale/zero, row)
+    A GGUF's layouts ("q4_0", "q4_k"): their scales and zeros rounded to bf16."""
+    B, G = -(-N // 16), K // g
+    header, groups = kernel_layout_groups(packed, B, G, g, layout)
+    if layout == "zeros":
+        sz = header.contiguous().view(torch.bfloat16).view(B, G, 2, 16)  # (B, G, scale/zero, row)
     else:
-        scales = p[:, :, :32].contiguous().view(torch.float16).to(torch.bfloat16)  # (B, G, row)
-        sz = torch.stack([scales, torch.zeros_like(scales)], dim=2)  # (B, G, scale/zero, row)
-    steps = p[:, :, header:].reshape(B, G, g // 8, 16, 4)  # (B, G, step, row, byte)
+        scale, offset = kernel_layout_scales(packed, N, K, g, layout, rows=B * 16)  # (B 16, G) each, w = scale q + offset
+        sz = torch.stack([scale, offset + 8 * scale], -1).view(B, 16, G, 2).permute(0, 2, 3, 1).to(torch.bfloat16)
+    steps = groups.reshape(B, G, g // 8, 16, 4)  # (B, G, step, row, byte)
     codes = torch.stack([steps & 0x0F, steps >> 4], dim=-2)  # (B, G, step, row, low/high, byte): 8 codes a step
     codes = codes.permute(0, 3, 1, 2, 4, 5).reshape(B * 16, K)[:N]  # (N, K)
     scales_and_zeros = sz.permute(1, 0, 3, 2).reshape(G, B * 16, 2)[:, :N].contiguous()  # (G, N, 2)
     return pack_nibbles(codes), scales_and_zeros
 
 
-def kernel_layout_f16_scales(packed: torch.Tensor, N: int, K: int, g: int) -> torch.Tensor:
-    """The fp16 scales of the layout without zeros (Q4_0's), exact -> (N, K/g) fp32."""
+def kernel_layout_groups(packed: torch.Tensor, B: int, G: int, g: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of B blocks of 16 rows -> each group's header (B, G, 64 or 32) and codes (B, G, g 8),
+    uint8 (a Q4_K layout's super-block d and dmin left out)."""
+    header = 64 if layout == "zeros" else 32
+    if layout == "q4_k":  # each super-block of 8 groups: [d, dmin: 64 bytes | 8 groups]
+        supers = packed.view(B, G // 8, 64 + 8 * (header + g * 8))[:, :, 64:]
+        groups = supers.reshape(B, G, header + g * 8)
+    else:
+        groups = packed.view(B, G, header + g * 8)
+    return groups[:, :, :header], groups[:, :, header:]
+
+
+def kernel_layout_scales(packed: torch.Tensor, N: int, K: int, g: int, layout: str, rows: int | None = None):
+    """A GGUF's layout ("q4_0", "q4_k") -> each group's scale and offset (N, K/g) fp32, w = scale q + offset, as the
+    kernel computes them (Q4_0: d, -8 d; Q4_K: d sc, -dmin m): the file's weights exactly."""
     B, G = -(-N // 16), K // g
-    scales = packed.view(B, G, 32 + g * 8)[:, :, :32].contiguous().view(torch.float16)  # (B, G, row)
-    return scales.permute(0, 2, 1).reshape(B * 16, G)[:N].float()
+    header, _ = kernel_layout_groups(packed, B, G, g, layout)
+    if layout == "q4_0":
+        scale = header.contiguous().view(torch.float16).float()  # (B, G, row)
+        offset = -8 * scale
+    else:
+        d = packed.view(B, G // 8, -1)[:, :, :64].contiguous().view(torch.float16).float().view(B, G // 8, 1, 2, 16)
+        sc_m = header.reshape(B, G // 8, 8, 2, 16).float()  # (B, super, group, scale/min, row)
+        scale, offset = d[:, :, :, 0] * sc_m[:, :, :, 0], -(d[:, :, :, 1] * sc_m[:, :, :, 1])  # (B, super, group, row)
+        scale, offset = scale.reshape(B, G, 16), offset.reshape(B, G, 16)
+    rows = N if rows is None else rows
+    return (scale.permute(0, 2, 1).reshape(B * 16, G)[:rows].contiguous(), offset.permute(0, 2, 1).reshape(B * 16, G)[:rows].contiguous())
 
 
 class Int4Linear(nn.Module):
@@ -125,7 +147,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.kernel_weight: torch.Tensor | None = None  # aten's packed layout, made by pack() without pocketlm's kernels
         self.packed: torch.Tensor | None = None  # pocketlm's kernel's layout (kernels.int4_pack), made by pack()
-        self.zeros = True  # the layout holds zeros; False: Q4_0's blocks as they are (kernels.int4_pack_gguf)
+        self.layout = "zeros"  # packed's layout (kernels.INT4_LAYOUTS); "q4_0", "q4_k": a GGUF's blocks as they are
         # What a checkpoint holds: plain nibbles and bf16 scales/zeros, buffers read through the properties below
         # (set into _buffers: register_buffer refuses a name a property has).
         self._buffers["qweight"] = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
@@ -148,8 +170,8 @@ class Int4Linear(nn.Module):
         if qweight.numel() or self.packed is None:
             return qweight, scales_and_zeros
         if kernels.library() is not None:
-            return kernels.int4_unpack(self.packed, self.out_features, self.in_features, self.group_size, self.zeros)
-        return unpack_kernel_layout(self.packed, self.out_features, self.in_features, self.group_size, self.zeros)
+            return kernels.int4_unpack(self.packed, self.out_features, self.in_features, self.group_size, self.layout)
+        return unpack_kernel_layout(self.packed, self.out_features, self.in_features, self.group_size, self.layout)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -157,13 +179,13 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, in_features: int, out_features: int, group_size: int, bias=None,
-                    zeros: bool = True) -> Int4Linear:
+                    layout: str = "zeros") -> Int4Linear:
         """A layer that holds only the kernel's layout (kernels.int4_pack's, or int4_pack_gguf's from a GGUF's blocks;
-        zeros False: its Q4_0 layout)."""
+        in `layout`, kernels.INT4_LAYOUTS)."""
         with torch.device("meta"):  # no buffers to fill
             q = cls(in_features, out_features, group_size, bias=bias is not None)
         q._buffers["qweight"], q._buffers["scales_and_zeros"] = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.bfloat16)
-        q.packed, q.zeros = packed, zeros
+        q.packed, q.layout = packed, layout
         if bias is not None:
             q.bias = nn.Parameter(bias.float(), requires_grad=False)
         return q
@@ -184,7 +206,7 @@ class Int4Linear(nn.Module):
         aten's packed layout."""
         qweight, scales_and_zeros = self._plain()
         self.kernel_weight = self.packed = None
-        self.zeros = True
+        self.layout = "zeros"
         self._buffers["qweight"], self._buffers["scales_and_zeros"] = qweight, scales_and_zeros
         if kernels.int4_kernel_on() and self.group_size in GROUP_SIZES and qweight.device.type == "cpu":
             self.packed = kernels.int4_pack(qweight, scales_and_zeros, self.group_size)
@@ -209,9 +231,10 @@ class Int4Linear(nn.Module):
         pairs = q.view(N, K // g, g // 2, 2)
         packed = qweight.view(N, K // g, g // 2)
         pairs[..., 0], pairs[..., 1] = packed & 0xF, packed >> 4
+        if self.layout != "zeros":  # a GGUF's blocks: the kernel's scales exactly (the bf16 buffers round them)
+            scale, offset = kernel_layout_scales(self.packed, N, K, g, self.layout)  # (N, K/g) each
+            return torch.addcmul(offset[..., None], q, scale[..., None]).view(N, K)  # scale q + offset
         sz = scales_and_zeros.float().transpose(0, 1).contiguous()  # (N, K/g, 2)
-        if not self.zeros:  # the bf16 buffers round Q4_0's fp16 scales: the kernel's own, exactly
-            sz[..., 0] = kernel_layout_f16_scales(self.packed, N, K, g)
         return torch.addcmul(sz[..., 1:], q.sub_(8), sz[..., :1]).view(N, K)  # (q - 8) * scale + zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +247,7 @@ class Int4Linear(nn.Module):
             # dequantized for this call beats the kernel's cost per row (DEQUANTIZE_ROWS' numbers)
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         if self.packed is not None and kernels.usable(x):
-            return kernels.int4_linear(x, self.packed, self.out_features, self.group_size, self.bias, self.zeros)
+            return kernels.int4_linear(x, self.packed, self.out_features, self.group_size, self.bias, self.layout)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).to(torch.bfloat16), self.aten_weight(), self.group_size, self.scales_and_zeros
         )
