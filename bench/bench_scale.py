@@ -7,7 +7,9 @@ script writes itself (speed and memory do not depend on the values), against lla
 Shapes: 135M SmolLM2's; 1.1B TinyLlama's (22 layers, 2048, FFN 5632, 32/4 heads); 3.2B Llama 3.2 3B's (28 layers,
 3072, FFN 8192, 24/8 heads, tied embedding); 7.2B Mistral 7B's (32 layers, 4096, FFN 14336, 32/8 heads). Every model
 takes SmolLM2's tokenizer (49,152 tokens). Q4_0: every matrix Q4_0 (the embedding too, as `pocketlm export --type
-q4_0`); Q4_K_M: as llama.cpp's Q4_K_M mixes them (Q6_K for the output head, attn_v and ffn_down, Q4_K elsewhere).
+q4_0`); Q4_K_M: as llama.cpp's Q4_K_M mixes them (src/llama-quant.cpp, llama_tensor_get_type): Q6_K for the output
+head, and for attn_v and ffn_down in the layers of use_more_bits (the first and last eighth and every third between,
+about half), Q4_K elsewhere.
 
 Each row, in fresh processes with an empty POCKETLM_HOME: the first `pocketlm run FILE "Hello there" -n 1` (cold:
 the file just written, so in the page cache; the first start pays any conversion), a second one (warm), the peak
@@ -89,12 +91,16 @@ def write_model(path: Path, size: str, kind: str, seed: int = 0) -> None:
             else:
                 writer.add_uint32(key, value)
 
-    def matrix_type(name: str, row: int):
+    def use_more_bits(i: int) -> bool:  # llama-quant.cpp's: the layers Q4_K_M gives 6 bits in attn_v and ffn_down
+        return i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+
+    def matrix_type(name: str, row: int, layer: int = -1):
         if kind == "Q4_0":
             return T.Q4_0
+        more_bits = name == "output" or (name in ("attn_v", "ffn_down") and use_more_bits(layer))
         if row % 256:  # K-quants need rows of 256: llama.cpp's fallbacks (SmolLM2's 576-wide rows)
-            return T.Q8_0 if name in ("output", "attn_v", "ffn_down") else T.Q5_0
-        return T.Q6_K if name in ("output", "attn_v", "ffn_down") else T.Q4_K
+            return T.Q8_0 if more_bits else T.Q5_0
+        return T.Q6_K if more_bits else T.Q4_K
 
     tensors = [("token_embd.weight", (VOCAB, hidden), matrix_type("token_embd", hidden)), ("output_norm.weight", (hidden,), T.F32)]
     if not tied:
@@ -104,7 +110,7 @@ def write_model(path: Path, size: str, kind: str, seed: int = 0) -> None:
                             ("attn_k", (kv_heads * head_dim, hidden)), ("attn_v", (kv_heads * head_dim, hidden)),
                             ("attn_output", (hidden, heads * head_dim)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
                             ("ffn_down", (hidden, ffn))):
-            tensors.append((f"blk.{i}.{name}.weight", shape, T.F32 if len(shape) == 1 else matrix_type(name, shape[-1])))
+            tensors.append((f"blk.{i}.{name}.weight", shape, T.F32 if len(shape) == 1 else matrix_type(name, shape[-1], i)))
     for name, shape, qtype in tensors:
         block, type_size = GGML_QUANT_SIZES[qtype]
         n_bytes = int(np.prod(shape)) // block * type_size

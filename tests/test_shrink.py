@@ -159,3 +159,19 @@ def test_shrink_refusals(tmp_path, teacher, label_data):
         ShrinkConfig.from_dict({"teacher": "t", "sizes": 0.5})
     with pytest.raises(PocketLMError, match="--serve serves generative models"):
         shrink(ShrinkConfig(**{**settings(teacher, label_data, tmp_path / "o"), "serve": True}))
+
+
+def test_shipped_shrink_recipes_parse():
+    """recipes/shrink-*.yaml: valid settings, their data next to the project (../shared/data), and every `distill:`
+    key one that pocketlm distill takes."""
+    import dataclasses
+    from pathlib import Path
+
+    from pocketlm.compress.distill_config import DistillConfig
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("shrink-*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = ShrinkConfig.from_yaml(path, {"out": "x"})
+        assert Path(cfg.data).name == "train.jsonl" and Path(cfg.eval_data).parent == Path(cfg.data).parent, path
+        assert set(cfg.distill) <= {f.name for f in dataclasses.fields(DistillConfig)}, path
