@@ -16,8 +16,10 @@ Every result is appended to --results (JSON lines) as it comes, so a killed run 
 
 --budget-fraction F: uniform int4 (round-to-nearest, --budget-scheme) against `pocketlm quantize --budget` (GPTQ,
 pocketlm.quant.calibrate.budget_search) given F times uniform int4's KL as its budget: bits per weight of the
-decoder layers' linears and KL(float || quantized), on the calibration tokens the search measures (the first
---kl-tokens of the calibration text, sequences of 512) and on the WikiText-2 evaluation tokens (windows of 1,024).
+decoder layers' linears and KL(float || quantized), on the calibration tokens the search measures (the last
+--kl-tokens of the calibration text, sequences of 512, held out of what GPTQ calibrates on) and on the WikiText-2
+evaluation tokens (windows of 1,024). `--calib-text wikitext2-rest` calibrates on the second half of WikiText-2 test
+instead (the evaluation reads its first 4,096 tokens): how much of the gap on WikiText-2 is the calibration text's kind.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def alpaca_text(rows: int = 3000, seed: int = 0) -> str:
     data = [json.loads(line) for line in (SHARED / "alpaca" / "alpaca_data.jsonl").read_text().splitlines() if line.strip()]
     random.Random(seed).shuffle(data)
     return "".join(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") + f"\n\n{r['output']}\n\n" for r in data[:rows])
+
+
+def wikitext2_rest() -> str:
+    """The second half of WikiText-2 test: text of the evaluation's kind that no evaluation window reads."""
+    from pocketlm.eval.data import read_text
+
+    text = read_text(TEXTS["wikitext2"], True)
+    return text[text.index("\n\n", len(text) // 2) :].lstrip()  # from the first paragraph break past the middle
 
 
 def eval_ids(tokenizer, name: str, tokens: int) -> list[int]:
@@ -87,12 +97,12 @@ def run_budget(model: str, args, calib: str) -> dict:
     from pocketlm.eval.agreement import agreement_stats
     from pocketlm.load import load
     from pocketlm.quant import QuantScheme
-    from pocketlm.quant.calibrate import CalibConfig, budget_search, calibration_ids, kind_bits
+    from pocketlm.quant.calibrate import CalibConfig, budget_search, calibration_ids, held_out, kind_bits
 
     ref = load(model, quant="none")
     cfg = CalibConfig(method="gptq", tokens=args.calib_tokens, kl_tokens=args.kl_tokens, quiet=True)
     ids = calibration_ids(ref.tokenizer, calib, args.calib_tokens, 512)  # (n, 512)
-    kl_ids = ids[: max(1, cfg.kl_tokens // ids.shape[1])]  # what budget_search measures its KL on
+    kl_ids = held_out(ids, cfg.kl_tokens)[1]  # what budget_search measures its KL on (GPTQ calibrates on the rest)
     held = torch.tensor(eval_ids(ref.tokenizer, "wikitext2", args.eval_tokens))
 
     def kl(model_q) -> tuple[float, float]:
@@ -108,7 +118,7 @@ def run_budget(model: str, args, calib: str) -> dict:
                                       args.budget_fraction * u_calib, cfg)
     search_s = round(time.perf_counter() - start, 1)
     return {"model": model, "method": "budget", "scheme": args.budget_scheme, "fraction": args.budget_fraction,
-            "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "kl_tokens": int(kl_ids.numel()),
+            "calib_tokens": args.calib_tokens, "calib_text": args.calib_text, "eval_tokens": args.eval_tokens, "kl_tokens": int(kl_ids.numel()),
             "uniform_bits": kind_bits(f"int4-g{group}", 1), "uniform_kl_calib": u_calib, "uniform_kl_wikitext2": u_held,
             "budget": report["budget"], "bits": report["bits_per_weight"], "kl_calib": report["kl_measured"],
             "kl_wikitext2": agreement_stats(quantized, ref.model, held, 1024, 1024)["kl_mean"], "kinds": report["kinds"],
@@ -161,19 +171,22 @@ def main() -> None:
     p.add_argument("--results", default="bench_quantize.jsonl", help="results so far (JSON lines); a rerun skips what it holds")
     p.add_argument("--budget-fraction", type=float, help="the KL budget instead: --budget at this fraction of uniform int4's KL")
     p.add_argument("--budget-scheme", default="int4", help="the uniform int4 it is measured against (default int4: groups of 32)")
+    p.add_argument("--calib-text", choices=["alpaca", "wikitext2-rest"], default="alpaca",
+                   help="--budget-fraction's calibration text (default alpaca; wikitext2-rest: WikiText-2 test's second half)")
     p.add_argument("--kl-tokens", type=int, default=1024, help="calibration tokens the search measures KL on (default 1024)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results_path = Path(args.results)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    calib = alpaca_text()
+    calib = wikitext2_rest() if args.budget_fraction is not None and args.calib_text == "wikitext2-rest" else alpaca_text()
     if args.budget_fraction is not None:
-        print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "
+        print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of {args.calib_text}; "
               f"held-out KL: the first {args.eval_tokens} tokens of WikiText-2, windows of 1024", flush=True)
         for model in args.models:
-            key = (model, "budget", args.budget_scheme, args.budget_fraction, args.calib_tokens, args.eval_tokens, args.kl_tokens)
+            key = (model, "budget", args.budget_scheme, args.budget_fraction, args.calib_tokens, args.eval_tokens, args.kl_tokens,
+                   args.calib_text)
             if not any((r["model"], r["method"], r.get("scheme"), r.get("fraction"), r["calib_tokens"], r.get("eval_tokens"),
-                        r.get("kl_tokens")) == key
+                        r.get("kl_tokens"), r.get("calib_text", "alpaca")) == key
                        for r in done):
                 row = run_budget(model, args, calib)
                 done.append(row)
@@ -181,7 +194,8 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
         print(budget_table([r for r in done if r["method"] == "budget" and r["model"] in args.models
-                            and (r["scheme"], r["fraction"], r["calib_tokens"]) == (args.budget_scheme, args.budget_fraction, args.calib_tokens)]))
+                            and (r["scheme"], r["fraction"], r["calib_tokens"], r.get("calib_text", "alpaca"))
+                            == (args.budget_scheme, args.budget_fraction, args.calib_tokens, args.calib_text)]))
         return
     done = [r for r in done if r["method"] != "budget" and r.get("eval_tokens") == args.eval_tokens]
     print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "

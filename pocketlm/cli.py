@@ -459,7 +459,7 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", metavar="FILE", help="calibration text (.txt, or .jsonl rows' text); with it the method defaults to gptq (without: the bundled WikiText-2 sample)")
     g.add_argument("--method", choices=["gptq", "awq", "awq+gptq", "rtn"], help="gptq: Hessian-ordered rounding with error feedback; awq: activation-aware scales; awq+gptq: both; rtn: round to nearest (the default without --calib)")
     g.add_argument("--calib-tokens", type=int, default=32768, metavar="N", help="calibration tokens, in sequences of 512 (default 32768)")
-    g.add_argument("--budget", type=float, metavar="KL", help="pick each linear's bits (int4 groups of 128/64/32, int8, float) for a mean KL to the float model of at most KL on the calibration text, at the fewest bits")
+    g.add_argument("--budget", type=float, metavar="KL", help="pick each linear's bits (int4 groups of 128/64/32, int8, float) for a mean KL to the float model of at most KL on the calibration text's last 1024 tokens (held out of the calibration), at the fewest bits")
 
 
 def cmd_quantize(args) -> int:
@@ -502,7 +502,7 @@ def layers_quantized(model):
 def calibration_summary(report: dict) -> str:
     if "plan" in report:
         kinds = ", ".join(f"{n} {k}" for k, n in report["kinds"].items())
-        return (f"KL {report['kl_measured']:.4g} on {report['kl_tokens']} calibration tokens (budget {report['budget']:g}) at "
+        return (f"KL {report['kl_measured']:.4g} on {report['kl_tokens']} held-out calibration tokens (budget {report['budget']:g}) at "
                 f"{report['bits_per_weight']:.2f} bits per weight: {kinds}; {report['seconds']:.0f} s")
     errors = report.get("errors", {})
     if not errors:

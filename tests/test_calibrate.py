@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from pocketlm.errors import PocketLMError
 from pocketlm.eval.agreement import agreement_stats
 from pocketlm.load import load
 from pocketlm.quant import QuantScheme
 from pocketlm.quant.calibrate import (
-    CalibConfig, Int4Grid, awq_fold, awq_scale, calibrate, calibration_ids, fit_grid, gptq, output_error,
+    CalibConfig, Int4Grid, awq_fold, awq_scale, budget_search, calibrate, calibration_ids, fit_grid, gptq, output_error,
     quantize_calibrated, refit_grid,
 )
 from pocketlm.quant.int4 import Int4Linear, unpack_nibbles
@@ -191,18 +192,41 @@ def test_kl_budget_search_meets_its_budget_at_fewer_bits_than_int8(peaked_llama,
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT)
     ref = load(str(peaked_llama))
-    ids = calibration_ids(ref.tokenizer, TEXT, 1024, 128)
-    flat = ids.reshape(-1)
+    ids = calibration_ids(ref.tokenizer, TEXT, 2048, 128)
+    flat = ids[-4:].reshape(-1)  # kl_tokens=512: the last 4 sequences of 128, held out of calibration
     uniform = agreement_stats(load(str(peaked_llama), quant="int4-g64").model, ref.model, flat, 128, 128)["kl_mean"]
     budget = uniform / 2
     report = quantize_calibrated(str(peaked_llama), tmp_path / "budget", QuantScheme.parse("int4"), str(calib),
-                                 CalibConfig(method="rtn", tokens=1024, seq_len=128, kl_tokens=1024, quiet=True), budget=budget)
+                                 CalibConfig(method="rtn", tokens=2048, seq_len=128, kl_tokens=512, quiet=True), budget=budget)
+    assert (report["tokens"], report["kl_tokens"]) == (ids.numel() - 512, 512)
     lm = load(str(tmp_path / "budget"))
     assert lm.meta["weights"] == "mixed-bits"
     kl = agreement_stats(lm.model, ref.model, flat, 128, 128)["kl_mean"]  # as `pocketlm eval --task agreement`
-    assert kl == pytest.approx(report["kl_measured"], rel=1e-4)
+    assert kl == pytest.approx(report["kl_measured"], rel=1e-4)  # the budget's KL is the held-out sequences'
     assert kl <= budget, (kl, budget)
     assert report["bits_per_weight"] < 8  # fewer bits than int8 everywhere
     assert len(set(report["plan"].values())) > 1  # it did choose: not one kind for every linear
     kinds = {type(m).__name__ for m in lm.model.modules()}
     assert "Int4Linear" in kinds
+
+
+def test_kl_budget_measures_its_kl_on_sequences_gptq_did_not_calibrate_on(peaked_llama):
+    ref = load(str(peaked_llama))
+    ids = calibration_ids(ref.tokenizer, TEXT, 1024, 128)  # (8, 128)
+    cfg = CalibConfig(method="gptq", tokens=1024, seq_len=128, kl_tokens=256, quiet=True)
+    model, report = budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, 10.0, cfg)
+    assert (report["tokens"], report["kl_tokens"]) == (6 * 128, 2 * 128)
+    # GPTQ of the chosen plan on the first 6 sequences only gives the very weights the search returned
+    plan = QuantScheme("int4", 32, layers=report["plan"])
+    alone = load(str(peaked_llama))
+    calibrate(alone.model, ids[:-2], plan, cfg)
+    for (name, a), b in zip(model.state_dict().items(), alone.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and its KL is the float model's against it on the 2 held-out ones
+    kl = agreement_stats(model, ref.model, ids[-2:].reshape(-1), 128, 128)["kl_mean"]
+    assert kl == pytest.approx(report["kl_measured"], rel=1e-4)
+    with pytest.raises(PocketLMError, match="needs at least 1152 calibration tokens .* got 1024"):
+        budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, 10.0,
+                      CalibConfig(method="gptq", tokens=1024, seq_len=128, kl_tokens=1024, quiet=True))
+    with pytest.raises(PocketLMError, match="the int8 output head alone costs KL"):
+        budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, 1e-9, cfg)

@@ -42,7 +42,8 @@ the tied embedding's table too).
 
 `budget_search` picks a kind per linear (int4 in groups of 32/64/128, int8, or float) so that the KL divergence of
 the quantized model from the float one, measured as `pocketlm eval --task agreement` measures it, stays under a
-budget at the fewest bits per weight.
+budget at the fewest bits per weight. It measures that KL on calibration sequences held out of what GPTQ fits the
+weights to (`held_out`): on tokens it calibrated on, GPTQ's fit looks better than it is on any other text.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class CalibConfig:
     clip: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group grids shrunk toward zero, searched
     awq_grid: int = 20  # AWQ: alpha in 0, 1/20, ..., 19/20
     refit: bool = True  # GPTQ: with its codes fixed, the scales and zeros refitted by least squares (refit_grid)
-    kl_tokens: int = 1024  # --budget: tokens the KL is measured on (the calibration text's first ones)
+    kl_tokens: int = 1024  # --budget: tokens the KL is measured on (the calibration text's last ones, held out of GPTQ's)
     quiet: bool = False
 
     def __post_init__(self):
@@ -698,14 +699,27 @@ def _options(K: int) -> list[str]:
     return [k for k in KINDS if not k.startswith("int4-g") or K % int(k[6:]) == 0]
 
 
+def held_out(ids: torch.Tensor, kl_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration ids (n, T) split into (the sequences GPTQ calibrates on, the last kl_tokens // T sequences,
+    at least one, that the budget's KL is measured on)."""
+    n, T = ids.shape
+    n_kl = max(1, kl_tokens // T)
+    if n <= n_kl:
+        raise PocketLMError(f"--budget needs at least {(n_kl + 1) * T} calibration tokens ({n_kl * T} held out to measure "
+                            f"the KL on, {T} or more to calibrate on) and got {n * T}: give a longer --calib text or more --calib-tokens")
+    return ids[:-n_kl], ids[-n_kl:]
+
+
 def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, budget: float, cfg: CalibConfig) -> tuple[nn.Module, dict]:
     """A kind per decoder-layer linear (int4 in groups of 128/64/32, int8, float) so that the quantized model's mean
-    KL(float || quantized) on the calibration text's first cfg.kl_tokens tokens is at most `budget`, with the
-    fewest bits. ref_lm: the float model (a LoadedModel, the reference); load_float() gives a fresh copy of it.
+    KL(float || quantized) on the calibration text's last cfg.kl_tokens tokens is at most `budget`, with the
+    fewest bits. Those tokens are held out of the statistics (H) and of the calibration, so the KL is measured on
+    text the weights were not fit to. ref_lm: the float model (a LoadedModel, the reference); load_float() gives a
+    fresh copy of it.
 
     1. Each linear's candidates are quantized (cfg.method, on H from the float model's activations) and their
        output errors e(t, k) = tr(D H D^T) computed; the KL each linear alone costs at its cheapest kind is
-       measured by running the float layers after it on the KL tokens (the layers before it give the same
+       measured by running the float layers after it on the held-out KL tokens (the layers before it give the same
        inputs as in the float model); KL(t, k) is predicted as KL(t, cheapest) * e(t, k) / e(t, cheapest).
     2. Greedy knapsack from all-cheapest: the upgrade with the most predicted KL saved per bit added, until
        the predicted sum (plus the int8 head's own KL, measured) is under the target.
@@ -720,14 +734,16 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     ref = ref_lm.model.eval()
     if hasattr(ref, "fuse_projections") and not _is_fused(ref):
         ref.fuse_projections()
-    n_kl = max(1, min(len(ids), cfg.kl_tokens // ids.shape[1]))
-    kl_ids = ids[:n_kl]
+    ids, kl_ids = held_out(ids, cfg.kl_tokens)  # (n, T) to calibrate on, (n_kl, T) to measure the KL on
     linears = {name: m for name, m in ref.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
     layer_of = {name: int(name.split(".")[2]) for name in linears}
     start = time.perf_counter()
 
     # ---- 1. each linear's candidates and the KL it costs alone
     xs_kl, args_kl, ref_logp = _reference(ref, kl_ids)
+    head_kl = _head_kl(ref, kl_ids, ref_logp, xs_kl, args_kl)  # before the long part: the budget must leave room for it
+    if head_kl >= budget:
+        raise PocketLMError(f"--budget {budget}: the int8 output head alone costs KL {head_kl:.4g}; give a larger budget")
     stats: dict[str, _Stats] = {}
     batches = list(ids.split(cfg.batch))
     xs, args = layer_inputs(ref, batches)
@@ -759,7 +775,6 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
             kl_alone[name] = _kl_pass(ref, layer_of[name], xs_kl[layer_of[name]], args_kl, ref_logp)
             m.weight.data = saved
             advance()
-    head_kl = _head_kl(ref, kl_ids, ref_logp, xs_kl, args_kl)
     del cheapest, stats
 
     def predicted(name: str, kind: str) -> float:
@@ -770,8 +785,6 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     plan = {name: options[name][0] for name in linears}
     numel = {name: m.weight.numel() for name, m in linears.items()}
     target, rounds, measured, model = budget - head_kl, [], None, None
-    if target <= 0:
-        raise PocketLMError(f"--budget {budget}: the int8 output head alone costs KL {head_kl:.4g}; give a larger budget")
     for _ in range(5):
         total = sum(predicted(n, k) for n, k in plan.items())
         while total > target:
@@ -798,13 +811,13 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
             break
         target *= budget / measured * 0.9
     report = {
-        "budget": budget, "kl_measured": measured, "kl_tokens": int(kl_ids.numel()), "head_kl": head_kl,
+        "budget": budget, "kl_measured": measured, "kl_tokens": int(kl_ids.numel()), "tokens": int(ids.numel()), "head_kl": head_kl,
         "bits_per_weight": _mean_bits(plan, linears), "rounds": rounds, "plan": plan,
         "kinds": {k: sum(1 for v in plan.values() if v == k) for k in KINDS if k in plan.values()},
         "seconds": round(time.perf_counter() - start, 1),
     }
     if measured > budget:
-        raise PocketLMError(f"--budget {budget}: the best plan found gives KL {measured:.4g} on the calibration text "
+        raise PocketLMError(f"--budget {budget}: the best plan found gives KL {measured:.4g} on the held-out calibration text "
                             f"(at {report['bits_per_weight']:.2f} bits per weight); give a larger budget")
     return model, report
 
@@ -897,7 +910,7 @@ def quantize_calibrated(ref: str, out, scheme: QuantScheme, calib: str | None, c
         lm.model, scheme = model, QuantScheme(scheme.weights, scheme.group_size, layers=report["plan"])
     else:
         report = calibrate(lm.model, ids, scheme, cfg)
-    meta = {"method": cfg.method, "calib": source, "tokens": int(ids.numel()), "seq_len": int(ids.shape[1])}
+    meta = {"method": cfg.method, "calib": source, "tokens": report["tokens"], "seq_len": int(ids.shape[1])}
     if budget is not None:
         meta.update({k: report[k] for k in ("budget", "kl_measured", "kl_tokens", "bits_per_weight", "kinds")})
     write_quantized(lm, scheme, out, calibration=meta)
