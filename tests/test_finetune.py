@@ -301,6 +301,13 @@ def test_classification_head_trains_saves_and_predicts(tiny_model, label_data, t
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["accuracy"] == pytest.approx(expected)
     assert report["n"] == len(rows) and report["settings"]["scoring"] == "head" and report["metrics"]["texts_per_s"] > 0
+    assert report["settings"]["quant"] == "none"
+    # --quant reaches the classifier's body (it once ran float whatever it said)
+    int8 = Classifier.load(out, quant="int8")
+    expected = sum(pred == r["label"] for (pred, _), r in zip(int8.predict([r["text"] for r in rows]), rows)) / len(rows)
+    assert main(["eval", str(out), "--task", "classify", "--by", "head", "--data", str(label_data), "--quant", "int8", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["quant"] == "int8" and report["metrics"]["accuracy"] == pytest.approx(expected)
 
 
 def test_classification_head_on_a_bert_encoder(tmp_path, label_data):

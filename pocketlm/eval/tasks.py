@@ -398,7 +398,7 @@ def evaluate(model_ref: str, cfg: EvalConfig, dtype: str = "float32", quant: str
         if cfg.task == "agreement" and not cfg.reference:
             raise PocketLMError("--task agreement needs --reference MODEL (e.g. the same model without --quant)")
     if cfg.task == "classify" and cfg.by == "head":
-        result = run_head(model_ref, prepared, cfg)
+        result = run_head(model_ref, prepared, cfg, quant)
         result.seconds = time.perf_counter() - start
         return result
     lm = load_generative(model_ref, dtype, quant)
@@ -459,12 +459,12 @@ def run_records(lm, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
     return result
 
 
-def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
+def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig, quant: str = "none") -> EvalResult:
     """classify --by head: the classification head of a `pocketlm finetune --task classify` folder labels each
-    text in one forward pass (no prompt, no generation)."""
+    text in one forward pass (no prompt, no generation), its body's weights quantized as `quant` asks."""
     from pocketlm.finetune.classify import Classifier
 
-    classifier = Classifier.load(model_ref)
+    classifier = Classifier.load(model_ref, quant)
     spec = prepared.spec
     unknown = sorted(set(prepared.labels) - set(classifier.labels))
     if unknown:
@@ -484,7 +484,7 @@ def run_head(model_ref: str, prepared: Prepared, cfg: EvalConfig) -> EvalResult:
                          "correct": truth == pred})
     result = classification_result(spec, str(model_ref), y_true, y_pred, sorted(set(classifier.labels)), examples)
     result.settings = {"data": str(prepared.data_path), "limit": cfg.limit, "seed": cfg.seed, "scoring": "head",
-                       "template": classifier.template}
+                       "template": classifier.template, "quant": quant_that_ran(classifier)}
     result.metrics["texts_per_s"] = len(texts) / seconds  # the classifier's throughput, batches of 32 sorted by length
     return result
 

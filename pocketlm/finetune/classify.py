@@ -23,7 +23,7 @@ config.json (labels, pooling, template). The head sits in a subfolder because th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -129,12 +129,14 @@ class Classifier:
     labels: list[str]
     template: str
     max_len: int
+    meta: dict = field(default_factory=dict)  # the loaded model's (LoadedModel.meta: its weights' quantization, ...)
 
     @classmethod
-    def load(cls, path: str | Path) -> Classifier:
+    def load(cls, path: str | Path, quant: str = "none") -> Classifier:
+        """quant: the body's weights at load (pocketlm.load's; a quantized folder runs its own)."""
         from pocketlm.load import load
 
-        lm = load(str(path))
+        lm = load(str(path), quant=quant)
         head_dir = lm.path / HEAD_DIR
         if not (head_dir / "config.json").is_file():
             hf = hf_classifier(lm)
@@ -142,11 +144,11 @@ class Classifier:
                 raise PocketLMError(f"{lm.path}: not a classifier (no {HEAD_DIR}/config.json, nor a transformers "
                                     "*ForSequenceClassification of an encoder); train one with `pocketlm finetune ... --task classify`")
             model, labels = hf
-            return cls(model.eval(), lm.tokenizer, labels, "{text}", lm.context_length)
+            return cls(model.eval(), lm.tokenizer, labels, "{text}", lm.context_length, lm.meta)
         meta = json.loads((head_dir / "config.json").read_text())
         model = SequenceClassifier(lm.model, len(meta["labels"]), meta["pooling"], lm.is_encoder)
         model.score.load_state_dict({k.removeprefix("score."): v for k, v in load_file(head_dir / "head.safetensors").items()})
-        return cls(model.eval(), lm.tokenizer, meta["labels"], meta.get("template", "{text}"), lm.context_length)
+        return cls(model.eval(), lm.tokenizer, meta["labels"], meta.get("template", "{text}"), lm.context_length, lm.meta)
 
     @torch.inference_mode()
     def logits(self, texts: list[str], batch_size: int = 32, on_progress=None) -> torch.Tensor:
