@@ -17,8 +17,9 @@ last checkpoint); a changed setting redoes its stage and the ones after it.
                until the non-embedding parameters are at most --size of the teacher's
   4 distill    the pruned student learns the teacher (pocketlm distill: a classifier's label distribution, a
                generator's next-token distribution stored as top-k)
-  5 quantize   weight-only int4/int8, round-to-nearest (pocketlm quantize); --method gptq|awq calibrates on the
-               training text through pocketlm.quant.calibrate (`calibrated_quantization` is the one place it plugs in)
+  5 quantize   weight-only int4/int8 calibrated on the training text, GPTQ by default (--method gptq|awq, through
+               pocketlm.quant.calibrate: `calibrated_quantization` is the one place it plugs in), or --method rtn,
+               round-to-nearest (pocketlm quantize)
   6 evaluate   the student as the teacher was, KL and top-1 agreement with the teacher, and both models' speed,
                timed in turn (--speed-rounds, the median; this machine's load moves single timings by 25%)
   7 report     report.md, first line "X% of the teacher's quality kept, at Y% of its size and Z times its speed",
@@ -392,14 +393,15 @@ def quantize(run: Run, folder: Path) -> dict:
         return {"model": str(student), "scheme": "none", "method": None}
     scheme = QuantScheme.parse(cfg.quant)
     target = folder / "model"
-    if cfg.method == "rtn":
+    method = "gptq" if cfg.method == "auto" else cfg.method
+    if method == "rtn":
         write_quantized(load(str(student), quant="none"), scheme, target)
     else:
-        calibrated_quantization(str(student), target, scheme, cfg.method, run["split"]["calib"], cfg.quiet)
+        calibrated_quantization(str(student), target, scheme, method, run["split"]["calib"], cfg.quiet)
     if (student / HEAD_DIR).is_dir():  # a classifier: its head reads the quantized backbone's last hidden state
         shutil.copytree(student / HEAD_DIR, target / HEAD_DIR, dirs_exist_ok=True)
-    run.display.log(f"quantize: {scheme.name} ({cfg.method})")
-    return {"model": str(target), "scheme": scheme.name, "method": cfg.method}
+    run.display.log(f"quantize: {scheme.name} ({method})")
+    return {"model": str(target), "scheme": scheme.name, "method": method}
 
 
 def calibrated_quantization(student: str, target: Path, scheme, method: str, calib: str, quiet: bool) -> dict:

@@ -18,7 +18,7 @@ from pocketlm.errors import PocketLMError
 
 TASKS = ("auto", "classify", "sft")
 QUANTS = ("int4", "int4-g64", "int4-g128", "int8", "none")
-METHODS = ("rtn", "gptq", "awq")  # gptq and awq: pocketlm.quant.calibrate (see shrink.quantize)
+METHODS = ("auto", "rtn", "gptq", "awq")  # gptq and awq: pocketlm.quant.calibrate (see shrink.quantize); auto: gptq
 
 # pocketlm distill's settings per task, before the recipe's `distill` mapping: recipes/banking77-distill.yaml for a
 # classifier (the run of docs/BENCHMARKS.md that kept 99.8% of the teacher), a short run with stored top-k for a generator
@@ -45,7 +45,9 @@ class ShrinkConfig:
     calib_tokens: int = 8192  # training text the pruning importance is measured on
     distill: dict = field(default_factory=dict)  # pocketlm distill's settings (DistillConfig fields) over DISTILL_DEFAULTS
     quant: str = "int4"  # the student's weights: int4 (groups of 32), int4-g64, int4-g128, int8, none
-    method: str = "rtn"  # rtn: round-to-nearest; gptq | awq: calibrated on the training text (pocketlm.quant.calibrate)
+    # rtn: round-to-nearest; gptq | awq: calibrated on the training text (pocketlm.quant.calibrate); auto: gptq, which
+    # kept 99.3% of the banking77 teacher's accuracy where round-to-nearest kept 90.3% (docs/BENCHMARKS.md)
+    method: str = "auto"
     speed_rounds: int = 3  # teacher and student timed in turn this many times; the median counts
     bench: bool = True  # also `pocketlm bench` each side (decode and prompt tokens/s, peak memory) in its own process
     agreement_tokens: int = 4096  # generators: held-out tokens for KL, top-1 agreement and perplexity
@@ -64,7 +66,7 @@ class ShrinkConfig:
             (self.calib_tokens >= 16, "calib_tokens must be at least a few hundred"),
             (self.quant in QUANTS, f"quant must be one of {', '.join(QUANTS)}"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
-            (self.method == "rtn" or self.quant != "none", f"method {self.method} quantizes: give quant int4 or int8"),
+            (self.method in ("auto", "rtn") or self.quant != "none", f"method {self.method} quantizes: give quant int4 or int8"),
             (self.speed_rounds >= 1, "speed_rounds must be >= 1"),
             (isinstance(self.distill, dict), "distill must be a mapping of pocketlm distill settings"),
             (not set(self.distill) & set(OWN_BY_SHRINK), f"distill: {', '.join(sorted(set(self.distill) & set(OWN_BY_SHRINK)))} "
@@ -110,7 +112,7 @@ FLAGS = [
     ("--size", "size", float, "the student's non-embedding parameters as a share of the teacher's, at most (default 0.5)"),
     ("--calib-tokens", "calib_tokens", int, "training tokens the pruning importance is measured on (default 8192)"),
     ("--quant", "quant", str, f"the student's weights: {' | '.join(QUANTS)} (default int4)"),
-    ("--method", "method", str, "rtn (round-to-nearest, default) | gptq | awq (calibrated on the training text)"),
+    ("--method", "method", str, "gptq (default) | awq: calibrated on the training text; rtn: round-to-nearest"),
     ("--speed-rounds", "speed_rounds", int, "teacher and student timed in turn this many times, the median counts (default 3)"),
     ("--no-bench", "bench", "false", "skip `pocketlm bench` of each side (decode/prompt tokens/s, peak memory)"),
     ("--gguf-type", "gguf_type", str, "the exported GGUF's type (default q4_0 for int4, q8_0 for int8, f16 for none)"),
