@@ -82,11 +82,13 @@ class Progress:
                 return
 
     def _draw(self, task) -> None:
+        """The bar of the current step: its name always, its count where it can be read now."""
         done, total, poll = self.done, self.total, self.poll
         if poll is not None:
             try:
                 done, total = poll()
-            except (OSError, RuntimeError):  # a file being renamed, a module dict being changed: next look
+            except (OSError, RuntimeError):  # a file not made yet or being renamed, a module dict being changed
+                self.bars.update(task, description=self.what)  # the count at the next look
                 return
         completed = min(done, total) if total else 0
         self.bars.update(task, description=self.what, completed=completed, total=total or None)

@@ -33,7 +33,9 @@ def test_every_generated_request_gets_a_2xx_or_4xx(server):
     seen = {}
     with httpx.Client() as client:
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        # derandomize: the same requests on every run, so the share of valid ones (checked below) cannot fall short
+        # by chance (a random draw once gave 8 valid requests of 150)
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
         @given(probes(spec, models))
         def probe(p):
             status, problem = send(client, url, p, TIMEOUT_S)
