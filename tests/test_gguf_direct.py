@@ -31,6 +31,37 @@ def converted_copies() -> list[str]:
     return [p for p in os.listdir(folder) if not p.endswith(".json")] if os.path.isdir(folder) else []
 
 
+def quantized_and_float(path):
+    """load()'s steps for a GGUF that gguf-py wrote without a tokenizer (a byte-level one from elsewhere): the model
+    as a quantized run reads it (int4-mixed), the float model (the file dequantized), and the file as read."""
+    from tiny_models import byte_level_metadata
+
+    from pocketlm.formats.gguf import gguf_to_hf
+    from pocketlm.load import build, read_gguf_model
+    from pocketlm.quant import QuantScheme
+    from pocketlm.quant.from_gguf import quantized_state_dict
+    from pocketlm.tokenizer import Tokenizer
+
+    gguf_file, config = read_gguf_model(path)
+    scheme = QuantScheme.parse("int4-mixed")
+    config["pocketlm"]["quantization"] = scheme.to_dict()
+    state_dict, layers = quantized_state_dict(gguf_file, scheme, config)
+    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
+    lm = build("gguf", path, path, config, state_dict, tokenizer, torch.float32, "int4-mixed", layers)
+    float_config, float_state_dict = gguf_to_hf(gguf_file)
+    float_config["pocketlm"] = {}
+    reference = build("gguf", path, path, float_config, float_state_dict, tokenizer, torch.float32, "none")
+    return lm, reference, gguf_file
+
+
+def assert_close_to_float(lm, reference) -> None:
+    """The quantized model's logits within 5% (of the largest) of the float model's, on a few tokens."""
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])
+    with torch.inference_mode():
+        ours, theirs = lm.model(ids), reference.model(ids)
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 0.05
+
+
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q8_0"])
 def test_a_quantized_gguf_loads_as_the_float_round_trip_did_without_a_float_copy(tiny_dir, qtype, tmp_path, throwaway_home):
     path = export(tiny_dir, qtype, tmp_path / f"tiny-{qtype}.gguf")
@@ -96,12 +127,6 @@ def test_a_mixed_file_runs_its_4bit_tensors_int4_and_the_rest_int8(tmp_path, thr
     others run int8, and the logits stay close to the float model's (the file dequantized)."""
     from gguf import GGMLQuantizationType as T
     from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
-    from tiny_models import byte_level_metadata
-
-    from pocketlm.load import build, read_gguf_model
-    from pocketlm.quant import QuantScheme
-    from pocketlm.quant.from_gguf import quantized_state_dict
-    from pocketlm.tokenizer import Tokenizer
 
     mix = {"token_embd": T.Q8_0, "attn_output": T.Q6_K, "output.": T.Q6_K, "attn_q.": T.Q4_0, "attn_k.": T.Q4_1,
            "attn_v": T.Q4_K, "ffn_gate": T.Q4_K, "ffn_up": T.Q4_0, "blk.0.ffn_down": T.Q5_0, "blk.1.ffn_down": T.Q4_1}
@@ -109,13 +134,7 @@ def test_a_mixed_file_runs_its_4bit_tensors_int4_and_the_rest_int8(tmp_path, thr
     path = write_gguf(tmp_path / "mixed.gguf", "llama", tiny_metadata("llama"), tensors)
     types = {name: t.ggml_type.name for name, t in read_gguf(path).tensors.items()}
     assert {"Q4_K", "Q4_1", "Q4_0", "Q6_K", "Q5_0"} <= set(types.values())
-    # load()'s steps, with a tokenizer from elsewhere: the file has none (gguf-py wrote only the model)
-    gguf_file, config = read_gguf_model(path)
-    scheme = QuantScheme.parse("int4-mixed")
-    config["pocketlm"]["quantization"] = scheme.to_dict()
-    state_dict, layers = quantized_state_dict(gguf_file, scheme, config)
-    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
-    lm = build("mixed", path, path, config, state_dict, tokenizer, torch.float32, "int4-mixed", layers)
+    lm, reference, gguf_file = quantized_and_float(path)
     for i, layer in enumerate(lm.model.model.layers):
         for module, names in ((layer.self_attn.qkv_proj, ("attn_q", "attn_k", "attn_v")), (layer.mlp.down_proj, ("ffn_down",))):
             grid = all(types[f"blk.{i}.{n}.weight"] in ("Q4_0", "Q4_1", "Q4_K") for n in names)
@@ -127,15 +146,7 @@ def test_a_mixed_file_runs_its_4bit_tensors_int4_and_the_rest_int8(tmp_path, thr
     bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     expected = ((codes.float() - 8) * bf16(scale)[:, None] + bf16(zero)[:, None]).view(v.shape)
     assert torch.equal(qkv.dequantized()[-v.shape[0]:], expected)
-    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])
-    from pocketlm.formats.gguf import gguf_to_hf
-
-    float_config, float_state_dict = gguf_to_hf(gguf_file)
-    float_config["pocketlm"] = {}
-    reference = build("mixed", path, path, float_config, float_state_dict, tokenizer, torch.float32, "none")
-    with torch.inference_mode():
-        ours, reference = lm.model(ids), reference.model(ids)
-    assert ((ours - reference).abs().max() / reference.abs().max()).item() < 0.05
+    assert_close_to_float(lm, reference)
 
 
 def test_loading_holds_about_the_quantized_model_not_a_float_one(tmp_path, throwaway_home, smollm2):
@@ -216,15 +227,7 @@ def test_q4_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modules(tmp_pa
     kind 5) gives the modules' logits bit for bit."""
     from gguf import GGMLQuantizationType as T
     from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
-    from test_kernels import random_blocks
-    from tiny_models import byte_level_metadata
-
-    from pocketlm.formats.gguf import gguf_to_hf
-    from pocketlm.load import build, read_gguf_model
-    from pocketlm.models.fused_step import FusedStep
-    from pocketlm.quant import QuantScheme
-    from pocketlm.quant.from_gguf import quantized_state_dict
-    from pocketlm.tokenizer import Tokenizer
+    from test_kernels import decode_fused_and_by_modules, random_blocks
 
     if not kernels.int4_kernel_on():
         pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
@@ -236,30 +239,9 @@ def test_q4_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modules(tmp_pa
         if qtype == T.Q4_K:
             rows = w.shape[0]
             tensors[name] = (random_blocks("q4_k", rows, w.size // 144 * 256 // rows, gen).reshape(rows, -1).numpy(), qtype)
-    path = write_gguf(tmp_path / "q4_k.gguf", "llama", tiny_metadata("llama"), tensors)
-    gguf_file, config = read_gguf_model(path)
-    scheme = QuantScheme.parse("int4-mixed")
-    config["pocketlm"]["quantization"] = scheme.to_dict()
-    state_dict, layers = quantized_state_dict(gguf_file, scheme, config)
-    tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata())
-    lm = build("q4_k", path, path, config, state_dict, tokenizer, torch.float32, "int4-mixed", layers)
+    lm, reference, _ = quantized_and_float(write_gguf(tmp_path / "q4_k.gguf", "llama", tiny_metadata("llama"), tensors))
     int4 = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
     assert int4 and {m.layout for m in int4} == {"q4_k"}
-    float_config, float_state_dict = gguf_to_hf(gguf_file)
-    float_config["pocketlm"] = {}
-    reference = build("q4_k", path, path, float_config, float_state_dict, tokenizer, torch.float32, "none")
-    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8]])
-    with torch.inference_mode():
-        ours, theirs = lm.model(ids), reference.model(ids)
-    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 0.05
-    model, steps, T_ = lm.model, {}, ids.shape[1]
-    for way in ("fused", "modules"):
-        model.setup_cache(1, T_ + 12)
-        with torch.inference_mode():
-            model(ids, torch.arange(T_))
-            if way == "modules":
-                model.decode_step = False  # as for a model the fused step cannot take
-            steps[way] = torch.stack([model(ids[:, t % T_, None], torch.tensor([t]))[0, -1] for t in range(T_, T_ + 8)])
-        if way == "fused":
-            assert isinstance(model.decode_step, FusedStep)
+    assert_close_to_float(lm, reference)
+    steps = decode_fused_and_by_modules(lm.model, torch.tensor([[1, 5, 9, 3, 7, 2, 8]]), 8)
     assert torch.equal(steps["fused"], steps["modules"])

@@ -320,6 +320,22 @@ def test_decoding_with_kernels_matches_aten(tiny_dir, quant, monkeypatch):
     torch.testing.assert_close(steps["pocketlm"], steps["aten"], rtol=tol, atol=tol)
 
 
+def decode_fused_and_by_modules(model, ids: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+    """After the prompt ids (1, T), `steps` decoded positions' logits (steps, vocab), the same tokens fed twice: through
+    the fused decode step ("fused", which the model must take) and module by module ("modules")."""
+    T, out = ids.shape[1], {}
+    for way in ("fused", "modules"):
+        model.setup_cache(1, T + steps + 6)
+        with torch.inference_mode():
+            model(ids, torch.arange(T))
+            if way == "modules":
+                model.decode_step = False  # as for a model the fused step cannot take
+            out[way] = torch.stack([model(ids[:, (t * 7) % T, None], torch.tensor([t]))[0, -1] for t in range(T, T + steps)])
+        if way == "fused":
+            assert isinstance(model.decode_step, FusedStep)
+    return out
+
+
 @pytest.mark.parametrize("quant", ["none", "int4", "int8", "gguf-q4_0"])
 def test_fused_decode_step_equals_the_modules(tiny_dir, quant, tmp_path, throwaway_home):
     """A whole decoded token in one call (pocketlm/models/fused_step.py) against the same model module by module,
@@ -336,18 +352,7 @@ def test_fused_decode_step_equals_the_modules(tiny_dir, quant, tmp_path, throwaw
         lm = load(str(tiny_dir), quant=quant)
     int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
     assert all(m.packed_weight is not None for m in int8_layers) and (quant == "none") == (not int8_layers), quant
-    model, steps = lm.model, {}
-    ids = torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")])
-    T = ids.shape[1]
-    for path in ("fused", "modules"):
-        model.setup_cache(1, T + 30)
-        with torch.inference_mode():
-            model(ids, torch.arange(T))
-            if path == "modules":
-                model.decode_step = False  # as for a model the fused step cannot take
-            steps[path] = torch.stack([model(ids[:, (t * 7) % T, None], torch.tensor([t]))[0, -1] for t in range(T, T + 24)])
-        if path == "fused":
-            assert isinstance(model.decode_step, FusedStep)
+    steps = decode_fused_and_by_modules(lm.model, torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")]), 24)
     if quant == "none":
         torch.testing.assert_close(steps["fused"], steps["modules"], rtol=1e-5, atol=1e-5)
     else:
