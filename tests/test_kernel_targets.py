@@ -70,6 +70,8 @@ def test_the_avx2_vnni_code_equals_the_scalar_build_bit_for_bit(tmp_path, monkey
     import pocketlm.quant.int8 as int8
     from torch import nn
 
+    from test_kernels import gguf_layer
+
     from pocketlm.quant.int4 import Int4Linear
     from pocketlm.quant.int8 import Int8Linear
 
@@ -84,13 +86,15 @@ def test_the_avx2_vnni_code_equals_the_scalar_build_bit_for_bit(tmp_path, monkey
     for M in (1, 2, 7):
         x = torch.randn(M, 576)
         int4, int8_layer = Int4Linear.from_linear(nn.Linear(576, 40, bias=True), 32), Int8Linear.from_linear(nn.Linear(576, 40))
+        q6_k = gguf_layer("q6_k", 40, 512, M)[0]  # a GGUF's Q6_K blocks (K: whole super-blocks of 256)
         runs = {}
         for name in ("evex", "scalar"):
             with kernels.using("scalar"):  # (which restores the library in use after)
                 if name == "evex":
                     kernels._lib = evex
                 runs[name] = (kernels.int4_linear(x, int4.packed, 40, 32, int4.bias),
-                              kernels.int8_packed_linear(x, int8_layer.packed_weight, int8_layer.scales, None))
+                              kernels.int8_packed_linear(x, int8_layer.packed_weight, int8_layer.scales, None),
+                              kernels.int4_linear(x[:, :512], q6_k.packed_weight, 40, 32, q6_k.bias, "q6_k"))
         assert all(torch.equal(a, b) for a, b in zip(runs["evex"], runs["scalar"])), M
 
 

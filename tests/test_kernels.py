@@ -42,29 +42,33 @@ def test_the_default_target_is_the_best_this_cpu_runs():
 
 def random_blocks(qtype: str, N: int, K: int, gen: torch.Generator, bf16_exact: bool = False) -> torch.Tensor:
     """Random GGML blocks of an (N, K) tensor, uint8 (N, blocks a row, bytes a block): block_q4_0 (fp16 d | 16 bytes
-    of codes) or block_q4_K (fp16 d | fp16 dmin | 12 bytes of 6-bit scales and mins | 128 bytes of codes), their
-    fp16 fields small positive numbers. bf16_exact: every d also a bf16 value (its 3 lowest mantissa bits 0)."""
-    per_block, size, halves = {"q4_0": (32, 18, 1), "q4_k": (256, 144, 2)}[qtype]
+    of codes), block_q4_K (fp16 d | fp16 dmin | 12 bytes of 6-bit scales and mins | 128 bytes of codes) or
+    block_q6_K (128 bytes of low 4 bits | 64 of high 2 bits | 16 int8 scales | fp16 d), their fp16 fields small
+    positive numbers. bf16_exact: every d also a bf16 value (its 3 lowest mantissa bits 0)."""
+    per_block, size, halves, at = {"q4_0": (32, 18, 1, 0), "q4_k": (256, 144, 2, 0), "q6_k": (256, 210, 1, 208)}[qtype]
     blocks = torch.randint(0, 256, (N, K // per_block, size), dtype=torch.uint8, generator=gen)
     fields = ((torch.rand(N, K // per_block, halves, generator=gen) * 0.02 + 1e-3).to(torch.float16)).view(torch.int16)
     if bf16_exact:
         fields &= ~0x7
-    blocks[..., : 2 * halves] = fields.view(torch.uint8).view(N, K // per_block, 2 * halves)
+    blocks[..., at : at + 2 * halves] = fields.view(torch.uint8).view(N, K // per_block, 2 * halves)
     return blocks
 
 
-def gguf_layer(qtype: str, N: int, K: int, seed: int, bf16_exact: bool = False) -> tuple[Int4Linear, torch.Tensor]:
-    """An Int4Linear in the kernel layout of a GGUF's `qtype` blocks ("q4_0", "q4_k"), written by int4_pack_gguf from
-    random_blocks, with a bias; and the blocks."""
+def gguf_layer(qtype: str, N: int, K: int, seed: int, bf16_exact: bool = False) -> tuple[Int4Linear | Int8Linear, torch.Tensor]:
+    """A layer in the kernel layout of a GGUF's `qtype` blocks (an Int4Linear's "q4_0", "q4_k"; an Int8Linear's
+    "q6_k"), written by int4_pack_gguf from random_blocks, with a bias; and the blocks."""
     gen = torch.Generator().manual_seed(seed)
     blocks = random_blocks(qtype, N, K, gen, bf16_exact)
     packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, qtype), dtype=torch.uint8)
     kernels.int4_pack_gguf(blocks.reshape(-1), qtype.upper(), N, K, None, packed, qtype)
-    return Int4Linear.from_packed(packed, K, N, 32, torch.randn(N, generator=gen), qtype), blocks
+    bias = torch.randn(N, generator=gen)
+    if qtype == "q6_k":
+        return Int8Linear.of_q6_k(packed, K, N, bias), blocks
+    return Int4Linear.from_packed(packed, K, N, 32, bias, qtype), blocks
 
 
 # blocks of 16 output rows, taken two at a time for several rows on AVX-512; a tile of rows then single rows
-@pytest.mark.parametrize("kernel", ["int4", "int4-q4_0", "int4-q4_k", "int8"])
+@pytest.mark.parametrize("kernel", ["int4", "int4-q4_0", "int4-q4_k", "int4-q6_k", "int8"])
 @pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13])
 @pytest.mark.parametrize("N", [24, 40, 64])
 def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target, monkeypatch):
@@ -81,11 +85,12 @@ def test_integer_kernels_equal_the_scalar_build_bit_for_bit(kernel, M, N, target
         layer = Int4Linear.from_linear(nn.Linear(K, N, bias=True), 64)
         run = lambda: kernels.int4_linear(x, layer.packed, N, 64, layer.bias)  # noqa: E731
     elif kernel.startswith("int4-"):  # a GGUF's blocks in their own layout
-        K = 512  # Q4_K's super-blocks of 256
+        K = 512  # Q4_K's and Q6_K's super-blocks of 256
         x = torch.randn(M, K)
         x[:, 7] *= 40
         layer = gguf_layer(kernel[5:], N, K, M * 100 + N)[0]
-        run = lambda: kernels.int4_linear(x, layer.packed, N, 32, layer.bias, layer.layout)  # noqa: E731
+        packed = layer.packed_weight if kernel == "int4-q6_k" else layer.packed
+        run = lambda: kernels.int4_linear(x, packed, N, 32, layer.bias, layer.layout)  # noqa: E731
     else:
         layer = Int8Linear.from_linear(nn.Linear(K, N, bias=True))
         run = lambda: kernels.int8_packed_linear(x, layer.packed_weight, layer.scales, layer.bias)  # noqa: E731
@@ -135,27 +140,33 @@ def test_the_q4_0_layout_is_the_layout_with_zeros_0(N):
         assert torch.equal(layer(x), with_zeros(x)), M
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("N", [24, 40])
 def test_a_gguf_layout_holds_the_files_weights_exactly(qtype, N):
-    """A GGUF's Q4_0 / Q4_K blocks in their own layouts (4.5 / 4.625 bits a weight where bf16 scales and zeros take
-    5): the weight is gguf-py's dequantization of the blocks, exactly (the bf16 buffers would round the scales);
-    the kernel's product that weight's within the activations' rounding, a row the same alone as in a batch; the
-    plain buffers (saving, training) are the C and torch readings alike."""
+    """A GGUF's Q4_0 / Q4_K / Q6_K blocks in their own layouts (4.5 / 4.625 bits a weight where bf16 scales and zeros
+    take 5; 6.5625 where int8 rows take 8): the weight is gguf-py's dequantization of the blocks, exactly (the bf16
+    buffers would round the scales); the kernel's product that weight's within the activations' rounding, a row the
+    same alone as in a batch; the plain buffers (saving, training) are the C and torch readings alike (Q6_K: saved
+    as the int8 rows of the file's weights)."""
     from gguf import GGMLQuantizationType, dequantize
 
     from pocketlm.quant.int4 import unpack_kernel_layout
 
     K = 512
     layer, blocks = gguf_layer(qtype, N, K, N)
-    bits = layer.packed.numel() * 8 / (-(-N // 16) * 16 * K)
-    assert bits == {"q4_0": 4.5, "q4_k": 4.625}[qtype]
+    packed = layer.packed_weight if qtype == "q6_k" else layer.packed
+    bits = packed.numel() * 8 / (-(-N // 16) * 16 * K)
+    assert bits == {"q4_0": 4.5, "q4_k": 4.625, "q6_k": 6.5625}[qtype]
     file_weight = torch.from_numpy(dequantize(blocks.reshape(-1).numpy(), GGMLQuantizationType[qtype.upper()])).view(N, K)
     assert torch.equal(layer.dequantized(), file_weight.float())
     x = torch.randn(9, K)
     exact = x.double() @ file_weight.double().T + layer.bias.double()
     assert ((layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)).max() < 1e-4
     assert torch.equal(layer(x), torch.cat([layer(row[None]) for row in x]))
+    if qtype == "q6_k":
+        saved = layer.state_dict()
+        assert all(torch.equal(a, b) for a, b in zip((saved["weight"], saved["scales"]), int8_rows(file_weight)))
+        return
     c_reading = kernels.int4_unpack(layer.packed, N, K, 32, qtype)
     torch_reading = unpack_kernel_layout(layer.packed, N, K, 32, qtype)
     assert all(torch.equal(a, b) for a, b in zip(c_reading, torch_reading))

@@ -122,11 +122,12 @@ def test_int4_linear_equals_the_x86_scalar_build(drivers, tmp_path, group_size, 
         assert_same_bits(output(folder, "out.bin", torch.float32, (M, N)), expected, name)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("M", [1, 2, 7])
 def test_int4_linear_on_gguf_blocks_equals_the_x86_scalar_build(drivers, tmp_path, qtype, M):
-    """A GGUF's Q4_0 / Q4_K blocks laid out as they are (int4_pack_gguf) and int4_linear on them, both aarch64
-    targets bit for bit the x86 scalar build (NEON widens the fp16 and u8 scales with vcvt_f32_f16, vmovl)."""
+    """A GGUF's Q4_0 / Q4_K / Q6_K blocks laid out as they are (int4_pack_gguf) and int4_linear on them, both aarch64
+    targets bit for bit the x86 scalar build (NEON widens the fp16 and u8 scales with vcvt_f32_f16, vmovl, and
+    joins Q6_K's high bits with vshlq)."""
     from test_kernels import random_blocks
 
     N, K = 40, 512

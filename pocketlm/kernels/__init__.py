@@ -280,19 +280,21 @@ def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: i
 
 # The int4 kernel's layouts (cpu.cpp's Int4Layout): "zeros", int4_pack's bf16 scales and zeros (any group size);
 # "q4_0" and "q4_k", int4_pack_gguf's of a GGUF's Q4_0 / Q4_K blocks as they are (groups of 32; 4.5 and 4.625 bits a
-# weight where "zeros" takes 5)
-INT4_LAYOUTS = {"zeros": 0, "q4_0": 1, "q4_k": 2}
+# weight where "zeros" takes 5); "q6_k", Q6_K's 6-bit blocks as they are (6.5625 bits, where int8 rows take 8)
+INT4_LAYOUTS = {"zeros": 0, "q4_0": 1, "q4_k": 2, "q6_k": 3}
 
 
 def int4_unpack(packed: torch.Tensor, N: int, K: int, group_size: int, layout: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's layout -> codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16 (int4_pack's inverse; a GGUF's
-    layouts' scales and zeros rounded to bf16)."""
+    layouts' scales and zeros rounded to bf16). Not "q6_k", whose codes are 6-bit."""
+    if layout == "q6_k":
+        raise ValueError("the q6_k layout holds 6-bit codes, which int4 codes cannot hold")
     codes, scales_and_zeros = torch.empty(N, K // 2, dtype=torch.uint8), torch.empty(K // group_size, N, 2, dtype=torch.bfloat16)
     library().int4_unpack(ptr(packed), N, K, group_size, INT4_LAYOUTS[layout], ptr(codes), ptr(scales_and_zeros))
     return codes, scales_and_zeros
 
 
-GGUF_GRID_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12}  # int4_pack_gguf's types (ggml's ids)
+GGUF_GRID_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q6_K": 14}  # int4_pack_gguf's types (ggml's ids)
 
 
 def int4_packed_bytes(N: int, K: int, group_size: int, layout: str = "zeros") -> int:
@@ -301,8 +303,11 @@ def int4_packed_bytes(N: int, K: int, group_size: int, layout: str = "zeros") ->
 
 def int4_pack_gguf(blocks: torch.Tensor, ggml_type: str, N: int, K: int, order: torch.Tensor | None, out: torch.Tensor,
                    layout: str = "zeros") -> None:
-    """A GGML Q4_0 / Q4_1 / Q4_K tensor's bytes (N, K) -> the kernel's `layout` (groups of 32) written into out, rows
-    taken in `order` (int64, or None: as they are). "zeros" takes any of the three; "q4_0" and "q4_k" their own."""
+    """A GGML Q4_0 / Q4_1 / Q4_K / Q6_K tensor's bytes (N, K) -> the kernel's `layout` (groups of 32) written into out,
+    rows taken in `order` (int64, or None: as they are). "zeros" takes the three 4-bit types; "q4_0", "q4_k" and
+    "q6_k" their own type."""
+    if layout == "zeros" and ggml_type == "Q6_K":
+        raise ValueError("Q6_K blocks go into the q6_k layout: their codes are 6-bit")
     if layout != "zeros" and layout != ggml_type.lower():
         raise ValueError(f"the int4 layout {layout!r} holds {layout.upper()} blocks, not {ggml_type}")
     order = None if order is None else order.to(torch.int64).contiguous()

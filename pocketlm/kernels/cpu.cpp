@@ -120,7 +120,12 @@ static float exp_shifted_sum(float *x, int64_t n) {
 //   INT4_Q4_0  each group [16 scales fp16 (block_q4_0's d) | steps]: w = (q - 8) * d, 4.5 bits a weight
 //   INT4_Q4_K  each super-block of 8 groups [16 d fp16 | 16 dmin fp16], then its groups [16 scales u8 | 16 mins u8 |
 //              steps] (block_q4_K's 6-bit sub-scales unpacked): w = (d sc) q - dmin m, 4.625 bits a weight
-// where the scales and zeros make 5. Decode reads every weight byte once per token, so fewer bytes are a faster
+//   INT4_Q6_K  each super-block of 8 groups [16 d fp16], then its groups [16 scales + 128 u8 (sub-block 0) | the same
+//              (sub-block 1) | steps (the codes' low 4 bits) | 2 planes of 64 bytes (their high 2 bits)]: block_q6_K's
+//              6-bit codes q in 0..63 with an int8 scale per 16 values, w = d sc (q - 32), 6.5625 bits a weight. Plane
+//              P holds steps 2P and 2P + 1: byte j of a row's lane has code k + j's high bits in bits 0-1 and k + 4 + j's
+//              in 2-3 for step 2P (k its first column), 4-5 and 6-7 for step 2P + 1.
+// where the scales and zeros make 5, and int8 rows 8 and a scale. Decode reads every weight byte once per token, so fewer bytes are a faster
 // step; and the weights are the file's exactly (ggml-quants.c's dequantize_row_q4_0 / _q4_K arithmetic).
 
 extern "C" const char *kernel_target() { return TARGET; }  // simd.h: the instruction sets this build uses
@@ -153,19 +158,23 @@ extern "C" OLDEST_CPU int cpu_runs_target() {
 
 static constexpr int ROWS = 16;  // output rows per block: one per lane of simd.h's 16
 
-enum Int4Layout { INT4_ZEROS = 0, INT4_Q4_0 = 1, INT4_Q4_K = 2 };  // pocketlm/kernels/__init__.py's INT4_LAYOUTS
-static constexpr int64_t Q4K_HEADER = 64;  // a Q4_K super-block's d and dmin for 16 rows
+enum Int4Layout { INT4_ZEROS = 0, INT4_Q4_0 = 1, INT4_Q4_K = 2, INT4_Q6_K = 3 };  // pocketlm/kernels/__init__.py's INT4_LAYOUTS
 
-// a group: its scales (and zeros, or mins), then its codes
-static inline int64_t int4_group_bytes(int64_t g, int layout) { return (layout == INT4_ZEROS ? 64 : 32) + g * 8; }
+// a super-block's header for 16 rows: Q4_K's d and dmin, Q6_K's d (fp16); none in the other layouts
+static constexpr int64_t super_header(int layout) { return layout == INT4_Q4_K ? 64 : layout == INT4_Q6_K ? 32 : 0; }
 
-// where group gi of a block of 16 rows begins (after its super-block's d and dmin, INT4_Q4_K)
+// a group: its scales (and zeros, or mins), then its codes (and Q6_K's planes of high bits)
+static inline int64_t int4_group_bytes(int64_t g, int layout) {
+    return layout == INT4_ZEROS ? 64 + g * 8 : layout == INT4_Q6_K ? 32 + g * 12 : 32 + g * 8;
+}
+
+// where group gi of a block of 16 rows begins (after its super-block's header)
 static inline int64_t int4_group_offset(int64_t gi, int64_t g, int layout) {
-    return gi * int4_group_bytes(g, layout) + (layout == INT4_Q4_K ? (gi / 8 + 1) * Q4K_HEADER : 0);
+    return gi * int4_group_bytes(g, layout) + (gi / 8 + 1) * super_header(layout);
 }
 
 extern "C" int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, int layout) {
-    return (N + ROWS - 1) / ROWS * (int4_group_offset(K / g, g, layout) - (layout == INT4_Q4_K ? Q4K_HEADER : 0));
+    return (N + ROWS - 1) / ROWS * (int4_group_offset(K / g, g, layout) - super_header(layout));
 }
 
 // codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16
@@ -203,7 +212,8 @@ static inline uint16_t float_to_bf16(float f) {
 
 // The inverse of int4_pack: the kernel's layout -> codes (N, K/2) and scales_and_zeros (K/g, N, 2), for a layer that
 // keeps only the kernel's layout (pocketlm/quant/int4.py) when it is saved or trained. A GGUF's layouts give their
-// scales and zeros rounded to bf16 (Int4Linear's buffers hold bf16): Q4_0's zeros 0, Q4_K's 8 d sc - dmin m.
+// scales and zeros rounded to bf16 (Int4Linear's buffers hold bf16): Q4_0's zeros 0, Q4_K's 8 d sc - dmin m. Not
+// INT4_Q6_K, whose codes are not 4-bit (pocketlm/quant/int8.py reads that layout in torch).
 extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t g, int layout, uint8_t *codes, uint16_t *scales_and_zeros) {
     const int64_t G = K / g, blocks = (N + ROWS - 1) / ROWS, header = layout == INT4_ZEROS ? 64 : 32;
     const int64_t block_bytes = int4_packed_bytes(ROWS, K, g, layout);
@@ -212,7 +222,7 @@ extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t
         for (int64_t gi = 0; gi < G; gi++) {
             const uint8_t *p = packed + b * block_bytes + int4_group_offset(gi, g, layout);
             const uint16_t *sz = reinterpret_cast<const uint16_t *>(p);
-            const uint16_t *dd = layout == INT4_Q4_K ? reinterpret_cast<const uint16_t *>(p - (gi % 8) * int4_group_bytes(g, layout) - Q4K_HEADER) : nullptr;
+            const uint16_t *dd = layout == INT4_Q4_K ? reinterpret_cast<const uint16_t *>(p - (gi % 8) * int4_group_bytes(g, layout) - super_header(layout)) : nullptr;
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = b * ROWS + r;
                 uint16_t scale = sz[r], zero = sz[ROWS + r];
@@ -233,7 +243,7 @@ extern "C" void int4_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t
         }
 }
 
-enum GGMLType { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12 };  // ggml.h's type ids
+enum GGMLType { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q4_K = 12, GGML_Q6_K = 14 };  // ggml.h's type ids
 
 // Group gi (32 values) of row n of a GGML Q4_0, Q4_1 or Q4_K tensor with K columns -> its codes (0..15), scale and
 // zero in fp32, w = (q - 8) scale + zero; the arithmetic of pocketlm/quant/from_gguf.py's grid_groups. Blocks as
@@ -266,9 +276,36 @@ static void gguf_group(const uint8_t *data, int type, int64_t K, int64_t n, int6
     zero = 8.f * scale - f16(block + 2) * float(min6);  // w = (d sc) q - dmin m
 }
 
-// A GGML Q4_0, Q4_1 or Q4_K tensor (N, K) -> the kernel's layout with groups of 32, straight from the file's blocks
-// (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are), in `layout`:
-// INT4_ZEROS (any of the three), INT4_Q4_0 (a Q4_0 tensor), INT4_Q4_K (a Q4_K tensor).
+// Value k (0..255) of a block_q6_K (ql[128] | qh[64] | scales[16] int8 | d fp16) -> its code 0..63, as
+// ggml-quants.c's dequantize_row_q6_K reads it: each half of 128 values takes 64 bytes of ql and 32 of qh, its
+// quarter s (32 values) the low (s < 2) or high nibbles of ql[32 (s % 2) ..] and bits 2s, 2s + 1 of qh[..]
+static inline uint8_t q6_k_code(const uint8_t *block, int64_t k) {
+    const int64_t half = k / 128, l = k % 32, quarter = k % 128 / 32;
+    const uint8_t ql = block[half * 64 + quarter % 2 * 32 + l], qh = block[128 + half * 32 + l];
+    return uint8_t((quarter < 2 ? ql & 0x0F : ql >> 4) | ((qh >> (2 * quarter)) & 3) << 4);
+}
+
+// Row n's group gi of a Q6_K tensor into INT4_Q6_K's group p (row r), and its super-block's d into dd
+static void q6_k_group(const uint8_t *data, int64_t K, int64_t n, int64_t gi, int r, uint8_t *p, uint16_t *dd) {
+    const uint8_t *block = data + (n * (K / 256) + gi / 8) * 210;
+    const int64_t first = gi % 8 * 32;  // the group's first value in its block
+    for (int sub = 0; sub < 2; sub++) p[sub * ROWS + r] = uint8_t(block[192 + first / 16 + sub] ^ 0x80);  // sc + 128
+    if (gi % 8 == 0) std::memcpy(&dd[r], block + 208, 2);
+    uint8_t codes[32];
+    for (int e = 0; e < 32; e++) codes[e] = q6_k_code(block, first + e);
+    for (int step = 0; step < 4; step++)
+        for (int j = 0; j < 4; j++) p[32 + step * 64 + r * 4 + j] = uint8_t((codes[8 * step + j] & 0x0F) | (codes[8 * step + 4 + j] & 0x0F) << 4);
+    for (int plane = 0; plane < 2; plane++)
+        for (int j = 0; j < 4; j++) {
+            uint8_t bits = 0;  // steps 2 plane (low, high nibble's codes), 2 plane + 1 (low, high)
+            for (int q = 0; q < 4; q++) bits |= uint8_t((codes[16 * plane + 8 * (q / 2) + 4 * (q % 2) + j] >> 4) << (2 * q));
+            p[32 + 256 + plane * 64 + r * 4 + j] = bits;
+        }
+}
+
+// A GGML Q4_0, Q4_1, Q4_K or Q6_K tensor (N, K) -> the kernel's layout with groups of 32, straight from the file's
+// blocks (no plain codes in between), its row i taken from the tensor's row order[i] (order null: as they are), in
+// `layout`: INT4_ZEROS (Q4_0, Q4_1 or Q4_K), or the tensor's own type's (INT4_Q4_0, INT4_Q4_K, INT4_Q6_K).
 extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t K, const int64_t *order, int layout, uint8_t *out) {
     const int64_t G = K / 32, blocks = (N + ROWS - 1) / ROWS, header = layout == INT4_ZEROS ? 64 : 32;
     const int64_t block_bytes = int4_packed_bytes(ROWS, K, 32, layout);
@@ -277,10 +314,14 @@ extern "C" void int4_pack_gguf(const uint8_t *data, int type, int64_t N, int64_t
         for (int64_t gi = 0; gi < G; gi++) {
             uint8_t *p = out + b * block_bytes + int4_group_offset(gi, 32, layout);
             std::memset(p, 0, int4_group_bytes(32, layout));  // the last block's rows past N stay zero
-            uint16_t *sz = reinterpret_cast<uint16_t *>(p), *dd = layout == INT4_Q4_K ? reinterpret_cast<uint16_t *>(p - Q4K_HEADER) : nullptr;
-            if (layout == INT4_Q4_K && gi % 8 == 0) std::memset(dd, 0, Q4K_HEADER);
+            uint16_t *sz = reinterpret_cast<uint16_t *>(p), *dd = reinterpret_cast<uint16_t *>(p - super_header(layout));
+            if (super_header(layout) && gi % 8 == 0) std::memset(dd, 0, super_header(layout));
             for (int r = 0; r < ROWS && b * ROWS + r < N; r++) {
                 const int64_t n = order ? order[b * ROWS + r] : b * ROWS + r;
+                if (layout == INT4_Q6_K) {
+                    q6_k_group(data, K, n, gi, r, p, dd);
+                    continue;
+                }
                 uint8_t codes[32];
                 float scale, zero;
                 gguf_group(data, type, K, n, gi, codes, scale, zero);
@@ -316,8 +357,7 @@ extern "C" float read_floats(const float *x, int64_t n, int nthreads) {
 // One row (K values) of a GGML tensor -> fp32, each type's arithmetic in pocketlm/formats/gguf_quants.py's order (which
 // is gguf-py's and ggml-quants.c's dequantize_row_*: products and sums as separate roundings), so the values are those
 // the torch dequantizers give, bit for bit. Types: ggml.h's ids.
-enum GGMLRowType { GGML_F32 = 0, GGML_F16 = 1, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q5_K = 13, GGML_Q6_K = 14,
-                   GGML_BF16 = 30 };
+enum GGMLRowType { GGML_F32 = 0, GGML_F16 = 1, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q5_K = 13, GGML_BF16 = 30 };  // and GGMLType's
 
 static void gguf_row(const uint8_t *row, int type, int64_t K, float *out) {
     auto f16 = [](const uint8_t *p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); };
@@ -428,12 +468,13 @@ struct Int8Rows {
     std::vector<int8_t> hi, lo;
     std::vector<float> d, d_lo, group_sum;
     std::vector<int32_t> block_sum_hi, block_sum_lo;  // the rounded values' sums per block of 32 (simd.h's u8_offset)
+    std::vector<int32_t> sub_sum_hi, sub_sum_lo;      // and per 16 (INT4_Q6_K's sub-blocks)
     const float *x;
     const int64_t M, K, g;
 
     Int8Rows(const float *x, int64_t M, int64_t K, int64_t g)
         : hi(M * K), lo(M * K), d(M * K / 32), d_lo(M * K / 32), group_sum(M * K / g), block_sum_hi(M * K / 32),
-          block_sum_lo(M * K / 32), x(x), M(M), K(K), g(g) {
+          block_sum_lo(M * K / 32), sub_sum_hi(M * K / 16), sub_sum_lo(M * K / 16), x(x), M(M), K(K), g(g) {
         if (M == 1)
             for (int64_t u = 0; u < units(); u++) round(u);
     }
@@ -453,7 +494,7 @@ struct Int8Rows {
         float total = 0.f;
         for (int64_t b = first; b < first + g / 32; b++) {
             const int64_t at = m * K + b * 32;
-            float amax = 0.f, total_hi = 0.f, total_lo = 0.f;  // the sums of rounded values: integers, exact in any order
+            float amax = 0.f, sub_hi[2] = {}, sub_lo[2] = {};  // the sums of rounded values per 16: integers, exact in any order
 #if defined(POCKETLM_AVX512)
             // 16 lanes at a time: the rounding is the scalar loop's (round to nearest even)
             const __m512 x0 = _mm512_loadu_ps(x + at), x1 = _mm512_loadu_ps(x + at + 16);
@@ -472,7 +513,6 @@ struct Int8Rows {
             const float inv = amax > 0.f ? 127.f / amax : 0.f, inv_lo = amax > 0.f ? 254.f * 127.f / amax : 0.f;
 #if defined(POCKETLM_AVX512)
             const __m512 xs[2] = {x0, x1};
-            __m512 sum_hi = _mm512_setzero_ps(), sum_lo = _mm512_setzero_ps();
             for (int half = 0; half < 2; half++) {
                 constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
                 const __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(xs[half], _mm512_set1_ps(inv)), nearest);
@@ -480,31 +520,33 @@ struct Int8Rows {
                 l = _mm512_min_ps(_mm512_max_ps(l, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
                 _mm_storeu_si128(reinterpret_cast<__m128i *>(&hi[at + 16 * half]), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
                 _mm_storeu_si128(reinterpret_cast<__m128i *>(&lo[at + 16 * half]), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(l)));
-                sum_hi = _mm512_add_ps(sum_hi, h), sum_lo = _mm512_add_ps(sum_lo, l);
+                sub_hi[half] = _mm512_reduce_add_ps(h), sub_lo[half] = _mm512_reduce_add_ps(l);
             }
-            total_hi = _mm512_reduce_add_ps(sum_hi), total_lo = _mm512_reduce_add_ps(sum_lo);
 #elif defined(POCKETLM_AVX2)
             // 8 lanes at a time, as the AVX-512 path
             __m256i h_int[4], l_int[4];
-            __m256 sum_hi = _mm256_setzero_ps(), sum_lo = _mm256_setzero_ps();
+            __m256 sum_hi[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sum_lo[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int i = 0; i < 4; i++) {
                 constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
                 const __m256 h = _mm256_round_ps(_mm256_mul_ps(xs[i], _mm256_set1_ps(inv)), nearest);
                 __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_fnmadd_ps(h, _mm256_set1_ps(step), xs[i]), _mm256_set1_ps(inv_lo)), nearest);
                 l = _mm256_min_ps(_mm256_max_ps(l, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
                 h_int[i] = _mm256_cvtps_epi32(h), l_int[i] = _mm256_cvtps_epi32(l);
-                sum_hi = _mm256_add_ps(sum_hi, h), sum_lo = _mm256_add_ps(sum_lo, l);
+                sum_hi[i / 2] = _mm256_add_ps(sum_hi[i / 2], h), sum_lo[i / 2] = _mm256_add_ps(sum_lo[i / 2], l);
             }
             store_int8x32(&hi[at], h_int), store_int8x32(&lo[at], l_int);
-            total_hi = v_sum(sum_hi), total_lo = v_sum(sum_lo);
+            for (int half = 0; half < 2; half++) sub_hi[half] = v_sum(sum_hi[half]), sub_lo[half] = v_sum(sum_lo[half]);
 #else
             for (int i = 0; i < 32; i++) {
                 const float h = std::nearbyint(x[at + i] * inv);
                 const float l = std::clamp(std::nearbyint(std::fma(-h, step, x[at + i]) * inv_lo), -127.f, 127.f);  // fused, as above
                 hi[at + i] = int8_t(h), lo[at + i] = int8_t(l);
-                total_hi += h, total_lo += l;
+                sub_hi[i / 16] += h, sub_lo[i / 16] += l;
             }
 #endif
+            const float total_hi = sub_hi[0] + sub_hi[1], total_lo = sub_lo[0] + sub_lo[1];
+            for (int half = 0; half < 2; half++)
+                sub_sum_hi[(m * K + b * 32) / 16 + half] = int32_t(sub_hi[half]), sub_sum_lo[(m * K + b * 32) / 16 + half] = int32_t(sub_lo[half]);
             d[m * (K / 32) + b] = step, d_lo[m * (K / 32) + b] = step_lo;
             block_sum_hi[m * (K / 32) + b] = int32_t(total_hi), block_sum_lo[m * (K / 32) + b] = int32_t(total_lo);
             total += step * total_hi + step_lo * total_lo;
@@ -531,22 +573,70 @@ static constexpr bool INT4_BLOCK_PAIRS = false;
 // K 576, N 3072, 8 rows, one thread, L2-resident weights). BPG: blocks of 32 columns per group (g / 32), a
 // constant so no division runs in the loops (a 64-bit idiv per block had made a batch of 8 rows 3x slower
 // than its arithmetic). Every row's arithmetic is its own: the result does not depend on MT or NB.
-// LAYOUT: INT4_ZEROS (bf16 scales and zeros), or a GGUF's INT4_Q4_0 / INT4_Q4_K (BPG 1).
+// LAYOUT: INT4_ZEROS (bf16 scales and zeros), or a GGUF's INT4_Q4_0 / INT4_Q4_K / INT4_Q6_K (BPG 1).
+
+// INT4_Q6_K: block blk (32 columns) of MT rows against NB blocks of 16 weight rows -> group[m * NB + i] +=
+// sum over its two sub-blocks of sc (sum_k q x - 32 sum_k x) (w = d sc (q - 32); d applied per group by int4_tile).
+// The codes' integer sums are widened to int32 every step (AVX2's int16 sums hold one step's products).
+template <int MT, int NB>
+static inline void q6_k_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead,
+                              int64_t blk, Floats *group) {
+    for (int sub = 0; sub < 2; sub++) {
+        Ints sums[MT][NB][2] = {};  // per row, block and pass (the activations' high, low)
+        for (int step = 2 * sub; step < 2 * sub + 2; step++) {
+            Bytes lo[NB], hi[NB];
+            for (int i = 0; i < NB; i++) {
+                const uint8_t *codes = p + i * block_bytes + 32 + step * 64, *plane = p + i * block_bytes + 32 + 256 + sub * 64;
+                prefetch(codes + ahead);
+                if (step % 2 == 0) prefetch(plane + ahead);
+                const Bytes v = load_bytes(codes), high_bits = load_bytes(plane);
+                lo[i] = six_bit_codes(low_nibbles(v), high_bits, 4 * (step % 2));
+                hi[i] = six_bit_codes(high_nibbles(v), high_bits, 4 * (step % 2) + 2);
+            }
+            for (int m = 0; m < MT; m++) {
+                const int64_t k = (m0 + m) * K + blk * 32 + step * 8;
+                const int32_t h0 = load4(&xq.hi[k]), h4 = load4(&xq.hi[k + 4]), l0 = load4(&xq.lo[k]), l4 = load4(&xq.lo[k + 4]);
+                for (int i = 0; i < NB; i++) {
+                    sums[m][i][0] = add_ints(sums[m][i][0], acc_ints(dot4(dot4(acc_zero(), lo[i], h0), hi[i], h4)));
+                    sums[m][i][1] = add_ints(sums[m][i][1], acc_ints(dot4(dot4(acc_zero(), lo[i], l0), hi[i], l4)));
+                }
+            }
+        }
+        for (int i = 0; i < NB; i++) {
+            const Floats sc = f_add(load_u8(p + i * block_bytes + sub * ROWS), f_set1(-128.f));
+            for (int m = 0; m < MT; m++) {
+                const int64_t at = (m0 + m) * (K / 16) + blk * 2 + sub, b = (m0 + m) * (K / 32) + blk;
+                const Floats t_hi = f_add(to_floats(sums[m][i][0]), f_set1(-32.f * float(xq.sub_sum_hi[at])));
+                const Floats t_lo = f_add(to_floats(sums[m][i][1]), f_set1(-32.f * float(xq.sub_sum_lo[at])));
+                const Floats x_part = fma(t_hi, f_set1(xq.d[b]), fma(t_lo, f_set1(xq.d_lo[b]), f_zero()));
+                group[m * NB + i] = fma(sc, x_part, group[m * NB + i]);
+            }
+        }
+    }
+}
+
 template <int MT, int NB, int BPG, int LAYOUT>
 static void int4_tile(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead, Floats *res) {
     const int64_t g = BPG * 32, G = K / g, B = K / 32, header = LAYOUT == INT4_ZEROS ? 64 : 32;
     Floats d[NB], dmin[NB];  // INT4_Q4_K: the super-block's, for its 8 groups
     for (int m = 0; m < MT * NB; m++) res[m] = f_zero();
     for (int64_t gi = 0; gi < G; gi++, p += int4_group_bytes(g, LAYOUT)) {
-        if (LAYOUT == INT4_Q4_K && gi % 8 == 0) {
+        if (super_header(LAYOUT) && gi % 8 == 0) {
             for (int i = 0; i < NB; i++) {
                 const uint16_t *dd = reinterpret_cast<const uint16_t *>(p + i * block_bytes);
-                d[i] = load_f16(dd), dmin[i] = load_f16(dd + ROWS);
+                d[i] = load_f16(dd);
+                if (LAYOUT == INT4_Q4_K) dmin[i] = load_f16(dd + ROWS);
             }
-            p += Q4K_HEADER;
+            p += super_header(LAYOUT);
         }
         Floats group[MT * NB];
         for (int m = 0; m < MT * NB; m++) group[m] = f_zero();
+        if constexpr (LAYOUT == INT4_Q6_K) {
+            q6_k_block<MT, NB>(xq, m0, K, p, block_bytes, ahead, gi, group);
+            for (int i = 0; i < NB; i++)
+                for (int m = 0; m < MT; m++) res[m * NB + i] = fma(d[i], group[m * NB + i], res[m * NB + i]);
+            continue;
+        }
         for (int j = 0; j < BPG; j++) {
             const int64_t blk = gi * BPG + j;
             // per row and block, each pass (the activations' high, low) keeps ACC_SPLIT independent sums (simd.h)
@@ -652,6 +742,7 @@ extern "C" void int4_linear(const float *x, int64_t M, int64_t K, const uint8_t 
         for (int64_t u = 0; u < blocks - pairs; u++) {  // pairs of blocks first, then the blocks left
             if (layout == INT4_Q4_0) int4_unit<INT4_Q4_0>(xq, M, K, g, packed, N, u, pairs, bias, out);
             else if (layout == INT4_Q4_K) int4_unit<INT4_Q4_K>(xq, M, K, g, packed, N, u, pairs, bias, out);
+            else if (layout == INT4_Q6_K) int4_unit<INT4_Q6_K>(xq, M, K, g, packed, N, u, pairs, bias, out);
             else int4_unit<INT4_ZEROS>(xq, M, K, g, packed, N, u, pairs, bias, out);
         }
     }
@@ -1045,7 +1136,7 @@ extern "C" void attend_decode(const float *q, const float *k_new, const float *v
 // pocketlm/models/fused_step.py fills these structs from a model's modules and keeps their tensors alive.
 
 struct Linear {  // one (N, K) weight: kind 0 fp32 (N, K); 1 int8 (N, K) with bf16 scales (N); 2 int4_pack's layout;
-                 // 3 int8_pack's layout with bf16 scales (N); 4 and 5 int4_pack_gguf's Q4_0 and Q4_K layouts
+                 // 3 int8_pack's layout with bf16 scales (N); 4, 5 and 6 int4_pack_gguf's Q4_0, Q4_K and Q6_K layouts
     int64_t kind, N, K, g;
     const void *weight;
     const uint16_t *scales;
@@ -1057,7 +1148,7 @@ static void linear(const Linear &l, const float *x, int64_t M, float *out, int64
     float *y = stride == l.N ? out : (tmp.resize(M * l.N), tmp.data());
     if (l.kind == 0) fp32_linear(x, M, l.K, static_cast<const float *>(l.weight), l.N, l.bias, y, nthreads);
     else if (l.kind == 1) int8_linear(x, M, l.K, static_cast<const int8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
-    else if (l.kind == 2 || l.kind >= 4)  // int4: INT4_ZEROS, INT4_Q4_0, INT4_Q4_K
+    else if (l.kind == 2 || l.kind >= 4)  // int4_linear: INT4_ZEROS, INT4_Q4_0, INT4_Q4_K, INT4_Q6_K
         int4_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.N, l.g, l.kind == 2 ? INT4_ZEROS : int(l.kind) - 3, l.bias, y, nthreads);
     else int8_packed_linear(x, M, l.K, static_cast<const uint8_t *>(l.weight), l.scales, l.N, l.bias, y, nthreads);
     if (y != out)

@@ -96,6 +96,9 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 //   Ints    16 int32
 //   Floats  16 fp32 (load_bf16, load_f16, load_u8: 16 scales widened, exactly)
 //   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
+// six_bit_codes(nibbles, plane, shift): Q6_K's codes 0..63, each byte's low 4 bits from `nibbles` and its high 2
+// from bits shift, shift + 1 of the same byte of `plane` (cpu.cpp's INT4_Q6_K). dot4 takes them as it takes
+// 4-bit codes; AVX2's int16 sums then hold one step's two products a lane (2 * 2 * 63 * 127 = 32004 < 32767).
 
 #if defined(POCKETLM_AVX512)
 using Bytes = __m512i;
@@ -107,6 +110,10 @@ static constexpr int ACC_SPLIT = 2;
 static inline Bytes load_bytes(const uint8_t *p) { return _mm512_loadu_si512(p); }
 static inline Bytes low_nibbles(Bytes v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
 static inline Bytes high_nibbles(Bytes v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {  // bits shift.. of a byte -> bits 4, 5
+    const __m512i high = _mm512_slli_epi16(_mm512_srl_epi16(plane, _mm_cvtsi32_si128(shift)), 4);
+    return _mm512_or_si512(nibbles, _mm512_and_si512(high, _mm512_set1_epi8(0x30)));
+}
 static inline Acc acc_zero() { return _mm512_setzero_si512(); }
 // acc lane r += sum_j codes[4r + j] * x[j]; codes 0..15
 static inline Acc dot4(Acc acc, Bytes codes, int32_t x) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x)); }
@@ -148,6 +155,13 @@ static inline Bytes low_nibbles(Bytes v) {
 static inline Bytes high_nibbles(Bytes v) {
     const __m256i m = _mm256_set1_epi8(0x0F);
     return {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), m)};
+}
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
+    const __m128i count = _mm_cvtsi32_si128(shift);
+    const __m256i m = _mm256_set1_epi8(0x30);
+    const __m256i lo = _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(plane.lo, count), 4), m);
+    const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(plane.hi, count), 4), m);
+    return {_mm256_or_si256(nibbles.lo, lo), _mm256_or_si256(nibbles.hi, hi)};
 }
 static inline Ints add_ints(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
 
@@ -256,6 +270,14 @@ static inline Bytes high_nibbles(Bytes v) {
     for (int i = 0; i < 4; i++) v.v[i] = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(v.v[i]), 4));
     return v;
 }
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
+    const int8x16_t right = vdupq_n_s8(int8_t(-shift));  // vshlq by a negative count shifts right
+    for (int i = 0; i < 4; i++) {
+        const uint8x16_t high = vshlq_n_u8(vshlq_u8(vreinterpretq_u8_s8(plane.v[i]), right), 4);
+        nibbles.v[i] = vorrq_s8(nibbles.v[i], vreinterpretq_s8_u8(vandq_u8(high, vdupq_n_u8(0x30))));
+    }
+    return nibbles;
+}
 static inline Acc acc_zero() {
     Acc a;
     for (int i = 0; i < 4; i++) a.v[i] = vdupq_n_s32(0);
@@ -360,6 +382,10 @@ static inline Bytes low_nibbles(Bytes v) {
 static inline Bytes high_nibbles(Bytes v) {
     for (int i = 0; i < 64; i++) v.b[i] >>= 4;
     return v;
+}
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
+    for (int i = 0; i < 64; i++) nibbles.b[i] |= uint8_t(((plane.b[i] >> shift) & 3) << 4);
+    return nibbles;
 }
 static inline Acc acc_zero() { return Ints{}; }
 static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {

@@ -135,6 +135,8 @@ class FusedStep:
                 raise Unsupported("an int4 layer without pocketlm's kernel layout")
             kind = {"zeros": 2, "q4_0": 4, "q4_k": 5}[module.layout]  # cpu.cpp's Linear: int4_pack's layout, a GGUF's
             return Linear(kind, module.out_features, module.in_features, module.group_size, self.pointer(module.packed), None, bias)
+        if isinstance(module, Int8Linear) and module.layout == "q6_k":  # a GGUF's Q6_K blocks: int4_linear's layout 3
+            return Linear(6, module.out_features, module.in_features, 32, self.pointer(module.packed_weight), None, bias)
         if isinstance(module, Int8Linear) and module.packed_weight is not None:
             return Linear(3, module.out_features, module.in_features, 0, self.pointer(module.packed_weight), self.pointer(module.scales), bias)
         if isinstance(module, Int8Linear):

@@ -14,7 +14,8 @@ w = (q - 8) * scale + zero. Their codes move over as they are, and each group's 
 fp32 from the block's fields, then held in bf16 as every Int4Linear holds them (that rounding is the one loss,
 as on the dequantize-then-quantize path). Layers made ready for the kernels from Q4_0 or Q4_K tensors alone keep
 their blocks' bytes instead (cpu.cpp's Q4_0 and Q4_K layouts: the file's weights exactly, 4.5 and 4.625 bits a
-weight against 5). Other types (Q5_*, Q6_K, Q8_0, F16, BF16, F32) are rounded as
+weight against 5). Q6_K tensors keep their blocks too (cpu.cpp's Q6_K layout, 6.56 bits a weight, Int8Linear's
+"q6_k" layout; int8 rows where the kernels are off). Other types (Q5_*, Q8_0, F16, BF16, F32) are rounded as
 `pocketlm.quant` rounds a float weight: int8 rows (in C, a row at a time: cpu.cpp's int8_rows_gguf, the same values
 as the torch dequantizers and int8_rows), or int4 groups where the scheme asks int4 for every layer. Each tensor's
 pages of the file are dropped once it is converted (madvise), so the process holds the quantized model and at most
@@ -84,11 +85,17 @@ def int4_layer_from_grid(infos: list[TensorInfo], rows: list[torch.Tensor | None
     """An Int4Linear holding only the kernels' layout, written straight from the blocks of the tensors side by side
     (a fused projection; each part but the last a whole number of the layout's 16-row blocks); None where the
     kernels are not built or the parts do not line up (int4_from_grid's plain buffers then)."""
-    N, K = sum(info.shape[0] for info in infos), infos[0].shape[1]
     if not kernels.int4_kernel_on() or any(info.shape[0] % 16 for info in infos[:-1]):
         return None
     types = {info.ggml_type.name for info in infos}
     layout = types.pop().lower() if len(types) == 1 and types <= {"Q4_0", "Q4_K"} else "zeros"  # the blocks' own bytes
+    return Int4Linear.from_packed(kernel_layout(infos, rows, layout), infos[0].shape[1], sum(i.shape[0] for i in infos), 32, bias, layout)
+
+
+def kernel_layout(infos: list[TensorInfo], rows: list[torch.Tensor | None], layout: str) -> torch.Tensor:
+    """The tensors side by side (each but the last a whole number of 16-row blocks) in the kernels' `layout`
+    (kernels.INT4_LAYOUTS), written straight from their blocks by int4_pack_gguf, rows reordered where given."""
+    N, K = sum(info.shape[0] for info in infos), infos[0].shape[1]
     packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, layout), dtype=torch.uint8)
     block_bytes = kernels.int4_packed_bytes(16, K, 32, layout)  # one block of 16 rows
     first = 0
@@ -96,7 +103,7 @@ def int4_layer_from_grid(infos: list[TensorInfo], rows: list[torch.Tensor | None
         blocks = torch.from_numpy(info.data)
         kernels.int4_pack_gguf(blocks, info.ggml_type.name, info.shape[0], K, order, packed[first // 16 * block_bytes :], layout)
         first += info.shape[0]
-    return Int4Linear.from_packed(packed, K, N, 32, bias, layout)
+    return packed
 
 
 def float_rows(info: TensorInfo):
@@ -202,7 +209,14 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
             codes, sz, _ = quantize_groups(w, scheme.group_size)
             buffers = {"qweight": pack_nibbles(codes), "scales_and_zeros": sz}
             del w
-        else:  # int8 rows (int4-mixed: the tensors off 4-bit grids; Q5, Q6 and Q8 types never lie on them)
+        elif all(p.ggml_type == T.Q6_K for p in parts) and kernels.int4_kernel_on() and all(p.shape[0] % 16 == 0 for p in parts[:-1]):
+            # Q6_K blocks as they are (6.56 bits a weight, where int8 rows take 8: a Q4_K_M file's head and half its
+            # ffn_down and attn_v); a tied head keeps int8 rows too, which the embedding looks up
+            bias = torch.cat([float_tensor(b.name, b) for b in biases]) if all(biases) else None
+            rows = tuple(int8_layer(parts, orders).values()) if module == "lm_head" and tied else None
+            ready[target] = Int8Linear.of_q6_k(kernel_layout(parts, orders, "q6_k"), K, sum(p.shape[0] for p in parts), bias, rows)
+            biases = []
+        else:  # int8 rows (int4-mixed: the tensors off 4-bit grids; Q5 and Q8 types never lie on them)
             buffers = int8_layer(parts, orders)
             if module != "lm_head" and kernels.int8_kernel_on() and K % 32 == 0:
                 # made ready in the kernel's layout now, its plain rows let go: kept in the state dict until the

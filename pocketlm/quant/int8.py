@@ -54,6 +54,27 @@ PACK_MIN_WEIGHTS = 8 * 2**20
 PACK_ROWS = 32768  # output rows per fbgemm block (see pack)
 
 
+def q6_k_layout_weight(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """cpu.cpp's INT4_Q6_K layout (a GGUF's Q6_K blocks as they are) -> the weight (N, K) fp32, w = d sc (q - 32) as
+    ggml-quants.c's dequantize_row_q6_K computes it (every product exact in fp32). Blocks of 16 rows, each super-block
+    of 256 columns [d fp16 (16 rows) | 8 groups of 32 columns], a group [sc + 128 (2 sub-blocks, 16 rows) | 4 steps
+    of 16 rows x 4 bytes (codes' low 4 bits) | 2 planes of 16 rows x 4 bytes (their high 2 bits)]."""
+    B, S = -(-N // 16), K // 256
+    supers = packed.view(B, S, 32 + 8 * 416)
+    d = supers[:, :, :32].contiguous().view(torch.float16).float()  # (B, S, row)
+    groups = supers[:, :, 32:].reshape(B, S, 8, 416)
+    sc = groups[..., :32].reshape(B, S, 8, 2, 16).float() - 128  # (B, S, group, sub-block, row)
+    steps = groups[..., 32:288].reshape(B, S, 8, 4, 16, 4)  # (B, S, group, step, row, byte)
+    planes = groups[..., 288:].reshape(B, S, 8, 2, 16, 4).repeat_interleave(2, dim=3)  # each step's plane
+    shift = torch.tensor([0, 4, 0, 4], dtype=torch.uint8).view(4, 1, 1)  # steps 2P: bits 0-3, 2P + 1: bits 4-7
+    low = (steps & 0x0F) | (((planes >> shift) & 3) << 4)  # columns 8 step + byte
+    high = (steps >> 4) | (((planes >> (shift + 2)) & 3) << 4)  # columns 8 step + 4 + byte
+    codes = torch.stack([low, high], dim=-2).permute(0, 4, 1, 2, 3, 5, 6).reshape(B * 16, K)  # (row, S, group, step, half, byte)
+    scale = d.permute(0, 2, 1)[..., None, None] * sc.permute(0, 4, 1, 2, 3)  # (B, row, S, group, sub-block): d sc
+    scale = scale.reshape(B * 16, K // 16).repeat_interleave(16, dim=1)  # (B 16, K)
+    return (scale * (codes.float() - 32))[:N]
+
+
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) float -> (weight (out, in) int8, scales (out,) bf16): each row rounded to nearest on its own
     symmetric grid, max |w| / 127 (rounded with the fp32 scale, kept as bf16)."""
@@ -69,6 +90,10 @@ class Int8Linear(nn.Module):
         self.packed: list | None = None  # fbgemm's copy of the weight in blocks of PACK_ROWS rows, made by pack()
         self.packed_weight: torch.Tensor | None = None  # or the weight in int8_packed_linear's layout, made by pack()
         self.keep_rows = False  # a tied head: the embedding reads its plain rows (Int8Embedding), kept beside the layout
+        # packed_weight's layout: "rows", int8_pack's of the int8 rows; "q6_k", a GGUF's Q6_K blocks as they are
+        # (int4_pack_gguf's, multiplied by kernels.int4_linear: 6.56 bits a weight where int8 rows take 8, and the
+        # file's weights exactly). Saved as int8 rows either way.
+        self.layout = "rows"
         self.rows_only = False  # an untied embedding's table: rows looked up, never multiplied, so never packed
         # set into _buffers: register_buffer refuses the name of the `weight` property below
         self._buffers["weight"] = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
@@ -82,6 +107,8 @@ class Int8Linear(nn.Module):
         plain = self._buffers["weight"]
         if plain.numel() or self.packed_weight is None:
             return plain
+        if self.layout == "q6_k":
+            return int8_rows(self.dequantized())[0]
         if kernels.library() is not None:
             return kernels.int8_unpack(self.packed_weight, self.out_features, self.in_features)
         # int8_pack's layout in torch (the kernels switched off since): blocks of 16 rows, K/4 steps of 16 rows x 4
@@ -91,11 +118,21 @@ class Int8Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.weight
+        if self.layout == "q6_k" and not self.scales.numel():  # its rows made now: a Q6_K tensor's int8 rows
+            destination[prefix + "weight"], destination[prefix + "scales"] = int8_rows(self.dequantized())
 
     def keep_plain_rows(self) -> None:
         """Keep the plain rows beside the kernel's layout (a tied head: the embedding looks its rows up)."""
         self.keep_rows = True
+        if self.layout == "q6_k" and not self.scales.numel():
+            self._buffers["weight"], self.scales = int8_rows(self.dequantized())
         self._buffers["weight"] = self.weight
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (N, K) the kernel multiplies by."""
+        if self.layout == "q6_k":
+            return q6_k_layout_weight(self.packed_weight, self.out_features, self.in_features)
+        return self.weight.float() * self.scales.float()[:, None]
 
     @classmethod
     def of_rows(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
@@ -105,6 +142,18 @@ class Int8Linear(nn.Module):
         if bias is not None:
             q.bias = nn.Parameter(bias, requires_grad=False)
         return q.pack()
+
+    @classmethod
+    def of_q6_k(cls, packed: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None = None,
+                rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> Int8Linear:
+        """A layer holding a GGUF's Q6_K blocks in the kernel's "q6_k" layout (kernels.int4_pack_gguf's), and `rows`,
+        its int8 rows and scales, where they are made already (a tied head's embedding looks them up)."""
+        q = cls(in_features, out_features, bias=bias is not None, device="meta")
+        q._buffers["weight"], q.scales = rows or (torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.bfloat16))
+        q.packed_weight, q.layout = packed, "q6_k"
+        if bias is not None:
+            q.bias = nn.Parameter(bias, requires_grad=False)
+        return q
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -118,6 +167,8 @@ class Int8Linear(nn.Module):
         """Lay the weight out for the kernel that multiplies it (call again after loading a state dict): every layer
         int8_packed_linear's layout where that kernel is on (the plain rows then dropped, unless keep_rows), else a
         layer as large as an output head fbgemm's where pocketlm's kernels are not built."""
+        if self.layout == "q6_k":
+            return self  # the file's blocks, laid out already
         plain = self.weight
         self.packed = self.packed_weight = None
         self._buffers["weight"] = plain
@@ -172,7 +223,11 @@ class Int8Linear(nn.Module):
         if self.packed_weight is not None and kernels.usable(x):
             # any number of rows: a 512-token prompt through Llama 3.2 3B's down projection took 360 ms here against
             # 1,145 ms for the weight dequantized and MKL's fp32 matmul (bench/bench_kernels.py, "prompt rows")
+            if self.layout == "q6_k":
+                return kernels.int4_linear(x, self.packed_weight, self.out_features, 32, self.bias, "q6_k")
             return kernels.int8_packed_linear(x, self.packed_weight, self.scales, self.bias)
+        if self.layout == "q6_k":  # bf16 inputs, or the kernels switched off since
+            return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         fbgemm = self.packed is not None and x.device.type == "cpu"
         if rows >= (FBGEMM_DEQUANTIZE_ROWS if fbgemm else DEQUANTIZE_ROWS):
             # a prompt: float matmul on the dequantized weight (as Int4Linear)
