@@ -5,9 +5,9 @@ llama.cpp's reading of the same blocks, and from the file's float values.
         [--window 512] [--stride 512] [--threads 2] [--float-types Q6_K Q8_0 ...]
 
 Models: registry names or .gguf paths (default: smollm2-135m-instruct, Q4_1, and gemma3-270m, Q4_K_M). pocketlm runs a
-file's Q4_0/Q4_1/Q4_K tensors on its int4 kernel with the file's own codes (scales and zeros held in bf16) and rounds
-every other type (Q5_*, Q6_K, Q8_0, F16, ...) to int8 rows with one scale a row (pocketlm/quant/from_gguf.py), so its
-model is not llama.cpp's bit for bit. Three readings of one file see the same tokens (pocketlm's tokenizer, BOS as
+file's Q4_0/Q4_1/Q4_K and Q6_K tensors with the file's own codes and scales (Q4_0, Q4_K and Q6_K exactly; a Q4_1 or
+mixed fused layer's scales and zeros held in bf16) and rounds every other type (Q5_*, Q8_0, F16, ...) to int8 rows with
+one scale a row (pocketlm/quant/from_gguf.py), so its model is not llama.cpp's bit for bit. Three readings of one file see the same tokens (pocketlm's tokenizer, BOS as
 `pocketlm eval` adds it, the tokens handed to llama.cpp as they are) in the same windows as `pocketlm eval --task
 perplexity/agreement --window W --stride S --limit N`:
 

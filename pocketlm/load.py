@@ -151,7 +151,8 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
           dtype: torch.dtype, quant: str, layers: dict[str, torch.nn.Module] | None = None) -> LoadedModel:
     """The model `hf_config` describes, given `state_dict` (float, or a quantized folder's: config's
     "pocketlm"/"quantization" says), quantized at load time by `quant` ("none" or a QuantScheme name). layers:
-    modules made ready elsewhere (a GGUF's int4 layers in the kernels' layout), put in by name."""
+    modules made ready elsewhere (a GGUF's int4 layers in the kernels' layout), put in by name (None: a fused
+    projection left out, its parts among them)."""
     layers = layers or {}
     from pocketlm.quant import QuantScheme, finish_loading, quantize, quantized_skeleton
     from pocketlm.quant.int4 import Int4Linear
@@ -166,7 +167,11 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
             ready = [f"{n}.qweight" if isinstance(m, Int4Linear) else f"{n}.weight" for n, m in layers.items()]  # int4 or int8
             quantized_skeleton(model, QuantScheme.from_dict(saved_quant), [*state_dict, *ready])
     for module_name, module in layers.items():
-        model.set_submodule(module_name, module)
+        if module is None:  # a fused projection whose parts are in `layers` each on its own (quant/from_gguf.py)
+            parent, _, leaf = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, None)
+        else:
+            model.set_submodule(module_name, module)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as e:  # shapes that disagree with config.json
@@ -299,8 +304,8 @@ def auto_quant(source_quant: str | None) -> str:
     """The runtime quantization with the bits of the file the model came from, so a GGUF runs at the
     precision it was published at (as llama.cpp runs it). A 2-4-bit file runs "int4-mixed": its Q4_0, Q4_1
     and Q4_K tensors are 32-wide groups with a scale and an offset, the grid our int4 kernel takes, so they
-    stay int4 exactly; the tensors such a file keeps at 5-6 bits (Q4_K_M's Q6_K) run int8. 5-8-bit files
-    run int8, float files in float."""
+    stay int4 exactly; the tensors such a file keeps at 5-6 bits run int8 (Q4_K_M's Q6_K ones in their own
+    blocks, pocketlm/quant/from_gguf.py). 5-8-bit files run int8, float files in float."""
     name = (source_quant or "").upper()
     if name.startswith(("Q2", "Q3", "Q4", "IQ2", "IQ3", "IQ4")):
         return "int4-mixed"

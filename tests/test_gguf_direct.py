@@ -221,32 +221,73 @@ def test_an_untied_head_on_a_4bit_grid_stays_int4_as_the_file_has_it(tmp_path, t
     assert head.layout == "q4_0" and torch.equal(head.dequantized(), ((codes.float() - 8) * scale[:, None]).view(head.out_features, -1))
 
 
-def test_q4_k_and_q6_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modules(tmp_path, throwaway_home):
-    """A file mixed as Q4_K_M is (Q4_K matrices; Q6_K head, ffn_down and attn_v): every int4 layer holds the Q4_K layout
-    (4.625 bits a weight), the Q6_K ones the Q6_K layout (6.5625 bits), the file's weights exactly; the q/k/v
-    projection, whose parts mix the two, int8 rows. The logits stay close to the float model's, and the fused decode
-    step (cpu.cpp's Linear kinds 5 and 6) gives the modules' logits bit for bit."""
+def k_quant_file(path, mix: dict) -> str:
+    """A tiny untied Llama GGUF whose tensors take `mix`'s types (by name fragment), its K-quant blocks random with
+    small scales (test_kernels.random_blocks), so the activations stay in range."""
     from gguf import GGMLQuantizationType as T
     from test_gguf import random_k_quants, tiny_hf_state_dict, tiny_metadata, to_gguf_tensors, write_gguf
-    from test_kernels import decode_fused_and_by_modules, random_blocks
+    from test_kernels import random_blocks
+
+    tensors = random_k_quants(to_gguf_tensors("llama", tiny_hf_state_dict("llama", False), mix))
+    gen = torch.Generator().manual_seed(0)
+    for name, (w, qtype) in tensors.items():
+        if qtype in (T.Q4_K, T.Q6_K):
+            rows, size = w.shape[0], {T.Q4_K: 144, T.Q6_K: 210}[qtype]
+            tensors[name] = (random_blocks(qtype.name.lower(), rows, w.size // size * 256 // rows, gen).reshape(rows, -1).numpy(), qtype)
+    return write_gguf(path, "llama", tiny_metadata("llama"), tensors)
+
+
+def test_q4_k_and_q6_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modules(tmp_path, throwaway_home):
+    """A file mixed as Q4_K_M is (Q4_K matrices; Q6_K head, ffn_down and attn_v): every int4 layer holds the Q4_K layout
+    (4.625 bits a weight), the Q6_K ones the Q6_K layout (6.5625 bits), the file's weights exactly; q, k and v, whose
+    types differ, are not fused, each in its own layout (one fused layer would take int8 rows). The logits stay close
+    to the float model's, and the fused decode step (cpu.cpp's Linear kinds 5 and 6) gives the modules' logits bit for
+    bit."""
+    from gguf import GGMLQuantizationType as T
+    from test_kernels import decode_fused_and_by_modules
 
     if not kernels.int4_kernel_on():
         pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
     mix = {"token_embd": T.Q8_0, "output.": T.Q6_K, "attn_v": T.Q6_K, "ffn_down": T.Q6_K,  # "output." takes attn_output too
            **{name: T.Q4_K for name in ("attn_q.", "attn_k.", "attn_output", "ffn_gate", "ffn_up")}}
-    tensors = random_k_quants(to_gguf_tensors("llama", tiny_hf_state_dict("llama", False), mix))
-    gen = torch.Generator().manual_seed(0)
-    for name, (w, qtype) in tensors.items():  # K blocks with small scales, so the activations stay in range
-        if qtype in (T.Q4_K, T.Q6_K):
-            rows, size = w.shape[0], {T.Q4_K: 144, T.Q6_K: 210}[qtype]
-            tensors[name] = (random_blocks(qtype.name.lower(), rows, w.size // size * 256 // rows, gen).reshape(rows, -1).numpy(), qtype)
-    lm, reference, _ = quantized_and_float(write_gguf(tmp_path / "q4_k.gguf", "llama", tiny_metadata("llama"), tensors))
+    lm, reference, _ = quantized_and_float(k_quant_file(tmp_path / "q4_k.gguf", mix))
     int4 = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
     assert int4 and {m.layout for m in int4} == {"q4_k"}
     q6_k = {name for name, m in lm.model.named_modules() if isinstance(m, Int8Linear) and m.layout == "q6_k"}
-    assert q6_k == {"lm_head", *(f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.o_proj", "mlp.down_proj"))}
+    assert q6_k == {"lm_head", *(f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"))}
+    attn = lm.model.model.layers[0].self_attn
+    assert attn.qkv_proj is None and attn.q_proj.layout == attn.k_proj.layout == "q4_k"
     float_weights = reference.model.state_dict()
     assert torch.equal(lm.model.lm_head.dequantized(), float_weights["lm_head.weight"])
     assert_close_to_float(lm, reference)
     steps = decode_fused_and_by_modules(lm.model, torch.tensor([[1, 5, 9, 3, 7, 2, 8]]), 8)
     assert torch.equal(steps["fused"], steps["modules"])
+
+
+def test_a_q6_k_file_keeps_its_blocks_fused_and_saves_and_splits_as_int8_rows(tmp_path, throwaway_home):
+    """Every matrix Q6_K: the fused q/k/v and gate/up hold the Q6_K layout too, decode fused as by the modules, and
+    where a layer's plain rows are needed (saving; unfuse_projections, which LoRA runs) they are the int8 rows of the
+    file's weights, as the layers were before the layout."""
+    from gguf import GGMLQuantizationType as T
+    from test_kernels import decode_fused_and_by_modules
+
+    from pocketlm.quant import unfuse_projections
+    from pocketlm.quant.int8 import int8_rows
+
+    if not kernels.int4_kernel_on():
+        pytest.skip(f"pocketlm's kernels are not built: {kernels.why_unavailable}")
+    mix = {"token_embd": T.Q8_0, **{name: T.Q6_K for name in ("output.", "attn_q.", "attn_k.", "attn_v", "ffn_gate", "ffn_up", "ffn_down")}}
+    lm, reference, _ = quantized_and_float(k_quant_file(tmp_path / "q6_k.gguf", mix))
+    q6_k = {name.rpartition(".")[2] for name, m in lm.model.named_modules() if isinstance(m, Int8Linear) and m.layout == "q6_k"}
+    assert q6_k == {"lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert_close_to_float(lm, reference)
+    steps = decode_fused_and_by_modules(lm.model, torch.tensor([[1, 5, 9, 3, 7, 2, 8]]), 6)
+    assert torch.equal(steps["fused"], steps["modules"])
+    float_weights = reference.model.state_dict()
+    parts = [float_weights[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
+    saved = lm.model.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip((saved["model.layers.0.self_attn.qkv_proj.weight"],
+                                                  saved["model.layers.0.self_attn.qkv_proj.scales"]), int8_rows(torch.cat(parts))))
+    unfuse_projections(lm.model)
+    attn = lm.model.model.layers[0].self_attn
+    assert attn.q_proj.layout == "rows" and torch.equal(attn.q_proj.weight, int8_rows(parts[0])[0])

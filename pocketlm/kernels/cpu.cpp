@@ -12,7 +12,7 @@
 // Layouts (all row-major, contiguous):
 //   int4: codes (N, K/2) uint8, element 2j in the low nibble of byte j; scales_and_zeros (K/g, N, 2) bf16;
 //         w[n, k] = (q - 8) * scale + zero (pocketlm/quant/int4.py), repacked for the kernel by int4_pack;
-//         a GGUF's Q4_0 and Q4_K tensors go into layouts of their own, their blocks' bytes (int4_pack_gguf)
+//         a GGUF's Q4_0, Q4_K and Q6_K tensors go into layouts of their own, their blocks' bytes (int4_pack_gguf)
 //   int8: weight (N, K) int8, scales (N) bf16; w[n, k] = q * scale  (pocketlm/quant/int8.py)
 //   KV cache of one layer, batch row 0: (n_kv, S, hd) fp32, or fp16 (kv_half; a quantized model's cache holds
 //         half the bytes a decoded token reads, as llama.cpp's f16 cache)  (pocketlm/models/llama.py's KVCache)

@@ -5,8 +5,8 @@ config.json ("pocketlm": {"quantization": {...}}):
     "int8"          int8, one scale per output channel
     "int4"          int4 in groups of 32 input channels (also "int4-g64", "int4-g128")
     "int4-mixed"    int4 in groups of 32 for layers whose weights already lie on 4-bit grids (a Q4 GGUF's
-                    Q4_0/Q4_1/Q4_K tensors: kept exactly), int8 for the others (its Q6_K ones): what
-                    `--quant auto` picks for a 4-bit GGUF
+                    Q4_0/Q4_1/Q4_K tensors: kept exactly), int8 for the others (a GGUF's Q6_K ones keep their
+                    blocks, int8 in the rows they save as): what `--quant auto` picks for a 4-bit GGUF
     "mixed-bits"    a kind per linear layer ("int4-g32", "int4-g64", "int4-g128", "int8" or "float"), listed in
                     the scheme's `layers`: what `pocketlm quantize --budget KL` writes (pocketlm.quant.calibrate)
 In every scheme the output head is int8: with int4 it is the layer whose error shows most in perplexity
@@ -228,7 +228,8 @@ def split_rows(layer: nn.Module, sizes: list[int]) -> list[nn.Module]:
             part.pack()
         elif isinstance(layer, Int8Linear):
             part = Int8Linear(layer.in_features, n, bias=bias is not None)
-            part.weight, part.scales = layer.weight[rows].clone(), layer.scales[rows].clone()
+            weight, scales = layer.rows()  # a GGUF's Q6_K layout: its int8 rows
+            part.weight, part.scales = weight[rows].clone(), scales[rows].clone()
             part.refine = layer.refine
             part.pack()
         else:

@@ -599,10 +599,8 @@ def _rtn(kind: str, linear: nn.Linear) -> nn.Module:
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, Int4Linear):
+    if isinstance(layer, (Int4Linear, Int8Linear)):
         return layer.dequantized()
-    if isinstance(layer, Int8Linear):
-        return layer.weight.float() * layer.scales.float()[:, None]
     return layer.weight.detach().float()
 
 

@@ -106,6 +106,17 @@ def kernel_layout(infos: list[TensorInfo], rows: list[torch.Tensor | None], layo
     return packed
 
 
+def own_layout_layer(info: TensorInfo, order: torch.Tensor | None, bias: torch.Tensor | None, int4: bool) -> torch.nn.Module | None:
+    """One tensor in its blocks' own kernel layout (Q4_0, Q4_K: an Int4Linear where `int4` allows; Q6_K: an Int8Linear's
+    "q6_k"), or None where it has none or the kernels are off."""
+    N, K = info.shape
+    if info.ggml_type in (T.Q4_0, T.Q4_K) and int4:
+        return int4_layer_from_grid([info], [order], bias)
+    if info.ggml_type == T.Q6_K and kernels.int4_kernel_on():
+        return Int8Linear.of_q6_k(kernel_layout([info], [order], "q6_k"), K, N, bias)
+    return None
+
+
 def float_rows(info: TensorInfo):
     """A matrix's rows in float, CHUNK_ROWS at a time: (first row, (rows, K) fp32). GGML blocks never cross a row."""
     N, K = info.shape
@@ -149,7 +160,7 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
     """The state dict of the model `config` describes (gguf.py's config of f) quantized by `scheme`, as
     `pocketlm.quant.write_quantized` would save it (fused q/k/v and gate/up, int4 or int8 layers, float norms), and
     the modules made ready instead, by name: int4 and int8 layers in the kernels' layouts, an untied embedding's int8
-    rows."""
+    rows; None for a fused projection whose parts are made ready each on its own (their types differ)."""
     arch = ARCHITECTURES[f.architecture]
     by_hf_name = {_hf_name(name, arch.block_names, arch.top_names, arch.blocks): info for name, info in f.tensors.items()}
     by_hf_name = {k: v for k, v in by_hf_name.items() if k is not None}
@@ -195,7 +206,8 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         biases = [by_hf_name.get(n.removesuffix("weight") + "bias") for n in names]
         orders = [row_orders.get(p.name) for p in parts]
         buffers = {}
-        if layer_kind == "int4" and scheme.group_size == 32 and all(p.ggml_type in GRID_TYPES for p in parts):
+        int4_grid = layer_kind == "int4" and scheme.group_size == 32  # a 4-bit tensor can keep its blocks
+        if int4_grid and all(p.ggml_type in GRID_TYPES for p in parts):
             bias = torch.cat([float_tensor(b.name, b) for b in biases]) if all(biases) else None
             layer = int4_layer_from_grid(parts, orders, bias)
             if layer is not None:
@@ -215,6 +227,14 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
             bias = torch.cat([float_tensor(b.name, b) for b in biases]) if all(biases) else None
             rows = tuple(int8_layer(parts, orders).values()) if module == "lm_head" and tied else None
             ready[target] = Int8Linear.of_q6_k(kernel_layout(parts, orders, "q6_k"), K, sum(p.shape[0] for p in parts), bias, rows)
+            biases = []
+        elif fused and all(separate := [own_layout_layer(p, o, float_tensor(b.name, b) if b else None, int4_grid)
+                                        for p, o, b in zip(parts, orders, biases)]):
+            # parts of different types (Q4_K_M's Q4_K q and k with a Q6_K v, in half its layers): each in its own
+            # layout, side by side, where one fused layer would take int8 rows for all (8 bits against 4.625)
+            for part, layer in zip(FUSED[fused], separate):
+                ready[f"{parent}.{part}"] = layer
+            ready[target] = None  # no fused projection here (pocketlm.load.build)
             biases = []
         else:  # int8 rows (int4-mixed: the tensors off 4-bit grids; Q5 and Q8 types never lie on them)
             buffers = int8_layer(parts, orders)

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 def dequantized_weight(layer) -> torch.Tensor:
     """The fp32 weight (N, K) an Int4Linear or Int8Linear multiplies by."""
-    if hasattr(layer, "dequantized"):
-        return layer.dequantized()
-    return layer.weight.float() * layer.scales.float()[:, None]
+    return layer.dequantized()
 
 
 class DequantizedLinear(torch.autograd.Function):

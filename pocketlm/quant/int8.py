@@ -117,16 +117,19 @@ class Int8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.weight
-        if self.layout == "q6_k" and not self.scales.numel():  # its rows made now: a Q6_K tensor's int8 rows
-            destination[prefix + "weight"], destination[prefix + "scales"] = int8_rows(self.dequantized())
+        destination[prefix + "weight"], destination[prefix + "scales"] = self.rows()
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain int8 rows (out, in) and their bf16 scales (out,): a "q6_k" layer's made from its weights
+        (int8_rows), where it holds none."""
+        if self.layout == "q6_k" and not self.scales.numel():
+            return int8_rows(self.dequantized())
+        return self.weight, self.scales
 
     def keep_plain_rows(self) -> None:
         """Keep the plain rows beside the kernel's layout (a tied head: the embedding looks its rows up)."""
         self.keep_rows = True
-        if self.layout == "q6_k" and not self.scales.numel():
-            self._buffers["weight"], self.scales = int8_rows(self.dequantized())
-        self._buffers["weight"] = self.weight
+        self._buffers["weight"], self.scales = self.rows()
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) the kernel multiplies by."""
