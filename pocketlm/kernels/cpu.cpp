@@ -575,44 +575,61 @@ static constexpr bool INT4_BLOCK_PAIRS = false;
 // than its arithmetic). Every row's arithmetic is its own: the result does not depend on MT or NB.
 // LAYOUT: INT4_ZEROS (bf16 scales and zeros), or a GGUF's INT4_Q4_0 / INT4_Q4_K / INT4_Q6_K (BPG 1).
 
-// INT4_Q6_K: block blk (32 columns) of MT rows against NB blocks of 16 weight rows -> group[m * NB + i] +=
-// sum over its two sub-blocks of sc (sum_k q x - 32 sum_k x) (w = d sc (q - 32); d applied per group by int4_tile).
-// The codes' integer sums are widened to int32 every step (AVX2's int16 sums hold one step's products).
+// INT4_Q6_K: block blk (32 columns) of MT rows against NB blocks of 16 weight rows -> group[m * NB + i] += its dot
+// products, w = d sc (q - 32) with d left to int4_tile (once per group). Per sub-block of 16 columns (two steps) and
+// pass (the activations' high, low): S = sum_k q x less 32 sum_k x, times sc, all in int32 (|S| <= 16 * 32 * 127,
+// times |sc| <= 128, two sub-blocks: < 2^24, so exact in fp32 too), then the block's two passes in float as int4's.
+// AVX2's int16 sums (an Acc that is not Ints) are widened to int32 every step: they hold one step's products.
 template <int MT, int NB>
 static inline void q6_k_block(const Int8Rows &xq, int64_t m0, int64_t K, const uint8_t *p, int64_t block_bytes, int64_t ahead,
                               int64_t blk, Floats *group) {
+    Ints scaled[MT][NB][2] = {};  // per row, block and pass: sum over the sub-blocks of sc S
     for (int sub = 0; sub < 2; sub++) {
-        Ints sums[MT][NB][2] = {};  // per row, block and pass (the activations' high, low)
+        Ints sums[MT][NB][2] = {};
         for (int step = 2 * sub; step < 2 * sub + 2; step++) {
             Bytes lo[NB], hi[NB];
             for (int i = 0; i < NB; i++) {
                 const uint8_t *codes = p + i * block_bytes + 32 + step * 64, *plane = p + i * block_bytes + 32 + 256 + sub * 64;
                 prefetch(codes + ahead);
-                if (step % 2 == 0) prefetch(plane + ahead);
                 const Bytes v = load_bytes(codes), high_bits = load_bytes(plane);
-                lo[i] = six_bit_codes(low_nibbles(v), high_bits, 4 * (step % 2));
-                hi[i] = six_bit_codes(high_nibbles(v), high_bits, 4 * (step % 2) + 2);
+                if (step % 2 == 0) {  // the plane's bits 0-3; the odd step takes 4-7
+                    prefetch(plane + ahead);
+                    lo[i] = six_bit_codes<0>(low_nibbles(v), high_bits), hi[i] = six_bit_codes<2>(high_nibbles(v), high_bits);
+                } else {
+                    lo[i] = six_bit_codes<4>(low_nibbles(v), high_bits), hi[i] = six_bit_codes<6>(high_nibbles(v), high_bits);
+                }
             }
             for (int m = 0; m < MT; m++) {
                 const int64_t k = (m0 + m) * K + blk * 32 + step * 8;
                 const int32_t h0 = load4(&xq.hi[k]), h4 = load4(&xq.hi[k + 4]), l0 = load4(&xq.lo[k]), l4 = load4(&xq.lo[k + 4]);
                 for (int i = 0; i < NB; i++) {
-                    sums[m][i][0] = add_ints(sums[m][i][0], acc_ints(dot4(dot4(acc_zero(), lo[i], h0), hi[i], h4)));
-                    sums[m][i][1] = add_ints(sums[m][i][1], acc_ints(dot4(dot4(acc_zero(), lo[i], l0), hi[i], l4)));
+                    if constexpr (std::is_same_v<Acc, Ints>) {  // int32 sums: the dot products add into them
+                        sums[m][i][0] = dot4(dot4(sums[m][i][0], lo[i], h0), hi[i], h4);
+                        sums[m][i][1] = dot4(dot4(sums[m][i][1], lo[i], l0), hi[i], l4);
+                    } else {
+                        sums[m][i][0] = add_ints(sums[m][i][0], acc_ints(dot4(dot4(acc_zero(), lo[i], h0), hi[i], h4)));
+                        sums[m][i][1] = add_ints(sums[m][i][1], acc_ints(dot4(dot4(acc_zero(), lo[i], l0), hi[i], l4)));
+                    }
                 }
             }
         }
         for (int i = 0; i < NB; i++) {
-            const Floats sc = f_add(load_u8(p + i * block_bytes + sub * ROWS), f_set1(-128.f));
+            const Ints sc = sub_ints(load_u8_ints(p + i * block_bytes + sub * ROWS), ints_set1(128));
             for (int m = 0; m < MT; m++) {
-                const int64_t at = (m0 + m) * (K / 16) + blk * 2 + sub, b = (m0 + m) * (K / 32) + blk;
-                const Floats t_hi = f_add(to_floats(sums[m][i][0]), f_set1(-32.f * float(xq.sub_sum_hi[at])));
-                const Floats t_lo = f_add(to_floats(sums[m][i][1]), f_set1(-32.f * float(xq.sub_sum_lo[at])));
-                const Floats x_part = fma(t_hi, f_set1(xq.d[b]), fma(t_lo, f_set1(xq.d_lo[b]), f_zero()));
-                group[m * NB + i] = fma(sc, x_part, group[m * NB + i]);
+                const int64_t at = (m0 + m) * (K / 16) + blk * 2 + sub;
+                const Ints hi_part = sub_ints(sums[m][i][0], ints_set1(32 * xq.sub_sum_hi[at]));
+                const Ints lo_part = sub_ints(sums[m][i][1], ints_set1(32 * xq.sub_sum_lo[at]));
+                scaled[m][i][0] = add_ints(scaled[m][i][0], mul_ints(sc, hi_part));
+                scaled[m][i][1] = add_ints(scaled[m][i][1], mul_ints(sc, lo_part));
             }
         }
     }
+    for (int m = 0; m < MT; m++)
+        for (int i = 0; i < NB; i++) {
+            const int64_t b = (m0 + m) * (K / 32) + blk;
+            group[m * NB + i] = fma(to_floats(scaled[m][i][0]), f_set1(xq.d[b]), group[m * NB + i]);
+            group[m * NB + i] = fma(to_floats(scaled[m][i][1]), f_set1(xq.d_lo[b]), group[m * NB + i]);
+        }
 }
 
 template <int MT, int NB, int BPG, int LAYOUT>

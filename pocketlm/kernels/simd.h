@@ -96,9 +96,11 @@ static inline int32_t load4(const int8_t *p) {  // 4 activations as one 32-bit w
 //   Ints    16 int32
 //   Floats  16 fp32 (load_bf16, load_f16, load_u8: 16 scales widened, exactly)
 //   Weights8  64 bytes of int8_pack's layout (q + 128) made ready for dot4_u8 once, for every activation row
-// six_bit_codes(nibbles, plane, shift): Q6_K's codes 0..63, each byte's low 4 bits from `nibbles` and its high 2
-// from bits shift, shift + 1 of the same byte of `plane` (cpu.cpp's INT4_Q6_K). dot4 takes them as it takes
+// six_bit_codes<SHIFT>(nibbles, plane): Q6_K's codes 0..63, each byte's low 4 bits from `nibbles` and its high 2
+// from bits SHIFT, SHIFT + 1 of the same byte of `plane` (cpu.cpp's INT4_Q6_K). dot4 takes them as it takes
 // 4-bit codes; AVX2's int16 sums then hold one step's two products a lane (2 * 2 * 63 * 127 = 32004 < 32767).
+// ints_set1, sub_ints, mul_ints (the low 32 bits), load_u8_ints (16 bytes widened): Q6_K's sub-block scales applied
+// in integers.
 
 #if defined(POCKETLM_AVX512)
 using Bytes = __m512i;
@@ -110,15 +112,20 @@ static constexpr int ACC_SPLIT = 2;
 static inline Bytes load_bytes(const uint8_t *p) { return _mm512_loadu_si512(p); }
 static inline Bytes low_nibbles(Bytes v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
 static inline Bytes high_nibbles(Bytes v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
-static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {  // bits shift.. of a byte -> bits 4, 5
-    const __m512i high = _mm512_slli_epi16(_mm512_srl_epi16(plane, _mm_cvtsi32_si128(shift)), 4);
-    return _mm512_or_si512(nibbles, _mm512_and_si512(high, _mm512_set1_epi8(0x30)));
+template <int SHIFT>  // bits SHIFT, SHIFT + 1 of a byte -> bits 4, 5 (16-bit shifts: the mask drops what crosses bytes)
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane) {
+    const __m512i high = SHIFT <= 4 ? _mm512_slli_epi16(plane, 4 - SHIFT) : _mm512_srli_epi16(plane, SHIFT - 4);
+    return _mm512_ternarylogic_epi32(nibbles, high, _mm512_set1_epi8(0x30), 0xF8);  // nibbles | (high & 0x30)
 }
 static inline Acc acc_zero() { return _mm512_setzero_si512(); }
 // acc lane r += sum_j codes[4r + j] * x[j]; codes 0..15
 static inline Acc dot4(Acc acc, Bytes codes, int32_t x) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x)); }
 static inline Ints acc_ints(Acc a) { return a; }
 static inline Ints add_ints(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+static inline Ints sub_ints(Ints a, Ints b) { return _mm512_sub_epi32(a, b); }
+static inline Ints mul_ints(Ints a, Ints b) { return _mm512_mullo_epi32(a, b); }
+static inline Ints ints_set1(int32_t v) { return _mm512_set1_epi32(v); }
+static inline Ints load_u8_ints(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
 // int8_pack's weights (q + 128, bytes 0..255): lane r += sum_j w[4r + j] * x[j], and at the end of a block of 32
 // activations u8_offset makes it sum_k (q + 128) x whatever dot4_u8 summed (vpdpbusd multiplies q + 128 itself)
 using Weights8 = Bytes;
@@ -156,14 +163,21 @@ static inline Bytes high_nibbles(Bytes v) {
     const __m256i m = _mm256_set1_epi8(0x0F);
     return {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), m)};
 }
-static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
-    const __m128i count = _mm_cvtsi32_si128(shift);
+template <int SHIFT>
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane) {
     const __m256i m = _mm256_set1_epi8(0x30);
-    const __m256i lo = _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(plane.lo, count), 4), m);
-    const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(_mm256_srl_epi16(plane.hi, count), 4), m);
-    return {_mm256_or_si256(nibbles.lo, lo), _mm256_or_si256(nibbles.hi, hi)};
+    const __m256i lo = SHIFT <= 4 ? _mm256_slli_epi16(plane.lo, 4 - SHIFT) : _mm256_srli_epi16(plane.lo, SHIFT - 4);
+    const __m256i hi = SHIFT <= 4 ? _mm256_slli_epi16(plane.hi, 4 - SHIFT) : _mm256_srli_epi16(plane.hi, SHIFT - 4);
+    return {_mm256_or_si256(nibbles.lo, _mm256_and_si256(lo, m)), _mm256_or_si256(nibbles.hi, _mm256_and_si256(hi, m))};
 }
 static inline Ints add_ints(Ints a, Ints b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
+static inline Ints sub_ints(Ints a, Ints b) { return {_mm256_sub_epi32(a.lo, b.lo), _mm256_sub_epi32(a.hi, b.hi)}; }
+static inline Ints mul_ints(Ints a, Ints b) { return {_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)}; }
+static inline Ints ints_set1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+static inline Ints load_u8_ints(const uint8_t *p) {
+    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))),
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p + 8)))};
+}
 
 #if defined(__AVXVNNI__) || defined(POCKETLM_AVXVNNI_AS_EVEX)
 // POCKETLM_AVXVNNI_AS_EVEX: the same instruction in its AVX-512 VL encoding, so that a CPU with AVX-512 VNNI but
@@ -270,10 +284,11 @@ static inline Bytes high_nibbles(Bytes v) {
     for (int i = 0; i < 4; i++) v.v[i] = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(v.v[i]), 4));
     return v;
 }
-static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
-    const int8x16_t right = vdupq_n_s8(int8_t(-shift));  // vshlq by a negative count shifts right
+template <int SHIFT>
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane) {
     for (int i = 0; i < 4; i++) {
-        const uint8x16_t high = vshlq_n_u8(vshlq_u8(vreinterpretq_u8_s8(plane.v[i]), right), 4);
+        const uint8x16_t bits = vreinterpretq_u8_s8(plane.v[i]);
+        const uint8x16_t high = SHIFT < 4 ? vshlq_n_u8(bits, SHIFT < 4 ? 4 - SHIFT : 1) : SHIFT > 4 ? vshrq_n_u8(bits, SHIFT > 4 ? SHIFT - 4 : 1) : bits;
         nibbles.v[i] = vorrq_s8(nibbles.v[i], vreinterpretq_s8_u8(vandq_u8(high, vdupq_n_u8(0x30))));
     }
     return nibbles;
@@ -293,6 +308,25 @@ static inline Ints acc_ints(Acc a) { return a; }
 static inline Ints add_ints(Ints a, Ints b) {
     for (int i = 0; i < 4; i++) a.v[i] = vaddq_s32(a.v[i], b.v[i]);
     return a;
+}
+static inline Ints sub_ints(Ints a, Ints b) {
+    for (int i = 0; i < 4; i++) a.v[i] = vsubq_s32(a.v[i], b.v[i]);
+    return a;
+}
+static inline Ints mul_ints(Ints a, Ints b) {
+    for (int i = 0; i < 4; i++) a.v[i] = vmulq_s32(a.v[i], b.v[i]);
+    return a;
+}
+static inline Ints ints_set1(int32_t v) {
+    Ints a;
+    for (int i = 0; i < 4; i++) a.v[i] = vdupq_n_s32(v);
+    return a;
+}
+static inline Ints load_u8_ints(const uint8_t *p) {
+    const uint8x16_t b = vld1q_u8(p);
+    const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
+    return {{vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(lo))), vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(lo))),
+             vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(hi))), vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(hi)))}};
 }
 // (q + 128) x = q x + 128 x: sdot sums q x (q = w ^ 0x80, signed), u8_offset adds 128 sum x once a block
 using Weights8 = Bytes;
@@ -383,8 +417,9 @@ static inline Bytes high_nibbles(Bytes v) {
     for (int i = 0; i < 64; i++) v.b[i] >>= 4;
     return v;
 }
-static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane, int shift) {
-    for (int i = 0; i < 64; i++) nibbles.b[i] |= uint8_t(((plane.b[i] >> shift) & 3) << 4);
+template <int SHIFT>
+static inline Bytes six_bit_codes(Bytes nibbles, Bytes plane) {
+    for (int i = 0; i < 64; i++) nibbles.b[i] |= uint8_t(((plane.b[i] >> SHIFT) & 3) << 4);
     return nibbles;
 }
 static inline Acc acc_zero() { return Ints{}; }
@@ -398,6 +433,24 @@ static inline Acc dot4(Acc acc, Bytes codes, int32_t x) {
 static inline Ints acc_ints(Acc a) { return a; }
 static inline Ints add_ints(Ints a, Ints b) {
     for (int r = 0; r < 16; r++) a.v[r] += b.v[r];
+    return a;
+}
+static inline Ints sub_ints(Ints a, Ints b) {
+    for (int r = 0; r < 16; r++) a.v[r] -= b.v[r];
+    return a;
+}
+static inline Ints mul_ints(Ints a, Ints b) {
+    for (int r = 0; r < 16; r++) a.v[r] *= b.v[r];
+    return a;
+}
+static inline Ints ints_set1(int32_t v) {
+    Ints a;
+    for (int r = 0; r < 16; r++) a.v[r] = v;
+    return a;
+}
+static inline Ints load_u8_ints(const uint8_t *p) {
+    Ints a;
+    for (int r = 0; r < 16; r++) a.v[r] = p[r];
     return a;
 }
 using Weights8 = Bytes;
