@@ -175,7 +175,8 @@ def bench_pocketlm(job: dict) -> dict:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of the matmul weights (float, int8 or int4 with their scales) a decode step reads."""
+    """Bytes of the matmul weights (float, int8 or int4 with their scales) a decode step reads (not an untied int8
+    embedding's table, Int8Linear.rows_only: a token reads one row of it)."""
     from torch import nn
 
     from pocketlm.quant.int4 import Int4Linear
@@ -183,7 +184,7 @@ def weight_bytes_per_token(model) -> int:
 
     total = 0
     for m in model.modules():
-        if isinstance(m, (nn.Linear, Int8Linear, Int4Linear)):
+        if isinstance(m, (nn.Linear, Int8Linear, Int4Linear)) and not getattr(m, "rows_only", False):
             layout = getattr(m, "packed", None) if isinstance(m, Int4Linear) else getattr(m, "packed_weight", None)
             if layout is not None:  # what the kernels read (the plain buffers, where kept, sit unread)
                 tensors = [layout, *(p for p in m.parameters(recurse=False) if p is not None)]

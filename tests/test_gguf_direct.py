@@ -257,6 +257,12 @@ def test_q4_k_and_q6_k_layers_keep_their_blocks_and_decode_fused_as_by_the_modul
     assert q6_k == {"lm_head", *(f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"))}
     attn = lm.model.model.layers[0].self_attn
     assert attn.qkv_proj is None and attn.q_proj.layout == attn.k_proj.layout == "q4_k"
+    # what a decoded token reads: the layouts (and scales, biases), not the untied embedding's int8 table
+    from pocketlm.bench import weight_bytes_per_token
+
+    layouts = sum(m.packed.numel() for m in int4) + sum(m.packed_weight.numel() for m in lm.model.modules()
+                                                          if isinstance(m, Int8Linear) and m.packed_weight is not None)
+    assert weight_bytes_per_token(lm.model) == layouts and lm.model.model.embed_tokens.table.rows_only
     float_weights = reference.model.state_dict()
     assert torch.equal(lm.model.lm_head.dequantized(), float_weights["lm_head.weight"])
     assert_close_to_float(lm, reference)
