@@ -137,11 +137,14 @@ def quantized_bytes(gguf_file, scheme) -> int:
     """About what a GGUF's weights hold once quantized by `scheme`: 4-bit tensors as in the file (codes plus a
     bf16 scale and zero per 32), others at a byte per weight (int8) or four (norms, float layers)."""
     total = 0
-    for info in gguf_file.tensors.values():
+    tied = "output.weight" not in gguf_file.tensors
+    for name, info in gguf_file.tensors.items():
         if len(info.shape) == 1:
             total += info.n_elements * 4
         elif scheme.weights == "int4" and info.ggml_type.name in ("Q4_0", "Q4_1", "Q4_K"):
             total += info.n_elements // 2 + info.n_elements // 32 * 4
+            if tied and name == "token_embd.weight":  # a tied head kept in 4 bits: the embedding's own int8 rows too
+                total += info.n_elements
         else:
             total += info.n_elements
     return total

@@ -353,16 +353,17 @@ def test_fused_decode_step_equals_the_modules(tiny_dir, quant, tmp_path, throwaw
     past tiny Gemma's sliding window. Quantized models are fused (q/k/v, gate/up) and call the same kernels in the
     same order: equal bit for bit. A float model keeps HF's separate projections and F.silu / F.gelu. Every int8
     layer (the head, and each layer of an int8 model) runs the packed int8 kernel. A Q4_0 GGUF's int4 layers hold
-    its blocks as they are (cpu.cpp's Q4_0 layout)."""
+    its blocks as they are (cpu.cpp's Q4_0 layout), its tied head too, the embedding then its own int8 rows."""
     if quant == "gguf-q4_0":
         from test_gguf_direct import export
 
         lm = load(export(tiny_dir, "q4_0", tmp_path / "tiny-q4_0.gguf"), quant="auto")
-        assert any(isinstance(m, Int4Linear) and m.layout == "q4_0" for m in lm.model.modules())
+        assert isinstance(lm.model.lm_head, Int4Linear) and lm.model.lm_head.layout == "q4_0"
+        assert lm.model.model.embed_tokens.table.rows_only  # looked up, never multiplied
     else:
         lm = load(str(tiny_dir), quant=quant)
-    int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear)]
-    assert all(m.packed_weight is not None for m in int8_layers) and (quant == "none") == (not int8_layers), quant
+    int8_layers = [m for m in lm.model.modules() if isinstance(m, Int8Linear) and not m.rows_only]
+    assert all(m.packed_weight is not None for m in int8_layers) and (quant in ("int4", "int8")) == bool(int8_layers), quant
     steps = decode_fused_and_by_modules(lm.model, torch.tensor([encode_raw(lm.tokenizer, "hello world, the said hello")]), 24)
     if quant == "none":
         torch.testing.assert_close(steps["fused"], steps["modules"], rtol=1e-5, atol=1e-5)

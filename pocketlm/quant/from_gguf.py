@@ -167,7 +167,8 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
     embed = arch.top_names["token_embd"]  # model.embed_tokens; GPT-2's transformer.wte
     positions = arch.top_names.get("position_embd")  # GPT-2's learned positions (transformer.wpe): a float table
     tied = "lm_head.weight" not in by_hf_name
-    if tied:  # the head is the embedding's table: int8 rows, which the embedding looks up too
+    if tied:  # the head is the embedding's table: int8 rows, which the embedding looks up too (or, a head kept in its
+        # 4-bit blocks, int8 rows of the embedding's own)
         by_hf_name["lm_head.weight"] = by_hf_name.pop(f"{embed}.weight")
     row_orders = _row_orders(f, arch, config)
 
@@ -200,8 +201,10 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         parts = [by_hf_name[n] for n in names]
         target = f"{parent}.{fused}" if fused else module
         layer_kind = scheme.head if module == "lm_head" else scheme.weights
-        if module == "lm_head" and not tied and scheme.weights == "int4" and info.ggml_type in GRID_TYPES:
-            layer_kind = "int4"  # an untied head already on a 4-bit grid: as the file has it (int8 would read 1.8x the bytes)
+        if module == "lm_head" and scheme.weights == "int4" and info.ggml_type in GRID_TYPES and (not tied or kernels.int4_kernel_on()):
+            layer_kind = "int4"  # a head already on a 4-bit grid: as the file has it (int8 would read 1.8x the bytes)
+            if tied:  # the embedding then looks its rows up in int8 rows of its own, not in the head
+                ready[embed] = Int8Embedding.of_rows(**int8_layer([info], [None]))
         K = parts[0].shape[1]
         biases = [by_hf_name.get(n.removesuffix("weight") + "bias") for n in names]
         orders = [row_orders.get(p.name) for p in parts]
