@@ -125,8 +125,9 @@ static float exp_shifted_sum(float *x, int64_t n) {
 //              6-bit codes q in 0..63 with an int8 scale per 16 values, w = d sc (q - 32), 6.5625 bits a weight. Plane
 //              P holds steps 2P and 2P + 1: byte j of a row's lane has code k + j's high bits in bits 0-1 and k + 4 + j's
 //              in 2-3 for step 2P (k its first column), 4-5 and 6-7 for step 2P + 1.
-// where the scales and zeros make 5, and int8 rows 8 and a scale. Decode reads every weight byte once per token, so fewer bytes are a faster
-// step; and the weights are the file's exactly (ggml-quants.c's dequantize_row_q4_0 / _q4_K arithmetic).
+// where the scales and zeros make 5, and int8 rows 8 and a scale. Decode reads every weight byte once per token, so
+// fewer bytes are a faster step; and the weights are the file's exactly (ggml-quants.c's dequantize_row_q4_0 / _q4_K /
+// _q6_K arithmetic).
 
 extern "C" const char *kernel_target() { return TARGET; }  // simd.h: the instruction sets this build uses
 

@@ -143,7 +143,6 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {  // lanes pa
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
 }
 static inline Floats load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
-static inline Floats load_u8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))); }
 static inline Floats load_floats(const float *p, int64_t n = 16) { return _mm512_maskz_loadu_ps(first(n), p); }
 static inline void store_floats(float *p, Floats v, int64_t n = 16) { _mm512_mask_storeu_ps(p, first(n), v); }
 
@@ -244,10 +243,6 @@ static inline Floats load_bf16(const uint16_t *p, int64_t n = 16) {
 static inline Floats load_f16(const uint16_t *p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p + 8)))};
-}
-static inline Floats load_u8(const uint8_t *p) {
-    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)))),
-            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p + 8))))};
 }
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
@@ -378,12 +373,6 @@ static inline Floats load_f16(const uint16_t *p) {
     for (int i = 0; i < 4; i++) f.v[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
     return f;
 }
-static inline Floats load_u8(const uint8_t *p) {
-    const uint8x16_t b = vld1q_u8(p);
-    const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
-    return {{vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo))),
-             vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)))}};
-}
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     float tmp[16] = {};
     std::memcpy(tmp, p, (n < 16 ? n : 16) * 4);
@@ -493,11 +482,6 @@ static inline Floats load_f16(const uint16_t *p) {  // 16 fp16 values, each exac
     for (int r = 0; r < 16; r++) f.v[r] = half_to_float(p[r]);
     return f;
 }
-static inline Floats load_u8(const uint8_t *p) {  // 16 bytes, each a float
-    Floats f;
-    for (int r = 0; r < 16; r++) f.v[r] = float(p[r]);
-    return f;
-}
 static inline Floats load_floats(const float *p, int64_t n = 16) {
     Floats f;
     for (int r = 0; r < 16; r++) f.v[r] = r < n ? p[r] : 0.f;
@@ -505,6 +489,9 @@ static inline Floats load_floats(const float *p, int64_t n = 16) {
 }
 static inline void store_floats(float *p, Floats v, int64_t n = 16) { std::memcpy(p, v.v, (n < 16 ? n : 16) * 4); }
 #endif
+
+// 16 bytes, each a float (exact): every target's widening to int32, then its conversion
+static inline Floats load_u8(const uint8_t *p) { return to_floats(load_u8_ints(p)); }
 
 // --------------------------------------------------------------------------------- float vectors (Vec)
 // The float kernels (attention, softmax, the activations, int8 x fp32 rows) at the machine's own width: LANES

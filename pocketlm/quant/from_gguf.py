@@ -106,15 +106,18 @@ def kernel_layout(infos: list[TensorInfo], rows: list[torch.Tensor | None], layo
     return packed
 
 
-def own_layout_layer(info: TensorInfo, order: torch.Tensor | None, bias: torch.Tensor | None, int4: bool) -> torch.nn.Module | None:
-    """One tensor in its blocks' own kernel layout (Q4_0, Q4_K: an Int4Linear where `int4` allows; Q6_K: an Int8Linear's
-    "q6_k"), or None where it has none or the kernels are off."""
+def has_own_layout(info: TensorInfo, int4: bool) -> bool:
+    """Whether own_layout_layer lays this tensor out: Q4_0 and Q4_K where `int4` allows, Q6_K; the kernels on."""
+    return kernels.int4_kernel_on() and (info.ggml_type == T.Q6_K or (int4 and info.ggml_type in (T.Q4_0, T.Q4_K)))
+
+
+def own_layout_layer(info: TensorInfo, order: torch.Tensor | None, bias: torch.Tensor | None) -> torch.nn.Module:
+    """One tensor (has_own_layout) in its blocks' own kernel layout: Q4_0, Q4_K an Int4Linear; Q6_K an Int8Linear's
+    "q6_k"."""
     N, K = info.shape
-    if info.ggml_type in (T.Q4_0, T.Q4_K) and int4:
-        return int4_layer_from_grid([info], [order], bias)
-    if info.ggml_type == T.Q6_K and kernels.int4_kernel_on():
+    if info.ggml_type == T.Q6_K:
         return Int8Linear.of_q6_k(kernel_layout([info], [order], "q6_k"), K, N, bias)
-    return None
+    return int4_layer_from_grid([info], [order], bias)
 
 
 def float_rows(info: TensorInfo):
@@ -231,12 +234,11 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
             rows = tuple(int8_layer(parts, orders).values()) if module == "lm_head" and tied else None
             ready[target] = Int8Linear.of_q6_k(kernel_layout(parts, orders, "q6_k"), K, sum(p.shape[0] for p in parts), bias, rows)
             biases = []
-        elif fused and all(separate := [own_layout_layer(p, o, float_tensor(b.name, b) if b else None, int4_grid)
-                                        for p, o, b in zip(parts, orders, biases)]):
+        elif fused and all(has_own_layout(p, int4_grid) for p in parts):
             # parts of different types (Q4_K_M's Q4_K q and k with a Q6_K v, in half its layers): each in its own
             # layout, side by side, where one fused layer would take int8 rows for all (8 bits against 4.625)
-            for part, layer in zip(FUSED[fused], separate):
-                ready[f"{parent}.{part}"] = layer
+            for part, tensor, order, b in zip(FUSED[fused], parts, orders, biases):
+                ready[f"{parent}.{part}"] = own_layout_layer(tensor, order, float_tensor(b.name, b) if b else None)
             ready[target] = None  # no fused projection here (pocketlm.load.build)
             biases = []
         else:  # int8 rows (int4-mixed: the tensors off 4-bit grids; Q5 and Q8 types never lie on them)

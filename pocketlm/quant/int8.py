@@ -108,7 +108,7 @@ class Int8Linear(nn.Module):
         if plain.numel() or self.packed_weight is None:
             return plain
         if self.layout == "q6_k":
-            return int8_rows(self.dequantized())[0]
+            return self.rows()[0]
         if kernels.library() is not None:
             return kernels.int8_unpack(self.packed_weight, self.out_features, self.in_features)
         # int8_pack's layout in torch (the kernels switched off since): blocks of 16 rows, K/4 steps of 16 rows x 4
