@@ -52,11 +52,12 @@ class LoadedModel:
         return is_encoder(self.config)
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "none") -> LoadedModel:
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "none", head: str = "int8") -> LoadedModel:
     """quant "int8", "int4", "int4-g64", ...: weight-only quantized Linear layers (pocketlm.quant), made at
     load time; "auto": the bits of the source file (`auto_quant`). A folder written by `pocketlm quantize`
     loads its quantized weights as they are. A quantized run of a GGUF reads its blocks straight into the
-    quantized layers (pocketlm/quant/from_gguf.py); only a float run converts it once into a float folder."""
+    quantized layers (pocketlm/quant/from_gguf.py); only a float run converts it once into a float folder.
+    head: a quantized model's output head and token embedding, int8 or "float" (a QLoRA base's)."""
     from pocketlm.quant import QuantScheme
 
     start = time.perf_counter()
@@ -68,7 +69,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
         if quant != "none":  # a quantized run reads the file's blocks directly: no float copy of the model anywhere
             from pocketlm.quant.from_gguf import quantized_state_dict
 
-            scheme = QuantScheme.parse(quant)
+            scheme = QuantScheme.parse(quant, head)
             check_fits(quantized_bytes(gguf_file, scheme), source)
             hf_config["pocketlm"]["quantization"] = scheme.to_dict()
             state_dict, layers = quantized_state_dict(gguf_file, scheme, hf_config)
@@ -87,7 +88,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, quant: str = "no
     check_fits(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * torch.finfo(dtype).bits // 32, source)
     state_dict = checkpoint_tensors(hf_config, read_safetensors(folder))
     tokenizer = Tokenizer.from_hf_dir(folder) if (folder / "tokenizer.json").exists() else None
-    lm = build(name, folder, source, hf_config, state_dict, tokenizer, dtype, quant)
+    lm = build(name, folder, source, hf_config, state_dict, tokenizer, dtype, quant, head=head)
     lm.load_s = time.perf_counter() - start
     return with_defaults(lm, name_or_path)
 
@@ -139,7 +140,7 @@ def quantized_bytes(gguf_file, scheme) -> int:
     total = 0
     tied = "output.weight" not in gguf_file.tensors
     for name, info in gguf_file.tensors.items():
-        if len(info.shape) == 1:
+        if len(info.shape) == 1 or (scheme.head == "float" and name in ("token_embd.weight", "output.weight")):
             total += info.n_elements * 4
         elif scheme.weights == "int4" and info.ggml_type.name in ("Q4_0", "Q4_1", "Q4_K"):
             total += info.n_elements // 2 + info.n_elements // 32 * 4
@@ -151,9 +152,10 @@ def quantized_bytes(gguf_file, scheme) -> int:
 
 
 def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict, tokenizer: Tokenizer | None,
-          dtype: torch.dtype, quant: str, layers: dict[str, torch.nn.Module] | None = None) -> LoadedModel:
+          dtype: torch.dtype, quant: str, layers: dict[str, torch.nn.Module] | None = None, head: str = "int8") -> LoadedModel:
     """The model `hf_config` describes, given `state_dict` (float, or a quantized folder's: config's
-    "pocketlm"/"quantization" says), quantized at load time by `quant` ("none" or a QuantScheme name). layers:
+    "pocketlm"/"quantization" says), quantized at load time by `quant` ("none" or a QuantScheme name, its output
+    head `head`). layers:
     modules made ready elsewhere (a GGUF's int4 layers in the kernels' layout), put in by name (None: a fused
     projection left out, its parts among them)."""
     layers = layers or {}
@@ -163,7 +165,7 @@ def build(name: str, path: Path, source: Path, hf_config: dict, state_dict: dict
     folder = path
     config = config_from_hf(hf_config)
     saved_quant = hf_config.get("pocketlm", {}).get("quantization")
-    scheme = None if quant == "none" or saved_quant else QuantScheme.parse(quant)
+    scheme = None if quant == "none" or saved_quant else QuantScheme.parse(quant, head)
     with torch.device("meta"), skip_init():
         model = model_class_for(config)(config)
         if saved_quant:

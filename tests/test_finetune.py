@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pocketlm.cli import main
 from pocketlm.finetune import FinetuneConfig, finetune
@@ -382,6 +384,30 @@ def test_qlora_keeps_the_base_quantized_and_trains(tiny_model, chat_data, smollm
     assert all(torch.equal(m.base_layer.qweight, c) for m, c in zip(wrapped, codes))  # and they stayed as they were
 
 
+def test_a_qlora_base_keeps_its_embedding_and_head_float(tiny_model, chat_data):
+    """QLoRA's base (load_base with --quant): int4 layers, but the token embedding and the tied head float, as
+    bitsandbytes leaves them: the file's values exactly, where int8 rows of SmolLM2's Q8_0 embedding had cost
+    banking77 QLoRA 1.5-2.6 points against LoRA (docs/BENCHMARKS.md). A GGUF (gguf-py's dequantize is the
+    reference) and a float folder alike."""
+    import gguf
+
+    from conftest import smollm2_path
+    from pocketlm.finetune.recipe import load_base
+    from pocketlm.load import load
+    from pocketlm.quant.int4 import Int4Linear
+
+    reader = gguf.GGUFReader(smollm2_path())
+    table = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    want = torch.from_numpy(gguf.quants.dequantize(table.data, table.tensor_type).astype(np.float32))  # (V, D)
+    for source, want_table in ((smollm2_path(), want), (tiny_model, load(str(tiny_model)).model.lm_head.weight)):
+        cfg = FinetuneConfig(model=str(source), data=str(chat_data), out="x", quant="int4", lora_r=4)
+        model = load_base(cfg).model
+        assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)  # the body stays int4
+        assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, want_table)
+        assert type(model.model.embed_tokens) is nn.Embedding and torch.equal(model.model.embed_tokens.weight, want_table)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still one table
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_unfused_quantized_projections_compute_what_the_fused_ones_did(tiny_model, quant):
     from pocketlm.load import load
@@ -411,7 +437,7 @@ def test_qlora_recipe_writes_a_peft_adapter_and_a_merged_float_model(tiny_model,
     assert any(".q_proj.lora_A" in n for n in names) and not any("qkv_proj" in n for n in names)  # the float base's names
     merged = load(str(out))
     assert merged.meta["recipe"]["method"] == "qlora r=4 on int4" and merged.meta["weights"] == "float32"
-    adapted = load_adapter(load(str(tiny_model), quant="int4").model, out / "adapter")  # the adapter on the int4 base
+    adapted = load_adapter(load(str(tiny_model), quant="int4", head="float").model, out / "adapter")  # on the QLoRA base
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got_ = adapted(ids), merged.model(ids)

@@ -429,10 +429,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def load_base(cfg: FinetuneConfig):
     """The model to train: fp32, or with --quant (or a quantized folder under auto) its linear layers int4/int8,
-    which then stay quantized and frozen while LoRA adapters train (QLoRA)."""
+    which then stay quantized and frozen while LoRA adapters train (QLoRA). The output head and the token
+    embedding stay float, as in bitsandbytes' QLoRA: an int8 embedding had cost banking77 1.5-2.6 points."""
     from pocketlm.load import load
 
-    lm = load(cfg.model, quant=cfg.quant)
+    lm = load(cfg.model, quant=cfg.quant, head="float")
     if lm.meta.get("weights", "float32") not in ("float32", "bfloat16") and not cfg.lora:
         raise PocketLMError(f"{lm.name} is quantized ({lm.meta['weights']}): train LoRA adapters over it (--lora-r, QLoRA), "
                             "or fine-tune the float model it came from")

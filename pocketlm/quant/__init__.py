@@ -11,7 +11,9 @@ config.json ("pocketlm": {"quantization": {...}}):
                     the scheme's `layers`: what `pocketlm quantize --budget KL` writes (pocketlm.quant.calibrate)
 In every scheme the output head is int8: with int4 it is the layer whose error shows most in perplexity
 (docs/BENCHMARKS.md). When the head is tied to the token embedding, the embedding reads the same int8
-table (Int8Embedding), so the model holds one int8 copy instead of a float one.
+table (Int8Embedding), so the model holds one int8 copy instead of a float one. A QLoRA base keeps both float
+(head "float"), as bitsandbytes' 4-bit models do: the embedding's int8 rows had cost banking77 QLoRA 1.5-2.6 of
+its points against LoRA (docs/BENCHMARKS.md).
 
 Models that can fuse q/k/v and gate/up projections (`fuse_projections`) are fused first: fewer, larger
 matmuls per token. A quantized model is for inference only.
@@ -33,7 +35,7 @@ HEAD_REFINE = 64  # an int8 output head recomputes its 64 largest logits in fp32
 class QuantScheme:
     weights: str  # "int8" | "int4"
     group_size: int = 0  # int4 only
-    head: str = "int8"  # the output head (lm_head)
+    head: str = "int8"  # the output head (lm_head): int8, or float (with the token embedding: a QLoRA base's)
     off_grid: str = "int4"  # int4 schemes: what a layer whose weights are not on 4-bit grids becomes
     layers: dict[str, str] | None = None  # a kind per linear layer by name (a --budget plan); the head stays `head`
 
@@ -48,7 +50,14 @@ class QuantScheme:
         return "int4" if self.group_size == 32 else f"int4-g{self.group_size}"
 
     @classmethod
-    def parse(cls, name: str) -> QuantScheme:
+    def parse(cls, name: str, head: str = "int8") -> QuantScheme:
+        """The scheme `name` stands for, its output head `head` (int8, or float: a QLoRA base's)."""
+        from dataclasses import replace
+
+        return replace(cls._named(name), head=head)
+
+    @classmethod
+    def _named(cls, name: str) -> QuantScheme:
         from pocketlm.quant.int4 import GROUP_SIZES
 
         if name == "int8":
@@ -131,6 +140,8 @@ def _swap(model: nn.Module, scheme: QuantScheme, saved_names: set[str] | None) -
 
     def make(linear: nn.Linear, name: str) -> nn.Module:
         shape, bias = (linear.in_features, linear.out_features), linear.bias is not None
+        if name == "lm_head" and scheme.head == "float":
+            return linear
         if scheme.layers and name in scheme.layers:  # a per-layer plan: empty (to load into) or quantized now
             kind = scheme.layers[name]
             if kind == "float":
