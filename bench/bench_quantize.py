@@ -13,6 +13,7 @@ bench/data/little_women_ch1-3.txt), in windows of 1,024 tokens without overlap (
 Every result is appended to --results (JSON lines) as it comes, so a killed run goes on where it stopped.
 
     .venv/bin/python bench/bench_quantize.py --budget-fraction 0.5 --models gemma3-270m   # the KL budget instead
+    .venv/bin/python bench/bench_quantize.py --max-bits 5 --models gemma3-270m            # the least KL within 5 bits
 
 --budget-fraction F: uniform int4 (round-to-nearest, --budget-scheme) against `pocketlm quantize --budget` (GPTQ,
 pocketlm.quant.calibrate.budget_search) given F times uniform int4's KL as its budget: bits per weight of the
@@ -20,6 +21,8 @@ decoder layers' linears and KL(float || quantized), on the calibration tokens th
 --kl-tokens of the calibration text, sequences of 512, held out of what GPTQ calibrates on) and on the WikiText-2
 evaluation tokens (windows of 1,024). `--calib-text wikitext2-rest` calibrates on the second half of WikiText-2 test
 instead (the evaluation reads its first 4,096 tokens): how much of the gap on WikiText-2 is the calibration text's kind.
+--max-bits B: the search given a bits cap instead of a budget (`pocketlm quantize --max-bits`): the least KL it finds
+within B bits per weight, against uniform int4's at its 5.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
 
 
 def run_budget(model: str, args, calib: str) -> dict:
-    """Uniform int4 against the KL-budget search given args.budget_fraction times uniform int4's KL."""
+    """Uniform int4 against the KL-budget search given args.budget_fraction times uniform int4's KL (or args.max_bits)."""
     from pocketlm.eval.agreement import agreement_stats
     from pocketlm.load import load
     from pocketlm.quant import QuantScheme
@@ -114,10 +117,11 @@ def run_budget(model: str, args, calib: str) -> dict:
     del uniform
     group = QuantScheme.parse(args.budget_scheme).group_size
     start = time.perf_counter()
+    budget = args.budget_fraction * u_calib if args.budget_fraction is not None else None
     quantized, report = budget_search(ref, lambda: load(model, quant="none"), QuantScheme.parse(args.budget_scheme), ids,
-                                      args.budget_fraction * u_calib, cfg)
+                                      budget, cfg, args.max_bits)
     search_s = round(time.perf_counter() - start, 1)
-    return {"model": model, "method": "budget", "scheme": args.budget_scheme, "fraction": args.budget_fraction,
+    return {"model": model, "method": "budget", "scheme": args.budget_scheme, "fraction": args.budget_fraction, "max_bits": args.max_bits,
             "calib_tokens": args.calib_tokens, "calib_text": args.calib_text, "eval_tokens": args.eval_tokens, "kl_tokens": int(kl_ids.numel()),
             "uniform_bits": kind_bits(f"int4-g{group}", 1), "uniform_kl_calib": u_calib, "uniform_kl_wikitext2": u_held,
             "budget": report["budget"], "bits": report["bits_per_weight"], "kl_calib": report["kl_measured"],
@@ -126,13 +130,14 @@ def run_budget(model: str, args, calib: str) -> dict:
 
 
 def budget_table(rows: list[dict]) -> str:
-    head = ["model", "uniform int4 (RTN): bits", "KL calib", "KL WikiText-2", "budget", "--budget: bits", "KL calib", "KL WikiText-2",
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    head = ["model", "uniform int4 (RTN): bits", "KL calib", "KL WikiText-2", "budget", "max bits", "search: bits", "KL calib", "KL WikiText-2",
             "KL / uniform's (calib, WikiText-2)", "kinds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in r["kinds"].items())
         lines.append(f"| {r['model']} | {r['uniform_bits']:.2f} | {r['uniform_kl_calib']:.4f} | {r['uniform_kl_wikitext2']:.4f} | "
-                     f"{r['budget']:.4f} | {r['bits']:.2f} | {r['kl_calib']:.4f} | {r['kl_wikitext2']:.4f} | "
+                     f"{fmt(r['budget'], '.4f')} | {fmt(r.get('max_bits'), 'g')} | {r['bits']:.2f} | {r['kl_calib']:.4f} | {r['kl_wikitext2']:.4f} | "
                      f"{r['kl_calib'] / r['uniform_kl_calib']:.2f}, {r['kl_wikitext2'] / r['uniform_kl_wikitext2']:.2f} | {kinds} |")
     return "\n".join(lines)
 
@@ -170,6 +175,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on two shared cores two threads wait on each other)")
     p.add_argument("--results", default="bench_quantize.jsonl", help="results so far (JSON lines); a rerun skips what it holds")
     p.add_argument("--budget-fraction", type=float, help="the KL budget instead: --budget at this fraction of uniform int4's KL")
+    p.add_argument("--max-bits", type=float, help="the search within this many bits per weight instead (or with --budget-fraction)")
     p.add_argument("--budget-scheme", default="int4", help="the uniform int4 it is measured against (default int4: groups of 32)")
     p.add_argument("--calib-text", choices=["alpaca", "wikitext2-rest"], default="alpaca",
                    help="--budget-fraction's calibration text (default alpaca; wikitext2-rest: WikiText-2 test's second half)")
@@ -178,15 +184,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results_path = Path(args.results)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    calib = wikitext2_rest() if args.budget_fraction is not None and args.calib_text == "wikitext2-rest" else alpaca_text()
-    if args.budget_fraction is not None:
+    searched = args.budget_fraction is not None or args.max_bits is not None
+    calib = wikitext2_rest() if searched and args.calib_text == "wikitext2-rest" else alpaca_text()
+    if searched:
         print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of {args.calib_text}; "
               f"held-out KL: the first {args.eval_tokens} tokens of WikiText-2, windows of 1024", flush=True)
         for model in args.models:
-            key = (model, "budget", args.budget_scheme, args.budget_fraction, args.calib_tokens, args.eval_tokens, args.kl_tokens,
-                   args.calib_text)
-            if not any((r["model"], r["method"], r.get("scheme"), r.get("fraction"), r["calib_tokens"], r.get("eval_tokens"),
-                        r.get("kl_tokens"), r.get("calib_text", "alpaca")) == key
+            key = (model, "budget", args.budget_scheme, args.budget_fraction, args.max_bits, args.calib_tokens, args.eval_tokens,
+                   args.kl_tokens, args.calib_text)
+            if not any((r["model"], r["method"], r.get("scheme"), r.get("fraction"), r.get("max_bits"), r["calib_tokens"],
+                        r.get("eval_tokens"), r.get("kl_tokens"), r.get("calib_text", "alpaca")) == key
                        for r in done):
                 row = run_budget(model, args, calib)
                 done.append(row)
@@ -194,8 +201,8 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
         print(budget_table([r for r in done if r["method"] == "budget" and r["model"] in args.models
-                            and (r["scheme"], r["fraction"], r["calib_tokens"], r.get("calib_text", "alpaca"))
-                            == (args.budget_scheme, args.budget_fraction, args.calib_tokens, args.calib_text)]))
+                            and (r["scheme"], r["fraction"], r.get("max_bits"), r["calib_tokens"], r.get("calib_text", "alpaca"))
+                            == (args.budget_scheme, args.budget_fraction, args.max_bits, args.calib_tokens, args.calib_text)]))
         return
     done = [r for r in done if r["method"] != "budget" and r.get("eval_tokens") == args.eval_tokens]
     print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "

@@ -460,14 +460,16 @@ def add_calibration_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=["gptq", "awq", "awq+gptq", "rtn"], help="gptq: Hessian-ordered rounding with error feedback; awq: activation-aware scales; awq+gptq: both; rtn: round to nearest (the default without --calib)")
     g.add_argument("--calib-tokens", type=int, default=32768, metavar="N", help="calibration tokens, in sequences of 512 (default 32768)")
     g.add_argument("--budget", type=float, metavar="KL", help="pick each linear's bits (int4 groups of 128/64/32, int8, float) for a mean KL to the float model of at most KL on the calibration text's last 1024 tokens (held out of the calibration), at the fewest bits")
+    g.add_argument("--max-bits", type=float, metavar="B", help="pick each linear's bits as --budget does for the least KL within B bits per weight on average (codes and scales: int4 in groups of 32 takes 5, int8 about 8); with --budget, its plan never past B")
 
 
 def cmd_quantize(args) -> int:
     from pocketlm.quant import QuantScheme, write_quantized
 
     scheme = QuantScheme.parse(args.to if args.to == "int8" or args.group == 32 else f"int4-g{args.group}")
-    method = args.method or ("gptq" if args.calib or args.budget is not None else "rtn")
-    if method == "rtn" and args.budget is None:
+    searched = args.budget is not None or args.max_bits is not None
+    method = args.method or ("gptq" if args.calib or searched else "rtn")
+    if method == "rtn" and not searched:
         from pocketlm.progress import Progress
 
         with Progress("quantize", quiet=args.quiet) as progress:
@@ -478,7 +480,7 @@ def cmd_quantize(args) -> int:
         from pocketlm.quant.calibrate import CalibConfig, quantize_calibrated
 
         calib = CalibConfig(method=method, tokens=args.calib_tokens, quiet=args.quiet)
-        report = quantize_calibrated(args.model, args.output, scheme, args.calib, calib, budget=args.budget)
+        report = quantize_calibrated(args.model, args.output, scheme, args.calib, calib, budget=args.budget, max_bits=args.max_bits)
         print(calibration_summary(report), file=sys.stderr)
         scheme = QuantScheme.from_dict(json.loads((Path(args.output) / "config.json").read_text())["pocketlm"]["quantization"])
     size = sum(f.stat().st_size for f in Path(args.output).iterdir()) / 1e6
@@ -502,7 +504,9 @@ def layers_quantized(model):
 def calibration_summary(report: dict) -> str:
     if "plan" in report:
         kinds = ", ".join(f"{n} {k}" for k, n in report["kinds"].items())
-        return (f"KL {report['kl_measured']:.4g} on {report['kl_tokens']} held-out calibration tokens (budget {report['budget']:g}) at "
+        limits = ", ".join(([f"budget {report['budget']:g}"] if report["budget"] is not None else [])
+                           + ([f"at most {report['max_bits']:g} bits"] if report.get("max_bits") is not None else []))
+        return (f"KL {report['kl_measured']:.4g} on {report['kl_tokens']} held-out calibration tokens ({limits}) at "
                 f"{report['bits_per_weight']:.2f} bits per weight: {kinds}; {report['seconds']:.0f} s")
     errors = report.get("errors", {})
     if not errors:

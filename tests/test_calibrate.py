@@ -210,6 +210,25 @@ def test_kl_budget_search_meets_its_budget_at_fewer_bits_than_int8(peaked_llama,
     assert "Int4Linear" in kinds
 
 
+def test_a_bits_cap_gives_less_kl_than_uniform_int4_at_its_bits(peaked_llama):
+    """--max-bits without a budget: the plan stays within the bits and, at uniform int4's own 5 bits a weight
+    (groups of 32, a bf16 scale and zero each), its KL is below uniform int4's on the same held-out tokens."""
+    ref = load(str(peaked_llama))
+    ids = calibration_ids(ref.tokenizer, TEXT, 2048, 128)
+    flat = ids[-4:].reshape(-1)
+    cfg = CalibConfig(method="rtn", tokens=2048, seq_len=128, kl_tokens=512, quiet=True)
+    uniform = agreement_stats(load(str(peaked_llama), quant="int4").model, ref.model, flat, 128, 128)["kl_mean"]
+    model, report = budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=5.0)
+    assert report["bits_per_weight"] <= 5.0 and report["max_bits"] == 5.0
+    assert report["kl_measured"] == pytest.approx(agreement_stats(model, ref.model, flat, 128, 128)["kl_mean"], rel=1e-4)
+    assert report["kl_measured"] < uniform, (report["kl_measured"], uniform)
+    assert len(set(report["plan"].values())) > 1
+    _, tight = budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=4.5)
+    assert tight["bits_per_weight"] <= 4.5 and tight["kl_measured"] > report["kl_measured"]
+    with pytest.raises(PocketLMError, match=r"--max-bits 4: the fewest bits this model.s linears take is 4\.\d\d per weight; give more"):
+        budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=4.0)
+
+
 def test_kl_budget_measures_its_kl_on_sequences_gptq_did_not_calibrate_on(peaked_llama):
     ref = load(str(peaked_llama))
     ids = calibration_ids(ref.tokenizer, TEXT, 1024, 128)  # (8, 128)

@@ -42,8 +42,9 @@ the tied embedding's table too).
 
 `budget_search` picks a kind per linear (int4 in groups of 32/64/128, int8, or float) so that the KL divergence of
 the quantized model from the float one, measured as `pocketlm eval --task agreement` measures it, stays under a
-budget at the fewest bits per weight. It measures that KL on calibration sequences held out of what GPTQ fits the
-weights to (`held_out`): on tokens it calibrated on, GPTQ's fit looks better than it is on any other text.
+budget at the fewest bits per weight, or (--max-bits) is the least it can be within a number of bits per weight. It
+measures that KL on calibration sequences held out of what GPTQ fits the weights to (`held_out`): on tokens it
+calibrated on, GPTQ's fit looks better than it is on any other text.
 """
 
 from __future__ import annotations
@@ -708,19 +709,22 @@ def held_out(ids: torch.Tensor, kl_tokens: int) -> tuple[torch.Tensor, torch.Ten
     return ids[:-n_kl], ids[-n_kl:]
 
 
-def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, budget: float, cfg: CalibConfig) -> tuple[nn.Module, dict]:
+def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, budget: float | None, cfg: CalibConfig,
+                  max_bits: float | None = None) -> tuple[nn.Module, dict]:
     """A kind per decoder-layer linear (int4 in groups of 128/64/32, int8, float) so that the quantized model's mean
     KL(float || quantized) on the calibration text's last cfg.kl_tokens tokens is at most `budget`, with the
-    fewest bits. Those tokens are held out of the statistics (H) and of the calibration, so the KL is measured on
-    text the weights were not fit to. ref_lm: the float model (a LoadedModel, the reference); load_float() gives a
-    fresh copy of it.
+    fewest bits; or, with `max_bits` (bits per weight on average, codes and scales) and no budget, the least KL
+    within those bits (with both: the budget, never past max_bits). Those tokens are held out of the statistics
+    (H) and of the calibration, so the KL is measured on text the weights were not fit to. ref_lm: the float model
+    (a LoadedModel, the reference); load_float() gives a fresh copy of it.
 
     1. Each linear's candidates are quantized (cfg.method, on H from the float model's activations) and their
        output errors e(t, k) = tr(D H D^T) computed; the KL each linear alone costs at its cheapest kind is
        measured by running the float layers after it on the held-out KL tokens (the layers before it give the same
        inputs as in the float model); KL(t, k) is predicted as KL(t, cheapest) * e(t, k) / e(t, cheapest).
-    2. Greedy knapsack from all-cheapest: the upgrade with the most predicted KL saved per bit added, until
-       the predicted sum (plus the int8 head's own KL, measured) is under the target.
+    2. Greedy knapsack from all-cheapest: the upgrade with the most predicted KL saved per bit added (among those
+       that keep the plan within max_bits), until the predicted sum (plus the int8 head's own KL, measured) is
+       under the target, or no upgrade fits.
     3. The plan is built (layer by layer, cfg.method) and its KL measured as `eval --task agreement` does; over
        the budget, the target shrinks by budget / measured and step 2 goes on, up to 5 times.
     Returns the quantized model and a report (the plan, bits per weight, predicted and measured KL)."""
@@ -739,8 +743,10 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
 
     # ---- 1. each linear's candidates and the KL it costs alone
     xs_kl, args_kl, ref_logp = _reference(ref, kl_ids)
+    if budget is None and max_bits is None:
+        raise PocketLMError("the bits search needs a KL budget (--budget), a bits cap (--max-bits), or both")
     head_kl = _head_kl(ref, kl_ids, ref_logp, xs_kl, args_kl)  # before the long part: the budget must leave room for it
-    if head_kl >= budget:
+    if budget is not None and head_kl >= budget:
         raise PocketLMError(f"--budget {budget}: the int8 output head alone costs KL {head_kl:.4g}; give a larger budget")
     stats: dict[str, _Stats] = {}
     batches = list(ids.split(cfg.batch))
@@ -782,7 +788,12 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     # ---- 2 and 3: greedy upgrades to a target, built and measured
     plan = {name: options[name][0] for name in linears}
     numel = {name: m.weight.numel() for name, m in linears.items()}
-    target, rounds, measured, model = budget - head_kl, [], None, None
+    bits_of = lambda name, kind: numel[name] * kind_bits(kind, linears[name].in_features)  # noqa: E731
+    if max_bits is not None and _mean_bits(plan, linears) > max_bits:
+        raise PocketLMError(f"--max-bits {max_bits:g}: the fewest bits this model's linears take is "
+                            f"{_mean_bits(plan, linears):.2f} per weight; give more")
+    room = math.inf if max_bits is None else max_bits * sum(numel.values()) - sum(bits_of(n, k) for n, k in plan.items())
+    target, rounds, measured, model = (0.0 if budget is None else budget - head_kl), [], None, None
     for _ in range(5):
         total = sum(predicted(n, k) for n, k in plan.items())
         while total > target:
@@ -791,12 +802,13 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
                 here = options[name].index(kind)
                 for better in options[name][here + 1 :]:
                     saved = predicted(name, kind) - predicted(name, better)
-                    cost = numel[name] * (kind_bits(better, linears[name].in_features) - kind_bits(kind, linears[name].in_features))
-                    if saved > 0 and (best is None or saved / cost > best[0]):
+                    cost = bits_of(name, better) - bits_of(name, kind)
+                    if saved > 0 and cost <= room and (best is None or saved / cost > best[0]):
                         best = (saved / cost, name, better)
             if best is None:
                 break
             total -= predicted(best[1], plan[best[1]]) - predicted(best[1], best[2])
+            room -= bits_of(best[1], best[2]) - bits_of(best[1], plan[best[1]])
             plan[best[1]] = best[2]
         plan_scheme = QuantScheme(scheme.weights, scheme.group_size, layers=dict(plan))
         lm = load_float()
@@ -805,18 +817,19 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
         flat = kl_ids.reshape(-1)
         measured = agreement_stats(model, ref_lm.model, flat, kl_ids.shape[1], kl_ids.shape[1])["kl_mean"]
         rounds.append({"target": target, "predicted": total + head_kl, "measured": measured, "bits": _mean_bits(plan, linears)})
-        if measured <= budget:
+        if budget is None or measured <= budget or room <= 0:
             break
         target *= budget / measured * 0.9
     report = {
-        "budget": budget, "kl_measured": measured, "kl_tokens": int(kl_ids.numel()), "tokens": int(ids.numel()), "head_kl": head_kl,
+        "budget": budget, "max_bits": max_bits, "kl_measured": measured, "kl_tokens": int(kl_ids.numel()), "tokens": int(ids.numel()), "head_kl": head_kl,
         "bits_per_weight": _mean_bits(plan, linears), "rounds": rounds, "plan": plan,
         "kinds": {k: sum(1 for v in plan.values() if v == k) for k in KINDS if k in plan.values()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if measured > budget:
+    if budget is not None and measured > budget:
+        more = "give a larger budget" + (" or more --max-bits" if max_bits is not None else "")
         raise PocketLMError(f"--budget {budget}: the best plan found gives KL {measured:.4g} on the held-out calibration text "
-                            f"(at {report['bits_per_weight']:.2f} bits per weight); give a larger budget")
+                            f"(at {report['bits_per_weight']:.2f} bits per weight); {more}")
     return model, report
 
 
@@ -886,9 +899,10 @@ def read_calibration(path: str | None) -> tuple[str, str]:
 
 
 def quantize_calibrated(ref: str, out, scheme: QuantScheme, calib: str | None, cfg: CalibConfig,
-                        budget: float | None = None) -> dict:
-    """`pocketlm quantize MODEL --calib FILE [--method M] [--budget KL]`: load the float model, quantize it layer
-    by layer on the calibration text (or pick the bits for a KL budget), write the folder. Returns the report."""
+                        budget: float | None = None, max_bits: float | None = None) -> dict:
+    """`pocketlm quantize MODEL --calib FILE [--method M] [--budget KL] [--max-bits B]`: load the float model,
+    quantize it layer by layer on the calibration text (or pick the bits for a KL budget or within a bits cap),
+    write the folder. Returns the report."""
     from pocketlm.load import load
     from pocketlm.quant import write_quantized
 
@@ -903,13 +917,14 @@ def quantize_calibrated(ref: str, out, scheme: QuantScheme, calib: str | None, c
         raise PocketLMError(f"calibrated quantization does not support {lm.config.model_type} models yet; "
                             f"quantize without --calib (round to nearest), or use a Llama-like family")
     ids = calibration_ids(lm.tokenizer, text, cfg.tokens, min(cfg.seq_len, lm.context_length))
-    if budget is not None:
-        model, report = budget_search(lm, lambda: load(ref, quant="none"), scheme, ids, budget, cfg)
+    searched = budget is not None or max_bits is not None
+    if searched:
+        model, report = budget_search(lm, lambda: load(ref, quant="none"), scheme, ids, budget, cfg, max_bits)
         lm.model, scheme = model, QuantScheme(scheme.weights, scheme.group_size, layers=report["plan"])
     else:
         report = calibrate(lm.model, ids, scheme, cfg)
     meta = {"method": cfg.method, "calib": source, "tokens": report["tokens"], "seq_len": int(ids.shape[1])}
-    if budget is not None:
-        meta.update({k: report[k] for k in ("budget", "kl_measured", "kl_tokens", "bits_per_weight", "kinds")})
+    if searched:
+        meta.update({k: report[k] for k in ("budget", "max_bits", "kl_measured", "kl_tokens", "bits_per_weight", "kinds")})
     write_quantized(lm, scheme, out, calibration=meta)
     return report
