@@ -100,7 +100,7 @@ def run_budget(model: str, args, calib: str) -> dict:
     from pocketlm.eval.agreement import agreement_stats
     from pocketlm.load import load
     from pocketlm.quant import QuantScheme
-    from pocketlm.quant.calibrate import CalibConfig, budget_search, calibration_ids, held_out, kind_bits
+    from pocketlm.quant.calibrate import CalibConfig, budget_search, calibrate, calibration_ids, held_out, kind_bits
 
     ref = load(model, quant="none")
     cfg = CalibConfig(method="gptq", tokens=args.calib_tokens, kl_tokens=args.kl_tokens, quiet=True)
@@ -115,6 +115,12 @@ def run_budget(model: str, args, calib: str) -> dict:
     uniform = load(model, quant=args.budget_scheme)
     u_calib, u_held = kl(uniform.model)
     del uniform
+    gptq_kl = {}
+    if args.vs_gptq:  # uniform int4 by GPTQ on the tokens the search calibrates on: what the mix of bits adds to GPTQ's
+        uniform = load(model, quant="none")
+        calibrate(uniform.model, held_out(ids, cfg.kl_tokens)[0], QuantScheme.parse(args.budget_scheme), cfg)
+        gptq_kl = dict(zip(("uniform_gptq_kl_calib", "uniform_gptq_kl_wikitext2"), kl(uniform.model)))
+        del uniform
     group = QuantScheme.parse(args.budget_scheme).group_size
     start = time.perf_counter()
     budget = args.budget_fraction * u_calib if args.budget_fraction is not None else None
@@ -126,19 +132,20 @@ def run_budget(model: str, args, calib: str) -> dict:
             "uniform_bits": kind_bits(f"int4-g{group}", 1), "uniform_kl_calib": u_calib, "uniform_kl_wikitext2": u_held,
             "budget": report["budget"], "bits": report["bits_per_weight"], "kl_calib": report["kl_measured"],
             "kl_wikitext2": agreement_stats(quantized, ref.model, held, 1024, 1024)["kl_mean"], "kinds": report["kinds"],
-            "rounds": len(report["rounds"]), "search_s": search_s}
+            "rounds": len(report["rounds"]), "search_s": search_s, **gptq_kl}
 
 
 def budget_table(rows: list[dict]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     head = ["model", "uniform int4 (RTN): bits", "KL calib", "KL WikiText-2", "budget", "max bits", "search: bits", "KL calib", "KL WikiText-2",
-            "KL / uniform's (calib, WikiText-2)", "kinds"]
+            "KL / uniform's (calib, WikiText-2)", "uniform GPTQ's KL (calib, WikiText-2)", "kinds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in r["kinds"].items())
         lines.append(f"| {r['model']} | {r['uniform_bits']:.2f} | {r['uniform_kl_calib']:.4f} | {r['uniform_kl_wikitext2']:.4f} | "
                      f"{fmt(r['budget'], '.4f')} | {fmt(r.get('max_bits'), 'g')} | {r['bits']:.2f} | {r['kl_calib']:.4f} | {r['kl_wikitext2']:.4f} | "
-                     f"{r['kl_calib'] / r['uniform_kl_calib']:.2f}, {r['kl_wikitext2'] / r['uniform_kl_wikitext2']:.2f} | {kinds} |")
+                     f"{r['kl_calib'] / r['uniform_kl_calib']:.2f}, {r['kl_wikitext2'] / r['uniform_kl_wikitext2']:.2f} | "
+                     f"{fmt(r.get('uniform_gptq_kl_calib'), '.4f')}, {fmt(r.get('uniform_gptq_kl_wikitext2'), '.4f')} | {kinds} |")
     return "\n".join(lines)
 
 
@@ -176,6 +183,7 @@ def main() -> None:
     p.add_argument("--results", default="bench_quantize.jsonl", help="results so far (JSON lines); a rerun skips what it holds")
     p.add_argument("--budget-fraction", type=float, help="the KL budget instead: --budget at this fraction of uniform int4's KL")
     p.add_argument("--max-bits", type=float, help="the search within this many bits per weight instead (or with --budget-fraction)")
+    p.add_argument("--vs-gptq", action="store_true", help="with --max-bits / --budget-fraction: uniform int4 by GPTQ's KL too")
     p.add_argument("--budget-scheme", default="int4", help="the uniform int4 it is measured against (default int4: groups of 32)")
     p.add_argument("--calib-text", choices=["alpaca", "wikitext2-rest"], default="alpaca",
                    help="--budget-fraction's calibration text (default alpaca; wikitext2-rest: WikiText-2 test's second half)")

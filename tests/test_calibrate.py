@@ -229,6 +229,21 @@ def test_a_bits_cap_gives_less_kl_than_uniform_int4_at_its_bits(peaked_llama):
         budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=4.0)
 
 
+def test_quantize_max_bits_writes_a_mixed_bits_folder(peaked_llama, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "capped"
+    assert main(["quantize", str(peaked_llama), "--to", "int4", "--calib", str(calib), "--method", "rtn", "--max-bits", "5",
+                 "--calib-tokens", "2048", "--quiet", "-o", str(out)]) == 0
+    assert "(at most 5 bits) at" in capsys.readouterr().err
+    lm = load(str(out))
+    saved = lm.meta["calibration"]
+    assert lm.meta["weights"] == "mixed-bits" and saved["max_bits"] == 5 and saved["budget"] is None
+    assert saved["bits_per_weight"] <= 5
+
+
 def test_kl_budget_measures_its_kl_on_sequences_gptq_did_not_calibrate_on(peaked_llama):
     ref = load(str(peaked_llama))
     ids = calibration_ids(ref.tokenizer, TEXT, 1024, 128)  # (8, 128)

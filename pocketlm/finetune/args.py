@@ -39,7 +39,7 @@ FLAGS = [
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout (default 0)"),
     ("--lora-targets", "lora_targets", str, f"comma-separated Linear names (default {','.join(DEFAULT_LORA_TARGETS)})"),
     ("--merge", "merge", "flag", "LoRA: also write the merged full model folder (the adapter is always saved)"),
-    ("--quant", "quant", str, "the base's weights while training: none (float, default), int4, int4-g64, int4-g128, int8 (QLoRA: the base stays quantized; needs --lora-r), auto (as saved)"),
+    ("--quant", "quant", str, "the base's weights while training: none (float, default), int4, int4-g64, int4-g128, int8 (QLoRA: the base stays quantized, its embedding and head float but in a quantized folder; needs --lora-r), auto (as saved)"),
     ("--dpo-beta", "dpo_beta", float, "dpo: beta, the weight of the KL to the reference (default 0.1)"),
     ("--pooling", "pooling", str, f"classify: {' | '.join(POOLINGS)} (default: last for decoders, mean for encoders)"),
     ("--head-lr", "head_lr", float, "classify: the head's peak learning rate (default: --lr)"),

@@ -78,7 +78,7 @@ class QuantScheme:
         kind = self.head if name == "lm_head" else self.weights
         if kind == "int4" and in_features % self.group_size == 0:
             return f"int4-g{self.group_size}"
-        return "int8"
+        return "float" if kind == "float" else "int8"
 
     def to_dict(self) -> dict:
         d = asdict(self)
