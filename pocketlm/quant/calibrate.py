@@ -741,10 +741,16 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     layer_of = {name: int(name.split(".")[2]) for name in linears}
     start = time.perf_counter()
 
-    # ---- 1. each linear's candidates and the KL it costs alone
-    xs_kl, args_kl, ref_logp = _reference(ref, kl_ids)
+    options = {name: _options(m.in_features) for name, m in linears.items()}
+    plan = {name: options[name][0] for name in linears}  # all-cheapest: where step 2 starts
     if budget is None and max_bits is None:
         raise PocketLMError("the bits search needs a KL budget (--budget), a bits cap (--max-bits), or both")
+    if max_bits is not None and _mean_bits(plan, linears) > max_bits:
+        raise PocketLMError(f"--max-bits {max_bits:g}: the fewest bits this model's linears take is "
+                            f"{_mean_bits(plan, linears):.2f} per weight; give more")
+
+    # ---- 1. each linear's candidates and the KL it costs alone
+    xs_kl, args_kl, ref_logp = _reference(ref, kl_ids)
     head_kl = _head_kl(ref, kl_ids, ref_logp, xs_kl, args_kl)  # before the long part: the budget must leave room for it
     if budget is not None and head_kl >= budget:
         raise PocketLMError(f"--budget {budget}: the int8 output head alone costs KL {head_kl:.4g}; give a larger budget")
@@ -758,7 +764,6 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
             stats.update({prefix + k: v for k, v in collect(layer, names, xs, args[i]).items()})
             xs = [layer(x, *args[i][0], **args[i][1]) for x in xs]
     del xs
-    options = {name: _options(m.in_features) for name, m in linears.items()}
     errors: dict[str, dict[str, float]] = {}
     cheapest: dict[str, torch.Tensor] = {}
     with progress_bar("budget: linears", len(linears), not cfg.quiet) as advance:
@@ -786,12 +791,8 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
         return 0.0 if kind == "float" or e0 == 0 else kl_alone[name] * errors[name][kind] / e0
 
     # ---- 2 and 3: greedy upgrades to a target, built and measured
-    plan = {name: options[name][0] for name in linears}
     numel = {name: m.weight.numel() for name, m in linears.items()}
     bits_of = lambda name, kind: numel[name] * kind_bits(kind, linears[name].in_features)  # noqa: E731
-    if max_bits is not None and _mean_bits(plan, linears) > max_bits:
-        raise PocketLMError(f"--max-bits {max_bits:g}: the fewest bits this model's linears take is "
-                            f"{_mean_bits(plan, linears):.2f} per weight; give more")
     room = math.inf if max_bits is None else max_bits * sum(numel.values()) - sum(bits_of(n, k) for n, k in plan.items())
     target, rounds, measured, model = (0.0 if budget is None else budget - head_kl), [], None, None
     for _ in range(5):

@@ -189,7 +189,7 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         module, _, kind = hf_name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
         fused = next((f_ for f_, parts in FUSED.items() if leaf in parts), None)
-        if hf_name == f"{embed}.weight":  # untied: int8 rows, as a tied one reads the int8 head's (a float head's: float)
+        if hf_name == f"{embed}.weight":  # untied: int8 rows, as a tied one reads the int8 head's; float beside a float head
             if scheme.head == "float":
                 state_dict[hf_name] = float_tensor(hf_name, info)
             else:
