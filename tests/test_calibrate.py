@@ -225,6 +225,9 @@ def test_a_bits_cap_gives_less_kl_than_uniform_int4_at_its_bits(peaked_llama):
     assert len(set(report["plan"].values())) > 1
     _, tight = budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=4.5)
     assert tight["bits_per_weight"] <= 4.5 and tight["kl_measured"] > report["kl_measured"]
+    # a budget that 4.5 bits cannot meet: refused, after the rounds that could still change the plan
+    with pytest.raises(PocketLMError, match="give a larger budget or more --max-bits"):
+        budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, report["kl_measured"] / 2, cfg, max_bits=4.5)
     with pytest.raises(PocketLMError, match=r"--max-bits 4: the fewest bits this model.s linears take is 4\.\d\d per weight; give more"):
         budget_search(ref, lambda: load(str(peaked_llama)), QuantScheme.parse("int4"), ids, None, cfg, max_bits=4.0)
 

@@ -796,6 +796,7 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     room = math.inf if max_bits is None else max_bits * sum(numel.values()) - sum(bits_of(n, k) for n, k in plan.items())
     target, rounds, measured, model = (0.0 if budget is None else budget - head_kl), [], None, None
     for _ in range(5):
+        before = dict(plan)
         total = sum(predicted(n, k) for n, k in plan.items())
         while total > target:
             best = None
@@ -811,6 +812,8 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
             total -= predicted(best[1], plan[best[1]]) - predicted(best[1], best[2])
             room -= bits_of(best[1], best[2]) - bits_of(best[1], plan[best[1]])
             plan[best[1]] = best[2]
+        if rounds and plan == before:
+            break  # no upgrade fits within max_bits any more: the plan built last stands
         plan_scheme = QuantScheme(scheme.weights, scheme.group_size, layers=dict(plan))
         lm = load_float()
         calibrate(lm.model, ids, plan_scheme, CalibConfig(**{**cfg.__dict__, "quiet": True}))
@@ -818,7 +821,7 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
         flat = kl_ids.reshape(-1)
         measured = agreement_stats(model, ref_lm.model, flat, kl_ids.shape[1], kl_ids.shape[1])["kl_mean"]
         rounds.append({"target": target, "predicted": total + head_kl, "measured": measured, "bits": _mean_bits(plan, linears)})
-        if budget is None or measured <= budget or room <= 0:
+        if budget is None or measured <= budget:
             break
         target *= budget / measured * 0.9
     report = {
