@@ -105,7 +105,7 @@ def run_budget(model: str, args, calib: str) -> dict:
     ref = load(model, quant="none")
     cfg = CalibConfig(method="gptq", tokens=args.calib_tokens, kl_tokens=args.kl_tokens, quiet=True)
     ids = calibration_ids(ref.tokenizer, calib, args.calib_tokens, 512)  # (n, 512)
-    kl_ids = held_out(ids, cfg.kl_tokens)[1]  # what budget_search measures its KL on (GPTQ calibrates on the rest)
+    fit_ids, kl_ids = held_out(ids, cfg.kl_tokens)  # what budget_search measures its KL on, and GPTQ calibrates on
     held = torch.tensor(eval_ids(ref.tokenizer, "wikitext2", args.eval_tokens))
 
     def kl(model_q) -> tuple[float, float]:
@@ -118,7 +118,7 @@ def run_budget(model: str, args, calib: str) -> dict:
     gptq_kl = {}
     if args.vs_gptq:  # uniform int4 by GPTQ on the tokens the search calibrates on: what the mix of bits adds to GPTQ's
         uniform = load(model, quant="none")
-        calibrate(uniform.model, held_out(ids, cfg.kl_tokens)[0], QuantScheme.parse(args.budget_scheme), cfg)
+        calibrate(uniform.model, fit_ids, QuantScheme.parse(args.budget_scheme), cfg)
         gptq_kl = dict(zip(("uniform_gptq_kl_calib", "uniform_gptq_kl_wikitext2"), kl(uniform.model)))
         del uniform
     group = QuantScheme.parse(args.budget_scheme).group_size

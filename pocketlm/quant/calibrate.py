@@ -731,6 +731,8 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     from pocketlm.eval.agreement import agreement_stats
     from pocketlm.eval.tasks import progress_bar
 
+    if budget is None and max_bits is None:
+        raise PocketLMError("the bits search needs a KL budget (--budget), a bits cap (--max-bits), or both")
     if cfg.method.startswith("awq"):
         raise PocketLMError("--budget picks bits with --method gptq or rtn (AWQ's scales change the layers before each linear)")
     ref = ref_lm.model.eval()
@@ -743,11 +745,10 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
 
     options = {name: _options(m.in_features) for name, m in linears.items()}
     plan = {name: options[name][0] for name in linears}  # all-cheapest: where step 2 starts
-    if budget is None and max_bits is None:
-        raise PocketLMError("the bits search needs a KL budget (--budget), a bits cap (--max-bits), or both")
-    if max_bits is not None and _mean_bits(plan, linears) > max_bits:
-        raise PocketLMError(f"--max-bits {max_bits:g}: the fewest bits this model's linears take is "
-                            f"{_mean_bits(plan, linears):.2f} per weight; give more")
+    fewest_bits = _mean_bits(plan, linears)
+    if max_bits is not None and fewest_bits > max_bits:
+        raise PocketLMError(f"--max-bits {max_bits:g}: the fewest bits this model's linears take is {fewest_bits:.2f} "
+                            f"per weight; give more")
 
     # ---- 1. each linear's candidates and the KL it costs alone
     xs_kl, args_kl, ref_logp = _reference(ref, kl_ids)
@@ -793,7 +794,7 @@ def budget_search(ref_lm, load_float, scheme: QuantScheme, ids: torch.Tensor, bu
     # ---- 2 and 3: greedy upgrades to a target, built and measured
     numel = {name: m.weight.numel() for name, m in linears.items()}
     bits_of = lambda name, kind: numel[name] * kind_bits(kind, linears[name].in_features)  # noqa: E731
-    room = math.inf if max_bits is None else max_bits * sum(numel.values()) - sum(bits_of(n, k) for n, k in plan.items())
+    room = math.inf if max_bits is None else (max_bits - fewest_bits) * sum(numel.values())  # bits upgrades may add
     target, rounds, measured, model = (0.0 if budget is None else budget - head_kl), [], None, None
     for _ in range(5):
         before = dict(plan)

@@ -189,17 +189,14 @@ def quantized_state_dict(f: GGUFFile, scheme: QuantScheme, config: dict) -> tupl
         module, _, kind = hf_name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
         fused = next((f_ for f_, parts in FUSED.items() if leaf in parts), None)
-        if hf_name == f"{embed}.weight":  # untied: int8 rows, as a tied one reads the int8 head's; float beside a float head
-            if scheme.head == "float":
-                state_dict[hf_name] = float_tensor(hf_name, info)
-            else:
-                ready[embed] = Int8Embedding.of_rows(**int8_layer([info], [None]))
+        if scheme.head == "float" and module in (embed, "lm_head"):  # a QLoRA base's: the file's values, tied or not
+            state_dict[hf_name] = float_tensor(hf_name, info)
+            if tied and module == "lm_head":
+                state_dict[f"{embed}.weight"] = state_dict[hf_name]
             release(info)
             continue
-        if module == "lm_head" and scheme.head == "float":  # a QLoRA base's: the file's values, tied or not
-            state_dict[hf_name] = float_tensor(hf_name, info)
-            if tied:
-                state_dict[f"{embed}.weight"] = state_dict[hf_name]
+        if hf_name == f"{embed}.weight":  # untied: int8 rows, as a tied one reads the int8 head's
+            ready[embed] = Int8Embedding.of_rows(**int8_layer([info], [None]))
             release(info)
             continue
         weight = by_hf_name.get(f"{module}.weight")
