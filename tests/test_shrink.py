@@ -157,6 +157,9 @@ def test_shrink_refusals(tmp_path, teacher, label_data):
         ShrinkConfig(teacher=str(teacher), data=str(label_data), out=str(tmp_path), size=1.5)
     with pytest.raises(PocketLMError, match="unknown key"):
         ShrinkConfig.from_dict({"teacher": "t", "sizes": 0.5})
+    with pytest.raises(PocketLMError, match="speed must be a factor such as 2 or 2x, not 'fast'"):
+        ShrinkConfig(teacher=str(teacher), data=str(label_data), out=str(tmp_path), speed="fast")
+    assert ShrinkConfig(speed="2.5x").speed == 2.5 and ShrinkConfig(speed="2").prune_target == {"speed": 2.0, "quant": "int4"}
     with pytest.raises(PocketLMError, match="--serve serves generative models"):
         shrink(ShrinkConfig(**{**settings(teacher, label_data, tmp_path / "o"), "serve": True}))
 
@@ -175,3 +178,42 @@ def test_shipped_shrink_recipes_parse():
         cfg = ShrinkConfig.from_yaml(path, {"out": "x"})
         assert Path(cfg.data).name == "train.jsonl" and Path(cfg.eval_data).parent == Path(cfg.data).parent, path
         assert set(cfg.distill) <= {f.name for f in dataclasses.fields(DistillConfig)}, path
+
+
+def test_speed_picks_the_fewest_blocks_that_reach_it(tmp_path, teacher, label_data, monkeypatch):
+    """--speed bisects on the blocks dropped: each try is measured (here by a stand-in whose speed grows with the
+    blocks dropped, as a real one does) and the fewest that reach the target are dropped; a target no try reaches is
+    refused in one line. The real measure runs in test_speed_measures_the_student_it_would_make."""
+    from pocketlm.compress import shrink as shrink_module
+
+    tries = []
+
+    def speed_of(run, lm, importance, n_drop, folder):
+        tries.append(n_drop)
+        return 4 / (4 - n_drop)  # 4 blocks: 1x, 1.33x, 2x, 4x
+
+    monkeypatch.setattr(shrink_module, "student_speed", speed_of)
+    monkeypatch.setenv("POCKETLM_SHRINK_STOP", "prune")
+    s = {**settings(teacher, label_data, tmp_path / "run"), "speed": "1.5x"}
+    with pytest.raises(Stopped):
+        shrink(ShrinkConfig(**s))
+    result = json.loads((tmp_path / "run" / "stages" / "03-prune" / "stage.json").read_text())["results"]
+    assert result["drop_layers"] == 2 and result["layers"] == 2 and result["speed_target"] == 1.5
+    assert tries[0] == 3 and set(tries) <= {0, 1, 2, 3} and len(tries) <= 3
+    assert result["speed_by_drop"] == {str(k): round(4 / (4 - k), 3) for k in sorted(tries)}
+
+    with pytest.raises(PocketLMError, match=r"^--speed 5x: one block of 4, int4, measures 4.00x the teacher's speed"):
+        shrink(ShrinkConfig(**{**s, "speed": 5, "out": str(tmp_path / "too-fast")}))
+
+
+def test_speed_measures_the_student_it_would_make(tmp_path, teacher, label_data, monkeypatch):
+    """The real measure: a student without its least influential blocks, int4, timed in turn with the teacher. Any
+    student reaches 0.01x, so nothing is dropped, and the chosen try's ratio is a measured, positive one."""
+    monkeypatch.setenv("POCKETLM_SHRINK_STOP", "prune")
+    s = {**settings(teacher, label_data, tmp_path / "run"), "speed": 0.01}
+    with pytest.raises(Stopped):
+        shrink(ShrinkConfig(**s))
+    result = json.loads((tmp_path / "run" / "stages" / "03-prune" / "stage.json").read_text())["results"]
+    assert result["drop_layers"] == 0 and result["layers"] == 4
+    assert set(result["speed_by_drop"]) >= {"0", "3"} and all(v > 0 for v in result["speed_by_drop"].values())
+    assert not (tmp_path / "run" / "stages" / "03-prune" / "speed").exists()  # the tries' folders are removed

@@ -89,6 +89,7 @@ class Importance:
     head: torch.Tensor  # (L, nh) attention-output norm per query head
     channel: torch.Tensor  # (L, F) MLP activation magnitude per channel
     hidden: torch.Tensor  # (D,) RMSNorm (LayerNorm) output magnitude per hidden channel, summed over norms
+    tokens: int = 0  # calibration tokens it was measured on
 
 
 @dataclass
@@ -131,6 +132,7 @@ def measure_importance(model, batch: torch.Tensor, on_step=None) -> Importance:
         head=torch.zeros(L, nh, dtype=torch.float64),
         channel=torch.zeros(L, cfg.intermediate_size, dtype=torch.float64),
         hidden=torch.zeros(cfg.dim, dtype=torch.float64),
+        tokens=batch.numel(),
     )
     handles = []
 
@@ -524,9 +526,10 @@ def count_params(sd: dict, tied: bool, embedding_keys: tuple[str, str] = LLAMA_E
 
 
 def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int = 4096, vocab_text: str | None = None,
-          progress=None):
+          progress=None, importance: Importance | None = None):
     """A loaded model (pocketlm.load.LoadedModel, fp32) -> (hf_config, state dict, tokenizer, report) of the pruned one.
-    progress: a pocketlm.progress.Progress to count the calibration passes on, or None."""
+    progress: a pocketlm.progress.Progress to count the calibration passes on, or None. importance: what
+    calibration_importance measured on lm before (several cuts of one model measure it once)."""
     from pocketlm.config import config_from_hf
     from pocketlm.progress import NO_PROGRESS
 
@@ -549,14 +552,9 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
     )
     changes: list[str] = []
     if needs_calibration:
-        text = calib_text if calib_text is not None else read_text(DEFAULT_CALIB, "calibration")
-        # sequences no longer than the model's positions (GPT-2's learned ones end there)
-        seq_len = min(CALIB_SEQ_LEN, getattr(cfg, "max_position_embeddings", CALIB_SEQ_LEN))
-        batch = calibration_batch(tokenizer, text, calib_tokens, seq_len)
-        progress.step("calibration sequences", total=len(batch))
-        imp = measure_importance(lm.model, batch, on_step=progress.advance)
+        imp = importance if importance is not None else calibration_importance(lm, calib_text, calib_tokens, progress)
         sd, cfg, changes = prune_state_dict(sd, cfg, spec, imp, names)
-        changes.insert(0, f"importance measured on {batch.numel()} calibration tokens")
+        changes.insert(0, f"importance measured on {imp.tokens} calibration tokens")
     hf_config = cfg.to_hf()
     if vocab_text is not None:
         kept, tokenizer = trim_vocab(tokenizer, vocab_text, spec.vocab_size)
@@ -580,6 +578,19 @@ def prune(lm, spec: PruneSpec, calib_text: str | None = None, calib_tokens: int 
         "prune_report": report,
     }
     return hf_config, sd, tokenizer, report
+
+
+def calibration_importance(lm, calib_text: str | None = None, calib_tokens: int = 4096, progress=None) -> Importance:
+    """measure_importance on the first calib_tokens of calib_text (None: the bundled WikiText-2 sample)."""
+    from pocketlm.progress import NO_PROGRESS
+
+    text = calib_text if calib_text is not None else read_text(DEFAULT_CALIB, "calibration")
+    # sequences no longer than the model's positions (GPT-2's learned ones end there)
+    seq_len = min(CALIB_SEQ_LEN, getattr(lm.config, "max_position_embeddings", CALIB_SEQ_LEN))
+    batch = calibration_batch(lm.tokenizer, text, calib_tokens, seq_len)
+    progress = progress or NO_PROGRESS
+    progress.step("calibration sequences", total=len(batch))
+    return measure_importance(lm.model, batch, on_step=progress.advance)
 
 
 def prune_model(ref: str, output: str | Path, spec: PruneSpec, calib: str | None = None, calib_tokens: int = 4096,

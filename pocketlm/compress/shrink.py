@@ -14,7 +14,8 @@ last checkpoint); a changed setting redoes its stage and the ones after it.
   2 teacher    the teacher on the held-out split: the task's metric (accuracy; for a generator without labels the
                answers' perplexity), its size, a classifier's label distributions
   3 prune      the teacher's blocks of least influence on calib.txt dropped (ShortGPT, pocketlm.compress.prune)
-               until the non-embedding parameters are at most --size of the teacher's
+               until the non-embedding parameters are at most --size of the teacher's, or with --speed until the
+               student, quantized as it will be, measures that many times the teacher's speed (a bisection)
   4 distill    the pruned student learns the teacher (pocketlm distill: a classifier's label distribution, a
                generator's next-token distribution stored as top-k)
   5 quantize   weight-only int4/int8 calibrated on the training text, GPTQ by default (--method gptq|awq, through
@@ -217,7 +218,8 @@ def evaluate_student(run: Run, folder: Path) -> dict:
     student = run["quantize"]["model"]
     side = quality(run, student, folder)
     agreement = label_agreement(run, folder) if run.classifier else token_agreement(run, student, folder)
-    speed = timed_in_turn(run, cfg.teacher, student)
+    run.display.stage_total(cfg.speed_rounds * 2)
+    speed = timed_in_turn(run, cfg.teacher, student, on_round=run.display.advance)
     run.display.log(f"student: {side['non_embedding_params']:.1f}M non-embedding parameters, {brief(side)}; KL(teacher || student) "
                     f"{agreement['kl_mean']:.4f}, top-1 agreement {agreement['top1_agreement']:.1%}")
     return {"student": side, "agreement": agreement, "speed": speed}
@@ -255,7 +257,8 @@ def token_agreement(run: Run, student: str, folder: Path) -> dict:
             "unit": "token"}
 
 
-def timed_in_turn(run: Run, teacher: str, student: str) -> dict:
+def timed_in_turn(run: Run, teacher: str, student: str, bench: bool | None = None, n_texts: int = SPEED_TEXTS,
+                  on_round=None) -> dict:
     """{"teacher": {...}, "student": {...}}: each metric the median of speed_rounds rounds, teacher then student in
     each. A classifier's texts/s labelling held-out texts (batches of 32 of about one length, as `pocketlm classify`);
     with bench, `pocketlm bench` of each (decode and prompt tokens/s, peak memory; --quant auto: the student runs
@@ -263,26 +266,27 @@ def timed_in_turn(run: Run, teacher: str, student: str) -> dict:
     from pocketlm.eval.compare import measure
 
     cfg = run.cfg
+    bench = cfg.bench if bench is None else bench
     rounds: dict[str, list[dict]] = {"teacher": [], "student": []}
     texts, models = [], {}
     if run.classifier:
         from pocketlm.finetune.classify import Classifier
         from pocketlm.finetune.data import read_jsonl
 
-        texts = [str(r["text"]) for _, _, r in read_jsonl(run["split"]["held_out"])][:SPEED_TEXTS]
+        texts = [str(r["text"]) for _, _, r in read_jsonl(run["split"]["held_out"])][:n_texts]
         models = {"teacher": Classifier.load(teacher), "student": Classifier.load(student)}
         for clf in models.values():
             clf.logits(texts[:32])  # warm-up: first calls pay for allocation and kernel set-up
-    run.display.stage_total(cfg.speed_rounds * 2)
     for _ in range(cfg.speed_rounds):
         for side, ref in (("teacher", teacher), ("student", student)):
-            row = measure(ref, speed=True) if cfg.bench else {}
+            row = measure(ref, speed=True) if bench else {}
             if models:
                 start = time.perf_counter()
                 models[side].logits(texts)
                 row["classify.texts_per_s"] = len(texts) / (time.perf_counter() - start)
             rounds[side].append(row)
-            run.display.advance()
+            if on_round is not None:
+                on_round()
     return {side: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for side, rows in rounds.items()}
 
 
@@ -290,21 +294,26 @@ def timed_in_turn(run: Run, teacher: str, student: str) -> dict:
 
 
 def prune(run: Run, folder: Path) -> dict:
-    from pocketlm.compress.prune import PruneSpec, read_text
+    from pocketlm.compress.prune import PruneSpec, calibration_importance, read_text
     from pocketlm.compress.prune import prune as prune_model
     from pocketlm.formats.hf import write_model_folder
     from pocketlm.load import load
 
     cfg = run.cfg
     lm = load(cfg.teacher)
-    n_drop = blocks_to_drop(lm, cfg.size)
-    hf_config, sd, tokenizer, report = prune_model(lm, PruneSpec(drop_layers=n_drop), read_text(run["split"]["calib"], "calibration"),
-                                                   cfg.calib_tokens)
+    importance = calibration_importance(lm, read_text(run["split"]["calib"], "calibration"), cfg.calib_tokens)
+    measured = {}
+    if cfg.speed is None:
+        n_drop = blocks_to_drop(lm, cfg.size)
+    else:
+        n_drop, measured = blocks_for_speed(run, lm, importance, folder / "speed")
+    hf_config, sd, tokenizer, report = prune_model(lm, PruneSpec(drop_layers=n_drop), calib_tokens=cfg.calib_tokens, importance=importance)
     write_model_folder(folder / "model", hf_config, sd, tokenizer)
     before, after = report["params_before"], report["params_after"]
     run.display.log(f"prune: {lm.config.n_layers} -> {lm.config.n_layers - n_drop} blocks, non-embedding parameters "
                     f"{before['non_embedding'] / 1e6:.1f}M -> {after['non_embedding'] / 1e6:.1f}M")
-    return {"model": str(folder / "model"), "drop_layers": n_drop, "layers": lm.config.n_layers - n_drop, **report}
+    return {"model": str(folder / "model"), "drop_layers": n_drop, "layers": lm.config.n_layers - n_drop, **report,
+            **({"speed_target": cfg.speed, "speed_by_drop": measured} if measured else {})}
 
 
 def blocks_to_drop(lm, size: float) -> int:
@@ -320,6 +329,60 @@ def blocks_to_drop(lm, size: float) -> int:
         raise PocketLMError(f"--size {size}: the teacher's {lm.config.n_layers} blocks hold {per_block * lm.config.n_layers / non_embedding:.0%} "
                             "of its non-embedding parameters; keeping one block is the smallest student")
     return n
+
+
+def blocks_for_speed(run: Run, lm, importance, folder: Path) -> tuple[int, dict[int, float]]:
+    """The fewest blocks to drop for a student cfg.speed times the teacher's speed, and {blocks dropped: speed} as
+    measured. Each try is the teacher without its least influential blocks, quantized as the student will be
+    (round-to-nearest: GPTQ's weights run on the same kernels), timed in turn with the teacher (student_speed).
+    Fewer blocks are never slower, so a bisection finds the count in about log2(blocks) tries."""
+    cfg, n_layers = run.cfg, lm.config.n_layers
+    measured: dict[int, float] = {}
+
+    def reaches(n_drop: int) -> bool:
+        measured[n_drop] = student_speed(run, lm, importance, n_drop, folder / f"drop-{n_drop}")
+        run.display.log(f"prune: {n_layers - n_drop} of {n_layers} blocks, {cfg.quant}: {measured[n_drop]:.2f}x the teacher's speed "
+                        f"(target {cfg.speed:g}x)")
+        return measured[n_drop] >= cfg.speed
+
+    run.display.stage_total(math.ceil(math.log2(n_layers)) + 1)
+    low, high = 0, n_layers - 1  # the answer lies in [low, high] once `high` reaches the target
+    if not reaches(high):
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PocketLMError(f"--speed {cfg.speed:g}x: one block of {n_layers}, {cfg.quant}, measures {measured[high]:.2f}x the teacher's "
+                            "speed on this machine; ask for less, or quantize further (--quant int4)")
+    while low < high:
+        mid = (low + high) // 2
+        if reaches(mid):
+            high = mid
+        else:
+            low = mid + 1
+        run.display.advance()
+    shutil.rmtree(folder, ignore_errors=True)
+    return high, {k: round(v, 3) for k, v in sorted(measured.items())}
+
+
+def student_speed(run: Run, lm, importance, n_drop: int, folder: Path) -> float:
+    """A student without lm's n_drop least influential blocks, quantized round-to-nearest as cfg.quant says, over
+    the teacher, in the report's measure (timed_in_turn): texts/s for a classifier, decode tokens/s for a generator."""
+    from pocketlm.compress.prune import PruneSpec
+    from pocketlm.compress.prune import prune as prune_model
+    from pocketlm.finetune.classify import HEAD_DIR
+    from pocketlm.formats.hf import write_model_folder
+    from pocketlm.load import load
+    from pocketlm.quant import QuantScheme, write_quantized
+
+    hf_config, sd, tokenizer, _ = prune_model(lm, PruneSpec(drop_layers=n_drop), importance=importance)
+    write_model_folder(folder / "float", hf_config, sd, tokenizer)
+    student = folder / "float"
+    if run.cfg.quant != "none":
+        student = folder / "model"
+        write_quantized(load(str(folder / "float"), quant="none"), QuantScheme.parse(run.cfg.quant), student)
+    if (lm.path / HEAD_DIR).is_dir():  # a classifier: the teacher's head reads the last hidden state as before
+        shutil.copytree(lm.path / HEAD_DIR, student / HEAD_DIR, dirs_exist_ok=True)
+    speed = timed_in_turn(run, run.cfg.teacher, str(student), bench=not run.classifier, n_texts=SPEED_TEXTS // 4)
+    key = "classify.texts_per_s" if run.classifier else "decode_tok_s"
+    return speed["student"][key] / speed["teacher"][key]
 
 
 # ------------------------------------------------------------------------------------------ 4 distill
@@ -519,7 +582,7 @@ def export(run: Run, folder: Path) -> dict:
 STAGES = [
     ("split", ("teacher", "data", "eval_data", "eval_split", "task", "seed", "serve"), split),
     ("teacher", ("eval_limit",), measure_teacher),
-    ("prune", ("size", "calib_tokens"), prune),
+    ("prune", ("prune_target", "calib_tokens"), prune),
     ("distill", ("distill",), distill),
     ("quantize", ("quant", "method"), quantize),
     ("evaluate", ("speed_rounds", "bench", "agreement_tokens"), evaluate_student),

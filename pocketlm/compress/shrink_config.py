@@ -42,6 +42,9 @@ class ShrinkConfig:
     eval_limit: int | None = None  # held-out examples scored (a seeded subset); None: all of them
     task: str = "auto"  # auto: classify when the teacher has a classification head, else sft
     size: float = 0.5  # the student's non-embedding parameters, as a share of the teacher's (at most)
+    # or a speed to reach instead: the fewest blocks dropped that make the student, quantized as `quant` says, this
+    # many times the teacher's speed (the report's: texts/s for a classifier, decode tokens/s for a generator), measured
+    speed: float | str | None = None
     calib_tokens: int = 8192  # training text the pruning importance is measured on
     distill: dict = field(default_factory=dict)  # pocketlm distill's settings (DistillConfig fields) over DISTILL_DEFAULTS
     quant: str = "int4"  # the student's weights: int4 (groups of 32), int4-g64, int4-g128, int8, none
@@ -58,9 +61,15 @@ class ShrinkConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        if isinstance(self.speed, str):  # "2x" as the flag and recipes spell it
+            try:
+                self.speed = float(self.speed.strip().removesuffix("x").removesuffix("X"))
+            except ValueError:
+                raise PocketLMError(f"speed must be a factor such as 2 or 2x, not {self.speed!r}") from None
         checks = [
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, not {self.task!r}"),
             (0 < self.size < 1, "size must be a share of the teacher's parameters in (0, 1), e.g. 0.5"),
+            (self.speed is None or self.speed > 0, "speed must be a factor above 0, e.g. 2x"),
             (0 < self.eval_split < 1, "eval_split must be in (0, 1)"),
             (self.eval_limit is None or self.eval_limit >= 1, "eval_limit must be >= 1"),
             (self.calib_tokens >= 16, "calib_tokens must be at least a few hundred"),
@@ -75,6 +84,11 @@ class ShrinkConfig:
         for ok, message in checks:
             if not ok:
                 raise PocketLMError(message)
+
+    @property
+    def prune_target(self) -> dict:
+        """What the prune stage aims at: a size, or a speed measured with the student's quantization."""
+        return {"size": self.size} if self.speed is None else {"speed": self.speed, "quant": self.quant}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +124,8 @@ FLAGS = [
     ("--eval-limit", "eval_limit", int, "held-out examples scored (a seeded subset; default all)"),
     ("--task", "task", str, "classify | sft | auto (default auto: classify for a teacher with a classification head)"),
     ("--size", "size", float, "the student's non-embedding parameters as a share of the teacher's, at most (default 0.5)"),
+    ("--speed", "speed", str, "instead of --size: drop the fewest blocks that make the student (quantized by --quant) this many "
+                              "times the teacher's speed, measured on this machine: 2x, 1.5"),
     ("--calib-tokens", "calib_tokens", int, "training tokens the pruning importance is measured on (default 8192)"),
     ("--quant", "quant", str, f"the student's weights: {' | '.join(QUANTS)} (default int4)"),
     ("--method", "method", str, "gptq (default) | awq: calibrated on the training text; rtn: round-to-nearest"),
