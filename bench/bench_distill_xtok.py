@@ -14,6 +14,7 @@ Variants: `labels` (pocketlm finetune, no teacher), `xtok` (pocketlm distill: al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -48,9 +49,9 @@ def main() -> int:
     train.write_text("\n".join(rows[: args.rows]) + "\n")
     base = DistillConfig.from_yaml(RECIPE, {"teacher": args.teacher, "data": str(train), "steps": args.steps, "eval_max": args.eval_max,
                                             "quiet": True, "out": str(out / "unused")}).to_dict()
-    not_finetune = ("teacher", "kd_loss", "kd_temperature", "kd_weight", "on_policy", "on_policy_tokens", "on_policy_temperature",
-                    "teacher_answers", "teacher_answer_tokens", "generate_batch")
-    plain = {k: v for k, v in base.items() if k not in not_finetune}  # the same run without a teacher
+    # the same run without a teacher: finetune's own settings, less its distillation ones
+    no_teacher = ("teacher", "kd_loss", "kd_temperature", "kd_weight")
+    plain = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)} and k not in no_teacher}
     variants = {
         "labels": lambda o: FinetuneConfig.from_dict({**plain, "out": str(o)}),
         "xtok": lambda o: DistillConfig.from_dict({**base, "out": str(o)}),
