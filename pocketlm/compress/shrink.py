@@ -335,30 +335,29 @@ def blocks_for_speed(run: Run, lm, importance, folder: Path) -> tuple[int, dict[
     """The fewest blocks to drop for a student cfg.speed times the teacher's speed, and {blocks dropped: speed} as
     measured. Each try is the teacher without its least influential blocks, quantized as the student will be
     (round-to-nearest: GPTQ's weights run on the same kernels), timed in turn with the teacher (student_speed).
-    Fewer blocks are never slower, so a bisection finds the count in about log2(blocks) tries."""
+    The speed grows with the blocks dropped, so a bisection finds the count in about log2(blocks) tries."""
     cfg, n_layers = run.cfg, lm.config.n_layers
     measured: dict[int, float] = {}
 
     def reaches(n_drop: int) -> bool:
-        measured[n_drop] = student_speed(run, lm, importance, n_drop, folder / f"drop-{n_drop}")
+        measured[n_drop] = student_speed(run, lm, importance, n_drop, folder)
+        shutil.rmtree(folder, ignore_errors=True)  # a try's weights: the teacher's size again, at 1-8B gigabytes
         run.display.log(f"prune: {n_layers - n_drop} of {n_layers} blocks, {cfg.quant}: {measured[n_drop]:.2f}x the teacher's speed "
                         f"(target {cfg.speed:g}x)")
+        run.display.advance()
         return measured[n_drop] >= cfg.speed
 
     run.display.stage_total(math.ceil(math.log2(n_layers)) + 1)
     low, high = 0, n_layers - 1  # the answer lies in [low, high] once `high` reaches the target
     if not reaches(high):
-        shutil.rmtree(folder, ignore_errors=True)
         raise PocketLMError(f"--speed {cfg.speed:g}x: one block of {n_layers}, {cfg.quant}, measures {measured[high]:.2f}x the teacher's "
-                            "speed on this machine; ask for less, or quantize further (--quant int4)")
+                            "speed on this machine; ask for less")
     while low < high:
         mid = (low + high) // 2
         if reaches(mid):
             high = mid
         else:
             low = mid + 1
-        run.display.advance()
-    shutil.rmtree(folder, ignore_errors=True)
     return high, {k: round(v, 3) for k, v in sorted(measured.items())}
 
 
