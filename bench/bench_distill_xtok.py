@@ -8,7 +8,8 @@ Each run is recipes/distill-xtok-banking77.yaml's settings (SmolLM2-135M-Instruc
 generation) on the first --rows of a seeded shuffle of the training set; the held-out split is --eval-max random
 rows of the test set, scored by the student's own cross-entropy on the labels and by greedy answers (accuracy).
 Variants: `labels` (pocketlm finetune, no teacher), `xtok` (pocketlm distill: aligned-chunk likelihoods, kd_weight
-0.5), and with --on-policy F also `xtok+on-policy`. Prints one JSON object per run and a table at the end.
+0.5), with --xtok-top-k K also `xtok+top-k` (the teacher's K likeliest tokens at each chunk's start), and with
+--on-policy F also `xtok+on-policy`. Prints one JSON object per run and a table at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-max", type=int, default=200)
     p.add_argument("--on-policy", type=float, default=0.0, help="also run with this share of each batch on-policy")
+    p.add_argument("--xtok-top-k", type=int, default=0, help="also run with the teacher's top K tokens at each chunk's start")
     p.add_argument("--only", nargs="*", help="run only these variants (labels, xtok, xtok+on-policy)")
     args = p.parse_args()
 
@@ -56,6 +58,8 @@ def main() -> int:
         "labels": lambda o: FinetuneConfig.from_dict({**plain, "out": str(o)}),
         "xtok": lambda o: DistillConfig.from_dict({**base, "out": str(o)}),
     }
+    if args.xtok_top_k:
+        variants["xtok+top-k"] = lambda o: DistillConfig.from_dict({**base, "out": str(o), "xtok_top_k": args.xtok_top_k})
     if args.on_policy:
         variants["xtok+on-policy"] = lambda o: DistillConfig.from_dict({**base, "out": str(o), "on_policy": args.on_policy})
     results = {}
