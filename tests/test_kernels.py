@@ -2,11 +2,9 @@
 this CPU runs (pocketlm/kernels/__init__.py's TARGETS: AVX-512 VNNI, AVX2, scalar, ...): each test runs once per
 target, so the path the machine takes by default is always among them. aarch64: tests/test_kernels_aarch64.py."""
 
-import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -556,38 +554,3 @@ def test_the_bandwidth_probe_reads_every_float():
     x = torch.rand(64 * 1000)
     total = kernels.library().read_floats(x.data_ptr(), x.numel(), 2)
     assert total == pytest.approx(x.double().sum().item(), rel=1e-5)
-
-
-def mapping_of(address: int) -> dict[str, str]:
-    """/proc/self/smaps' fields of the mapping that holds address."""
-    found = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-        if head:
-            if found is not None:
-                return found
-            if int(head[1], 16) <= address < int(head[2], 16):
-                found = {}
-        elif found is not None:
-            key, value = line.split(":", 1)
-            found[key] = value.strip()
-    assert found is not None, "no mapping holds the address"
-    return found
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux's /proc/self/smaps reads the pages")
-def test_packed_weights_ask_for_huge_pages():
-    """A packed weight from 2 MB on lives in memory advised MADV_HUGEPAGE (smaps' VmFlags "hg"), and where the
-    kernel's transparent huge pages are on ("madvise" or "always", with direct compaction for advised memory) it is
-    backed by 2 MB pages once written: a decode step's stream of weights pays a TLB fill per 4 KB page otherwise."""
-    layer = Int8Linear.from_linear(nn.Linear(2048, 4096, bias=False))  # int8_pack's 8 MB
-    assert layer.packed_weight is not None and layer.packed_weight.numel() >= 8 << 20
-    vma = mapping_of(layer.packed_weight.data_ptr())
-    assert "hg" in vma["VmFlags"].split()
-    thp = Path("/sys/kernel/mm/transparent_hugepage")
-    if thp.is_dir():
-        enabled, defrag = ((thp / name).read_text().split("[")[1].split("]")[0] for name in ("enabled", "defrag"))
-        if enabled != "never" and defrag in ("always", "madvise", "defer+madvise"):
-            assert int(vma["AnonHugePages"].split()[0]) >= 2048, vma
-    small = kernels.weight_buffer(4096)  # under 2 MB: torch's own allocation
-    assert small.numel() == 4096 and small.dtype == torch.uint8 and "hg" not in mapping_of(small.data_ptr())["VmFlags"].split()

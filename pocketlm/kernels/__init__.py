@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import mmap
 import os
 import platform
 import subprocess
@@ -269,31 +268,12 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-HUGE_PAGE = 2 << 20  # x86-64's and most aarch64 kernels' transparent huge page
-
-
-def weight_buffer(n_bytes: int) -> torch.Tensor:
-    """(n_bytes,) uint8 for a packed weight the kernels stream. From 2 MB on, anonymous memory advised
-    MADV_HUGEPAGE before it is touched, so the kernel backs it with 2 MB pages where transparent huge pages are
-    "madvise" (the usual default) or "always": a decode step streams every weight once per token, and on 4 KB pages
-    each 4 KB of it costs a TLB fill (3.2B Q4_K_M, one thread: 1.06x decode tokens/s, docs/BENCHMARKS.md). glibc's
-    malloc, which torch.empty uses, gives 4 KB pages under "madvise". The tensor keeps the mapping alive."""
-    if n_bytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(n_bytes, dtype=torch.uint8)
-    mapping = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # THP compiled out of this kernel: 4 KB pages, as before
-        pass
-    return torch.frombuffer(mapping, dtype=torch.uint8, count=n_bytes)
-
-
 def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16 (Int4Linear's buffers) -> the kernel's layout
     (cpu.cpp: 16 output rows per block, each group's scales and zeros before its codes), uint8."""
     N, K = codes.shape[0], codes.shape[1] * 2
     codes, scales_and_zeros = codes.contiguous(), scales_and_zeros.contiguous()
-    out = weight_buffer(int4_packed_bytes(N, K, group_size))
+    out = torch.empty(int4_packed_bytes(N, K, group_size), dtype=torch.uint8)
     library().int4_pack(ptr(codes), ptr(scales_and_zeros), N, K, group_size, ptr(out))
     return out
 
@@ -368,7 +348,7 @@ def int8_pack(weight: torch.Tensor) -> torch.Tensor:
     + 128), uint8. K must be a multiple of 32."""
     N, K = weight.shape
     weight = weight.contiguous()
-    out = weight_buffer(library().int8_packed_bytes(N, K))
+    out = torch.empty(library().int8_packed_bytes(N, K), dtype=torch.uint8)
     library().int8_pack(ptr(weight), N, K, ptr(out))
     return out
 
