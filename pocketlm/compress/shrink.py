@@ -69,6 +69,11 @@ class Run:
     def classifier(self) -> bool:
         return self.results["split"]["task"] == "classify"
 
+    @property
+    def speed_key(self) -> str:
+        """The speed the report's headline (and --speed) compares: texts labelled or tokens decoded per second."""
+        return "classify.texts_per_s" if self.classifier else "decode_tok_s"
+
 
 # ------------------------------------------------------------------------------------------ 1 split
 
@@ -380,8 +385,7 @@ def student_speed(run: Run, lm, importance, n_drop: int, folder: Path) -> float:
     if (lm.path / HEAD_DIR).is_dir():  # a classifier: the teacher's head reads the last hidden state as before
         shutil.copytree(lm.path / HEAD_DIR, student / HEAD_DIR, dirs_exist_ok=True)
     speed = timed_in_turn(run, run.cfg.teacher, str(student), bench=not run.classifier, n_texts=SPEED_TEXTS // 4)
-    key = "classify.texts_per_s" if run.classifier else "decode_tok_s"
-    return speed["student"][key] / speed["teacher"][key]
+    return speed["student"][run.speed_key] / speed["teacher"][run.speed_key]
 
 
 # ------------------------------------------------------------------------------------------ 4 distill
@@ -543,7 +547,7 @@ def headline(run: Run, result: dict) -> tuple[float, float, float | None, list[s
         q = t["answer_perplexity"] / s["answer_perplexity"]
         what = f"the held-out answers' perplexity, {s['answer_perplexity']:.3f} against {t['answer_perplexity']:.3f} (teacher / student)"
     size = s["non_embedding_params"] / t["non_embedding_params"]
-    key = "classify.texts_per_s" if run.classifier else "decode_tok_s"
+    key = run.speed_key
     speed = s[key] / t[key] if key in s and key in t else None
     kept = f"{q:.1%} of the teacher's quality kept" if math.isfinite(q) else "None of the teacher's quality to keep (it scores 0)"
     faster = f"{speed:.2f} times its speed" if speed is not None else "its speed not measured (--no-bench)"
