@@ -69,6 +69,9 @@ def eval_ids(tokenizer, name: str, tokens: int) -> list[int]:
     return encode_raw(tokenizer, read_text(TEXTS[name], name == "wikitext2"))[:tokens]
 
 
+METHODS = ("gptq", "gptq-in-order", "awq", "awq+gptq")  # calibrated; gptq-in-order: columns in order, each group's grid found as reached
+
+
 def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
     """Perplexity of one (model, method, group) on every text; float when method is "float"."""
     from pocketlm.eval.perplexity import perplexity
@@ -82,9 +85,12 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
     calib_s = 0.0
     if method not in ("float", "rtn"):
         ids = calibration_ids(lm.tokenizer, calib, args.calib_tokens, 512)
-        report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=method, quiet=True))
+        base_method, _, variant = method.partition("-")  # gptq-in-order: GPTQ with act_order off (the reference's default)
+        report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=base_method, act_order=variant != "in-order", quiet=True))
         calib_s = report["seconds"]
-    row = {"model": model, "method": method, "group": group, "calib_tokens": 0 if method in ("float", "rtn") else args.calib_tokens,
+    calibrated = method not in ("float", "rtn")
+    row = {"model": model, "method": method, "group": group, "calib_tokens": args.calib_tokens if calibrated else 0,
+           "calib_text": args.calib_text if calibrated else None,
            "eval_tokens": args.eval_tokens, "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
     for text in args.texts:
         t0 = time.perf_counter()
@@ -93,6 +99,11 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
         row[f"{text}_tokens"] = result["tokens"]
         row[f"{text}_s"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def same_calibration(row: dict, args) -> bool:
+    """Whether a stored row was calibrated as this run asks (float and RTN rows are not calibrated at all)."""
+    return row["method"] in ("float", "rtn") or (row["calib_tokens"], row.get("calib_text", "alpaca")) == (args.calib_tokens, args.calib_text)
 
 
 def run_budget(model: str, args, calib: str) -> dict:
@@ -151,8 +162,8 @@ def budget_table(rows: list[dict]) -> str:
 
 def table(rows: list[dict], texts: list[str]) -> str:
     """One line per (model, text, group): each method's perplexity and its increase as a fraction of RTN's."""
-    methods = [m for m in ("gptq", "awq", "awq+gptq") if any(r["method"] == m for r in rows)]
-    names = {"gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    names = {"gptq": "GPTQ", "gptq-in-order": "GPTQ in order", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}
     head = ["model", "text", "group", "float", "RTN"] + [names[m] for m in methods] + [f"{names[m]} / RTN increase" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {(r["model"], r["method"], r["group"]): r for r in rows}
@@ -175,7 +186,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     p.add_argument("--groups", nargs="+", type=int, default=[32, 128])
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=["rtn", *METHODS])
     p.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (sequences of 512)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
@@ -186,14 +197,14 @@ def main() -> None:
     p.add_argument("--vs-gptq", action="store_true", help="with --max-bits / --budget-fraction: uniform int4 by GPTQ's KL too")
     p.add_argument("--budget-scheme", default="int4", help="the uniform int4 it is measured against (default int4: groups of 32)")
     p.add_argument("--calib-text", choices=["alpaca", "wikitext2-rest"], default="alpaca",
-                   help="--budget-fraction's calibration text (default alpaca; wikitext2-rest: WikiText-2 test's second half)")
+                   help="calibration text (default alpaca; wikitext2-rest: WikiText-2 test's second half, which no evaluation window reads)")
     p.add_argument("--kl-tokens", type=int, default=1024, help="calibration tokens the search measures KL on (default 1024)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results_path = Path(args.results)
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
     searched = args.budget_fraction is not None or args.max_bits is not None
-    calib = wikitext2_rest() if searched and args.calib_text == "wikitext2-rest" else alpaca_text()
+    calib = wikitext2_rest() if args.calib_text == "wikitext2-rest" else alpaca_text()
     if searched:
         print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of {args.calib_text}; "
               f"held-out KL: the first {args.eval_tokens} tokens of WikiText-2, windows of 1024", flush=True)
@@ -213,13 +224,14 @@ def main() -> None:
                             == (args.budget_scheme, args.budget_fraction, args.max_bits, args.calib_tokens, args.calib_text)]))
         return
     done = [r for r in done if r["method"] != "budget" and r.get("eval_tokens") == args.eval_tokens]
-    print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of Alpaca; "
+    print(f"CPU: {cpu_name()}; torch threads {args.threads}; calibration: {args.calib_tokens} tokens of {args.calib_text}; "
           f"evaluation: the first {args.eval_tokens} tokens of {', '.join(args.texts)}, windows of 1024", flush=True)
     for model in args.models:
         jobs = [("float", 0)] + [(m, g) for g in args.groups for m in args.methods]
         for method, group in jobs:
             have = next((r for r in done if (r["model"], r["method"], r["group"]) == (model, method, group)
-                         and all(t in r for t in args.texts) and r["calib_tokens"] in (0, args.calib_tokens)), None)
+                         and all(t in r for t in args.texts) and r["calib_tokens"] in (0, args.calib_tokens)
+                         and same_calibration(r, args)), None)
             if have is None:
                 have = run_one(model, method, group, args, calib)
                 done.append(have)
@@ -227,7 +239,7 @@ def main() -> None:
                     f.write(json.dumps(have) + "\n")
             print(json.dumps(have), flush=True)
     rows = [r for r in done if r["model"] in args.models and (r["group"] in args.groups or r["method"] == "float")
-            and r["calib_tokens"] in (0, args.calib_tokens)]
+            and same_calibration(r, args)]
     print(table(rows, args.texts))
 
 
