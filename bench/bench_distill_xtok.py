@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "distill-xtok-banking77.yaml"
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="the fine-tuned teacher (another tokenizer than the student's)")
     p.add_argument("-o", "--out", required=True)
@@ -35,15 +35,16 @@ def main() -> int:
     p.add_argument("--eval-max", type=int, default=200)
     p.add_argument("--on-policy", type=float, default=0.0, help="also run with this share of each batch on-policy")
     p.add_argument("--xtok-top-k", type=int, default=0, help="also run with the teacher's top K tokens at each chunk's start")
-    p.add_argument("--only", nargs="*", help="run only these variants (labels, xtok, xtok+on-policy)")
-    args = p.parse_args()
+    p.add_argument("--only", nargs="*", help="run only these variants (labels, xtok, xtok+top-k, xtok+on-policy)")
+    return p
 
+
+def run_configs(args: argparse.Namespace, out: Path) -> dict:
+    """Each variant's config, by name; writes the training rows they share under `out`."""
     from pocketlm.compress.distill_config import DistillConfig
-    from pocketlm.compress.distill_recipe import distill
     from pocketlm.eval.data import shared_data_dir
-    from pocketlm.finetune import FinetuneConfig, finetune
+    from pocketlm.finetune import FinetuneConfig
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = (shared_data_dir() / "banking77" / "train.jsonl").read_text().splitlines()
     random.Random(0).shuffle(rows)
@@ -54,19 +55,29 @@ def main() -> int:
     # the same run without a teacher: finetune's own settings, less its distillation ones
     no_teacher = ("teacher", "kd_loss", "kd_temperature", "kd_weight")
     plain = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)} and k not in no_teacher}
-    variants = {
-        "labels": lambda o: FinetuneConfig.from_dict({**plain, "out": str(o)}),
-        "xtok": lambda o: DistillConfig.from_dict({**base, "out": str(o)}),
-    }
+    variants = {"labels": None, "xtok": {}}  # each variant's changes to the distillation config; None: no teacher
     if args.xtok_top_k:
-        variants["xtok+top-k"] = lambda o: DistillConfig.from_dict({**base, "out": str(o), "xtok_top_k": args.xtok_top_k})
+        variants["xtok+top-k"] = {"xtok_top_k": args.xtok_top_k}
     if args.on_policy:
-        variants["xtok+on-policy"] = lambda o: DistillConfig.from_dict({**base, "out": str(o), "on_policy": args.on_policy})
-    results = {}
-    for name, make in variants.items():
+        variants["xtok+on-policy"] = {"on_policy": args.on_policy}
+    configs = {}
+    for name, changes in variants.items():
         if args.only and name not in args.only:
             continue
-        cfg = make(out / name.replace("+", "-"))
+        run_out = str(out / name.replace("+", "-"))
+        configs[name] = (FinetuneConfig.from_dict({**plain, "out": run_out}) if changes is None
+                         else DistillConfig.from_dict({**base, **changes, "out": run_out}))
+    return configs
+
+
+def main() -> int:
+    args = parser().parse_args()
+    from pocketlm.compress.distill_recipe import distill
+    from pocketlm.finetune import finetune
+
+    configs = run_configs(args, Path(args.out))
+    results = {}
+    for name, cfg in configs.items():
         start = time.perf_counter()
         summary = finetune(cfg) if name == "labels" else distill(cfg)
         results[name] = {"eval_loss": summary["eval"]["eval_loss"], "accuracy": summary["eval"].get("eval_accuracy"),

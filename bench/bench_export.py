@@ -9,6 +9,7 @@ tests/fixtures/wikitext2_test_excerpt.txt (window 1,024, stride 512).
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -25,6 +26,9 @@ TYPES = ["f32", "f16", "q8_0", "q4_0", "q4_k"]
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", nargs="+", default=TYPES, choices=TYPES, help=f"GGUF types to export (default: all of {', '.join(TYPES)})")
+    types = p.parse_args().types
     os.environ["POCKETLM_HOME"] = tempfile.mkdtemp()  # exported files are converted here, not in the user's cache
     src = load("smollm2-135m-instruct")
     ids = src.tokenizer.encode(EVAL.read_text(encoding="utf-8"))
@@ -33,7 +37,7 @@ def main() -> None:
         ref = src.model(probe)  # (1, 256, V)
     print("| type | size | export | max abs logit diff | top-1 agreement | perplexity |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for qtype in TYPES:
+        for qtype in types:
             path = Path(tmp) / f"smollm2-{qtype}.gguf"
             start = time.perf_counter()
             report = export("smollm2-135m-instruct", "gguf", path, qtype)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_prune.py smollm2          # depth / width variants at about 50% non-embedding params
     .venv/bin/python bench/bench_prune.py gemma-vocab      # Gemma 3 270M with its vocabulary trimmed for English
+    .venv/bin/python bench/bench_prune.py gemma-vocab-heldout   # that trim, scored on Alpaca rows it never saw
 
 Perplexity: `pocketlm.eval.perplexity` on tests/fixtures/wikitext2_test_excerpt.txt (window 1,024, stride 512);
 importance on the default calibration text (pocketlm/compress/data, disjoint from that excerpt). A trimmed
@@ -10,9 +11,9 @@ vocabulary splits some words into more tokens, so for it bits per byte are the c
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,11 @@ def row(name: str, m: dict, base: dict) -> str:
 
 
 def main() -> None:
-    what = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="smollm2", choices=["smollm2", "gemma-vocab", "gemma-vocab-heldout"],
+                   help="SmolLM2's depth and width variants, Gemma 3 270M's trimmed vocabulary, or that trim scored on Alpaca rows "
+                        "it never saw (default smollm2)")
+    what = p.parse_args().what
     text = EVAL.read_text(encoding="utf-8")
     header = "| model | params | non-embedding | fp32 size | eval tokens | perplexity | bits/byte |\n|---|---|---|---|---|---|---|"
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,8 +122,6 @@ def main() -> None:
                 change = 100 * (m["bits_per_byte"] / base["bits_per_byte"] - 1)
                 rows.append(row(f"{report['changes'][-1]} ({change:+.2f}% bits/byte)", m, base))
                 print(rows[-1], flush=True)
-        else:
-            raise SystemExit(f"unknown benchmark {what!r}: smollm2, gemma-vocab or gemma-vocab-heldout")
     print(header)
     print("\n".join(rows))
 

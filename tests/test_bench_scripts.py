@@ -1,0 +1,43 @@
+"""The scripts under bench/ start: each explains itself with --help, and bench_distill_xtok builds every variant's
+config (its start once broke unnoticed, on a setting the labels-only run does not take). Timings are never run here."""
+
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketlm.compress.distill_config import DistillConfig
+from pocketlm.finetune import FinetuneConfig
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_bench_script_help(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(BENCH / script), "--help"])
+    monkeypatch.syspath_prepend(str(BENCH))  # as `python bench/X.py` puts it first: scripts import each other
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(BENCH / script), run_name="__main__")
+    assert done.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and len(out.splitlines()) > 3, out  # the docstring's commands follow the usage line
+
+
+def test_xtok_bench_builds_every_variant(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_distill_xtok", BENCH / "bench_distill_xtok.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parser().parse_args(["--teacher", str(tmp_path / "teacher"), "-o", str(tmp_path / "runs"), "--rows", "8",
+                                      "--xtok-top-k", "4", "--on-policy", "0.5"])
+    configs = bench.run_configs(args, tmp_path / "runs")
+    assert list(configs) == ["labels", "xtok", "xtok+top-k", "xtok+on-policy"]
+    labels, xtok, top_k, on_policy = configs.values()
+    assert type(labels) is FinetuneConfig and all(isinstance(c, DistillConfig) for c in (xtok, top_k, on_policy))
+    assert labels.data == xtok.data and labels.steps == xtok.steps == 100 and labels.lr == xtok.lr  # the same run but the teacher
+    assert len(Path(labels.data).read_text().splitlines()) == 8
+    assert (top_k.xtok_top_k, on_policy.on_policy, xtok.xtok_top_k, xtok.on_policy) == (4, 0.5, 0, 0.0)
+    assert len({c.out for c in configs.values()}) == 4
+    only = bench.parser().parse_args(["--teacher", "t", "-o", str(tmp_path / "o"), "--only", "labels"])
+    assert list(bench.run_configs(only, tmp_path / "o")) == ["labels"]
