@@ -4,6 +4,7 @@ stays int4 in memory while the adapters train), then each scored on the whole ba
 
     .venv/bin/python bench/bench_qlora.py --steps 300        # a bounded run: 300 steps of 16 messages (about half an epoch)
     .venv/bin/python bench/bench_qlora.py --steps 300 --seed 1   # another data order and initialization: the spread
+    .venv/bin/python bench/bench_qlora.py --steps 300 --grad-checkpoint   # activations recomputed in backward (less memory)
 
 Each run is its own process under /usr/bin/time -v (peak resident memory, wall and CPU time); accuracy and macro-F1
 come from `pocketlm eval OUT --task classify --by head --data banking77` (3,080 rows). Prints one table.
@@ -43,6 +44,8 @@ def main() -> None:
     p.add_argument("--threads", default="1", help="OMP_NUM_THREADS of each run (default 1: two shared cores)")
     p.add_argument("--bases", nargs="+", default=["none", "int4"], help="--quant of each run: none (LoRA on the float base), int4 (QLoRA)")
     p.add_argument("--seed", type=int, default=0, help="finetune's --seed (data order and initialization) for every run")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="finetune's --grad-checkpoint in every run: activations recomputed in backward, as the QLoRA paper trains")
     p.add_argument("--results", default="bench_qlora.jsonl", help="finished runs (JSON lines); a rerun skips them")
     args = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": args.threads, "POCKETLM_THREADS": args.threads}
@@ -50,32 +53,34 @@ def main() -> None:
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     rows = []
     for quant in args.bases:
-        have = next((r for r in done if r["quant"] == quant and r["steps"] == args.steps and r.get("seed", 0) == args.seed), None)
+        have = next((r for r in done if r["quant"] == quant and r["steps"] == args.steps and r.get("seed", 0) == args.seed
+                     and r.get("grad_checkpoint", False) == args.grad_checkpoint), None)
         if have is not None:
             rows.append(have)
             print(json.dumps(have), flush=True)
             continue
-        out = Path(args.out) / f"b77-head-lora-{quant}" / f"seed-{args.seed}"
+        out = Path(args.out) / f"b77-head-lora-{quant}{'-gc' if args.grad_checkpoint else ''}" / f"seed-{args.seed}"
         # a checkpoint every 50 steps: a killed run goes on with --resume (its peak memory is then the resumed part's)
         resume = ["--resume"] if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*[0-9]")) else []
         cmd = [*POCKETLM, "finetune", "--config", str(REPO / "recipes" / "banking77-head-lora.yaml"), "-o", str(out),
                "--steps", str(args.steps), "--quant", quant, "--seed", str(args.seed), "--eval-max", "100", "--save-every", "50",
-               "--quiet", *resume]
+               "--quiet", *(["--grad-checkpoint"] if args.grad_checkpoint else []), *resume]
         _, train = timed(cmd, env)
         train["resumed"] = bool(resume)
         done, _ = timed([*POCKETLM, "eval", str(out), "--task", "classify", "--by", "head", "--data", "banking77", "--json", "--quiet"], env)
         metrics = json.loads(done.stdout)["metrics"]
-        row = {"base": "float32 (LoRA)" if quant == "none" else f"{quant} (QLoRA)", "quant": quant, "steps": args.steps, "seed": args.seed, **train,
+        row = {"base": "float32 (LoRA)" if quant == "none" else f"{quant} (QLoRA)", "quant": quant, "steps": args.steps, "seed": args.seed,
+               "grad_checkpoint": args.grad_checkpoint, **train,
                "accuracy": metrics["accuracy"], "macro_f1": metrics.get("macro_f1")}
         rows.append(row)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    print("| base | steps of 16 | seed | train wall | train CPU s | peak RSS | banking77 test accuracy | macro-F1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| base | steps of 16 | seed | grad checkpoint | train wall | train CPU s | peak RSS | banking77 test accuracy | macro-F1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f1 = f"{r['macro_f1']:.2%}" if r["macro_f1"] is not None else ""
-        print(f"| {r['base']} | {r['steps']} | {r.get('seed', 0)} | {r['wall']} | {r['user_s']} | {r['peak_rss_mb']} MB | {r['accuracy']:.2%} | {f1} |")
+        print(f"| {r['base']} | {r['steps']} | {r.get('seed', 0)} | {'yes' if r.get('grad_checkpoint') else 'no'} | {r['wall']} | {r['user_s']} | {r['peak_rss_mb']} MB | {r['accuracy']:.2%} | {f1} |")
 
 
 if __name__ == "__main__":

@@ -261,20 +261,32 @@ def test_output_folder_loads_and_generates(tiny_model, label_data, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_grad_checkpointing_gives_the_same_gradients(tiny_model):
-    from pocketlm.finetune.lora import enable_grad_checkpointing
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_grad_checkpointing_gives_the_same_gradients(tiny_model, quant):
+    """Full fine-tuning's weight gradients, and QLoRA's adapter gradients through the int4 kernels' backward."""
+    from pocketlm.finetune.config import DEFAULT_LORA_TARGETS
+    from pocketlm.finetune.lora import apply_lora, enable_grad_checkpointing, unwrap
     from pocketlm.finetune.recipe import CausalLMLoss
     from pocketlm.load import load
 
     idx = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     grads = []
     for checkpointing in (False, True):
-        model = load(str(tiny_model)).model
+        model = load(str(tiny_model), quant=quant).model
+        if quant == "int4":
+            torch.manual_seed(0)
+            model = unwrap(apply_lora(model, 4, 8, 0.0, DEFAULT_LORA_TARGETS))
+            for name, p in model.named_parameters():  # LoRA's B starts at zero: A's gradient would be zero too
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.02)
         if checkpointing:
             enable_grad_checkpointing(model)
         CausalLMLoss(model)(idx, idx, None).backward()
-        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    assert quant == "none" or all("lora_" in name for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
 # ------------------------------------------------------------------------------------ classification
