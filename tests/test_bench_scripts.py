@@ -26,6 +26,10 @@ def test_bench_script_help(script, monkeypatch, capsys):
 
 
 def test_xtok_bench_builds_every_variant(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "banking77"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(f'{{"text": "message {i}", "label": "label_{i % 3}"}}\n' for i in range(20)))
+    monkeypatch.setenv("POCKETLM_DATA", str(tmp_path / "data"))  # the shared data folder, as CI's clean clone may lack it
     spec = importlib.util.spec_from_file_location("bench_distill_xtok", BENCH / "bench_distill_xtok.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
