@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max", type=int, default=200)
     p.add_argument("--on-policy", type=float, default=0.0, help="also run with this share of each batch on-policy")
     p.add_argument("--xtok-top-k", type=int, default=0, help="also run with the teacher's top K tokens at each chunk's start")
+    p.add_argument("--kd-weight", type=float, help="the teacher's share of the loss in every distilled variant (default: the recipe's)")
     p.add_argument("--only", nargs="*", help="run only these variants (labels, xtok, xtok+top-k, xtok+on-policy)")
     return p
 
@@ -51,7 +52,8 @@ def run_configs(args: argparse.Namespace, out: Path) -> dict:
     train = out / f"train-{args.rows}.jsonl"
     train.write_text("\n".join(rows[: args.rows]) + "\n")
     base = DistillConfig.from_yaml(RECIPE, {"teacher": args.teacher, "data": str(train), "steps": args.steps, "eval_max": args.eval_max,
-                                            "quiet": True, "out": str(out / "unused")}).to_dict()
+                                            "quiet": True, "out": str(out / "unused"),
+                                            **({"kd_weight": args.kd_weight} if args.kd_weight is not None else {})}).to_dict()
     # the same run without a teacher: finetune's own settings, less its distillation ones
     no_teacher = ("teacher", "kd_loss", "kd_temperature", "kd_weight")
     plain = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)} and k not in no_teacher}

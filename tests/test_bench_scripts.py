@@ -34,7 +34,7 @@ def test_xtok_bench_builds_every_variant(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = bench.parser().parse_args(["--teacher", str(tmp_path / "teacher"), "-o", str(tmp_path / "runs"), "--rows", "8",
-                                      "--xtok-top-k", "4", "--on-policy", "0.5"])
+                                      "--xtok-top-k", "4", "--on-policy", "0.5", "--kd-weight", "0.2"])
     configs = bench.run_configs(args, tmp_path / "runs")
     assert list(configs) == ["labels", "xtok", "xtok+top-k", "xtok+on-policy"]
     labels, xtok, top_k, on_policy = configs.values()
@@ -42,6 +42,7 @@ def test_xtok_bench_builds_every_variant(tmp_path, monkeypatch):
     assert labels.data == xtok.data and labels.steps == xtok.steps == 100 and labels.lr == xtok.lr  # the same run but the teacher
     assert len(Path(labels.data).read_text().splitlines()) == 8
     assert (top_k.xtok_top_k, on_policy.on_policy, xtok.xtok_top_k, xtok.on_policy) == (4, 0.5, 0, 0.0)
+    assert xtok.kd_weight == top_k.kd_weight == 0.2 and not hasattr(labels, "on_policy")
     assert len({c.out for c in configs.values()}) == 4
     only = bench.parser().parse_args(["--teacher", "t", "-o", str(tmp_path / "o"), "--only", "labels"])
     assert list(bench.run_configs(only, tmp_path / "o")) == ["labels"]
