@@ -85,12 +85,12 @@ def run_one(model: str, method: str, group: int, args, calib: str) -> dict:
     start = time.perf_counter()
     lm = load(model, quant=scheme if method == "rtn" else "none")
     calib_s = 0.0
-    if method not in ("float", "rtn"):
+    calibrated = method in METHODS
+    if calibrated:
         ids = calibration_ids(lm.tokenizer, calib, args.calib_tokens, 512)
         base_method, _, variant = method.partition("-")  # gptq-in-order: GPTQ with act_order off (the reference's default)
         report = calibrate(lm.model, ids, QuantScheme.parse(scheme), CalibConfig(method=base_method, act_order=variant != "in-order", quiet=True))
         calib_s = report["seconds"]
-    calibrated = method not in ("float", "rtn")
     row = {"model": model, "method": method, "group": group, "calib_tokens": args.calib_tokens if calibrated else 0,
            "calib_text": args.calib_text if calibrated else None,
            "eval_tokens": args.eval_tokens, "calib_s": calib_s, "load_s": round(time.perf_counter() - start - calib_s, 1)}
