@@ -31,7 +31,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"banking77": REPO / "recipes" / "distill-xtok-banking77.yaml", "multi30k": REPO / "recipes" / "distill-xtok-multi30k.yaml"}
-TRANSLATE = "Translate English to German.\n\nEnglish: {src}\nGerman:"  # pocketlm eval --task translate's chat prompt
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +56,7 @@ def write_rows(task: str, n_rows: int, out: Path, teacher: bool = False) -> tupl
     """The first n_rows of a seeded shuffle of the task's training set (a teacher's: the last), as the recipe reads
     them, and (multi30k) its held-out rows; files under `out`."""
     from pocketlm.eval.data import shared_data_dir
+    from pocketlm.eval.tasks import task_spec
 
     out.mkdir(parents=True, exist_ok=True)
     folder = shared_data_dir() / ("banking77" if task == "banking77" else "multi30k_en_de")
@@ -65,10 +65,11 @@ def write_rows(task: str, n_rows: int, out: Path, teacher: bool = False) -> tupl
     if task == "banking77":  # {text, label} rows are finetune's own
         heldout, convert = None, lambda lines: lines
     else:  # {src, tgt} -> {prompt, completion}, the prompt that `pocketlm eval --task translate` asks with
-        heldout = out / "heldout.jsonl"
+        heldout, spec = out / "heldout.jsonl", task_spec("translate")
+        prompt = spec.instruction + spec.separator + spec.prompt  # the chat prompt's user turn: "Translate ...\n\nEnglish: {src}\nGerman:"
         def convert(lines):
             pairs = [json.loads(line) for line in lines]
-            return [json.dumps({"prompt": TRANSLATE.format(src=p["src"]), "completion": p["tgt"]}, ensure_ascii=False) for p in pairs]
+            return [json.dumps({"prompt": prompt.format(src=p["src"]), "completion": p["tgt"]}, ensure_ascii=False) for p in pairs]
         heldout.write_text("\n".join(convert((folder / "test_2016_flickr.jsonl").read_text().splitlines())) + "\n")
     train = out / f"{'teacher' if teacher else 'train'}-{n_rows}.jsonl"
     train.write_text("\n".join(convert(rows[-n_rows:] if teacher else rows[:n_rows])) + "\n")

@@ -72,7 +72,11 @@ def test_xtok_bench_writes_translation_rows_with_the_eval_prompt(tmp_path, monke
     heldout = [json.loads(line) for line in Path(xtok.eval_data).read_text().splitlines()]
     assert len(rows) == 4 and len(heldout) == 10 and xtok.model == "smollm2-135m-instruct"
     spec = task_spec("translate")
-    assert heldout[3] == {"prompt": spec.instruction + spec.separator + spec.prompt.format(src="A dog 3."), "completion": "Ein Hund 3."}
+    assert heldout[3] == {"prompt": "Translate English to German.\n\nEnglish: A dog 3.\nGerman:", "completion": "Ein Hund 3."}
+    assert spec.instruction + spec.separator + spec.prompt.format(src="A dog 3.") == heldout[3]["prompt"]
+    teacher_rows, _ = bench.write_rows("multi30k", 6, tmp_path / "runs", teacher=True)  # --teacher-rows: the shuffle's last
+    teacher_set, student_set = (set(path.read_text().splitlines()) for path in (teacher_rows, Path(xtok.data)))
+    assert len(teacher_set) == 6 and len(student_set) == 4 and not teacher_set & student_set
 
 
 def test_xtok_bench_tests_translations_against_the_labels_run(tmp_path):
