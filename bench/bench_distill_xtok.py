@@ -127,12 +127,14 @@ def against_labels(out: Path, names: list[str]) -> dict[str, dict]:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else None
 
     base = read("labels")
-    others = {name: rows for name in names if name != "labels" and (rows := read(name))}
-    others = {name: rows for name, rows in others.items() if base and [r["reference"] for r in rows] == [r["reference"] for r in base]}
+    if not base:
+        return {}
+    references = [r["reference"] for r in base]
+    others = {name: rows for name in names if name != "labels" and (rows := read(name)) and [r["reference"] for r in rows] == references}
     if not others:
         return {}
     systems = [("labels", [r["prediction"] for r in base])] + [(name, [r["prediction"] for r in rows]) for name, rows in others.items()]
-    _, scores = PairedTest(systems, {"BLEU": BLEU(), "chrF": CHRF()}, [[r["reference"] for r in base]], test_type="bs", n_samples=1000)()
+    _, scores = PairedTest(systems, {"BLEU": BLEU(), "chrF": CHRF()}, [references], test_type="bs", n_samples=1000)()
     return {name: {"p_bleu": scores["BLEU"][i].p_value, "p_chrf": scores["chrF2"][i].p_value} for i, name in enumerate(others, 1)}
 
 
@@ -150,6 +152,7 @@ def main() -> int:
     from pocketlm.finetune import finetune
 
     configs = run_configs(args, out)
+    n_translations = args.translations or args.eval_max
     results = {}
     for name, cfg in configs.items():
         if args.score_only:
@@ -160,13 +163,12 @@ def main() -> int:
             results[name] = {"eval_loss": summary["eval"]["eval_loss"], "accuracy": summary["eval"].get("eval_accuracy"),
                              "steps": summary["steps"], "seconds": round(time.perf_counter() - start)}
         if args.task == "multi30k":
-            results[name] |= translate_test(cfg.out, args.translations or args.eval_max)
+            results[name] |= translate_test(cfg.out, n_translations)
         print(json.dumps({"variant": name, **results[name]}), flush=True)
     if args.task == "multi30k":
         for name, p_values in against_labels(out, list(configs)).items():
             results[name] |= p_values
-        n = args.translations or args.eval_max
-        print(f"\n| variant | held-out loss (nats/token, {args.eval_max} rows) | BLEU / chrF ({n} test sentences) | "
+        print(f"\n| variant | held-out loss (nats/token, {args.eval_max} rows) | BLEU / chrF ({n_translations} test sentences) | "
               "p against labels (BLEU / chrF) | training seconds |\n|---|---:|---:|---:|---:|")
         for name, r in results.items():
             p = f"{r['p_bleu']:.3f} / {r['p_chrf']:.3f}" if "p_bleu" in r else "-"
