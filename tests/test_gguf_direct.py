@@ -297,3 +297,43 @@ def test_a_q6_k_file_keeps_its_blocks_fused_and_saves_and_splits_as_int8_rows(tm
     unfuse_projections(lm.model)
     attn = lm.model.model.layers[0].self_attn
     assert attn.q_proj.layout == "rows" and torch.equal(attn.q_proj.weight, int8_rows(parts[0])[0])
+
+
+def vm_flags(address: int) -> set[str]:
+    """The VmFlags (/proc/self/smaps) of the mapping that holds `address`: "hg" where it is advised MADV_HUGEPAGE."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="a kernel without transparent huge pages")
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k"])
+def test_packed_weights_from_2mb_on_are_advised_into_huge_pages(qtype, monkeypatch):
+    """A GGUF tensor's kernel layout (and int4_pack's, int8_pack's) starts on a 2 MB boundary in memory advised into
+    transparent huge pages, as the page cache holds llama.cpp's memory-mapped file; with POCKETLM_HUGEPAGES=0, or
+    under 2 MB, it is a plain tensor with the same bytes."""
+    from types import SimpleNamespace
+
+    from test_kernels import random_blocks
+
+    from pocketlm.formats.gguf import GGMLQuantizationType
+    from pocketlm.quant.from_gguf import kernel_layout
+
+    N, K = 2048, 2048  # 2.4 MB (Q4_K), 3.4 MB (Q6_K)
+    blocks = random_blocks(qtype, N, K, torch.Generator().manual_seed(0))
+    info = SimpleNamespace(shape=(N, K), ggml_type=GGMLQuantizationType[qtype.upper()], data=blocks.reshape(-1).numpy())
+    packed = kernel_layout([info], [None], qtype)
+    assert packed.data_ptr() % kernels.HUGE_PAGE == 0 and "hg" in vm_flags(packed.data_ptr())
+    assert "hg" in vm_flags(Int4Linear.from_linear(torch.nn.Linear(2048, 2048), 32).packed.data_ptr())
+    assert "hg" in vm_flags(kernels.int8_pack(torch.randint(-127, 128, (2048, 1024), dtype=torch.int8)).data_ptr())
+    small = kernels.weight_buffer(kernels.HUGE_PAGE - 4096)
+    assert small.untyped_storage().nbytes() == small.numel()  # a plain tensor: freed memory may already be advised
+    monkeypatch.setenv("POCKETLM_HUGEPAGES", "0")
+    plain = kernel_layout([info], [None], qtype)
+    assert plain.untyped_storage().nbytes() == plain.numel() and torch.equal(plain, packed)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -268,12 +269,37 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+# Decode streams every packed weight byte once a token. In 4 KB pages two Zen 4 cores decoded SmolLM2-135M to 3.2B
+# models 9-14% slower than in 2 MB ones (bench/bench_pages.py, docs/BENCHMARKS.md); llama.cpp gets 2 MB pages
+# without asking, as it memory-maps the GGUF and the page cache holds it in large folios.
+HUGE_PAGE = 2 << 20  # the transparent huge page of x86-64 and of ARM64 with 4 KB pages
+MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def weight_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialized uint8 buffer for packed weights. From 2 MB on (Linux) it starts on a 2 MB boundary and is
+    advised into transparent huge pages before its first write, so that they back it where the kernel allows them
+    ("always" or "madvise" in /sys/kernel/mm/transparent_hugepage/enabled); POCKETLM_HUGEPAGES=0 turns this off."""
+    if nbytes < HUGE_PAGE or sys.platform != "linux" or os.environ.get("POCKETLM_HUGEPAGES", "1") == "0":
+        return torch.empty(nbytes, dtype=torch.uint8)
+    room = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # the slack before the boundary is never touched
+    start = -room.data_ptr() % HUGE_PAGE
+    out = room[start : start + nbytes]
+    _libc().madvise(ctypes.c_void_p(out.data_ptr()), ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
+    return out
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
 def int4_pack(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """codes (N, K/2) uint8, scales_and_zeros (K/g, N, 2) bf16 (Int4Linear's buffers) -> the kernel's layout
     (cpu.cpp: 16 output rows per block, each group's scales and zeros before its codes), uint8."""
     N, K = codes.shape[0], codes.shape[1] * 2
     codes, scales_and_zeros = codes.contiguous(), scales_and_zeros.contiguous()
-    out = torch.empty(int4_packed_bytes(N, K, group_size), dtype=torch.uint8)
+    out = weight_buffer(int4_packed_bytes(N, K, group_size))
     library().int4_pack(ptr(codes), ptr(scales_and_zeros), N, K, group_size, ptr(out))
     return out
 
@@ -348,7 +374,7 @@ def int8_pack(weight: torch.Tensor) -> torch.Tensor:
     + 128), uint8. K must be a multiple of 32."""
     N, K = weight.shape
     weight = weight.contiguous()
-    out = torch.empty(library().int8_packed_bytes(N, K), dtype=torch.uint8)
+    out = weight_buffer(library().int8_packed_bytes(N, K))
     library().int8_pack(ptr(weight), N, K, ptr(out))
     return out
 

@@ -96,7 +96,7 @@ def kernel_layout(infos: list[TensorInfo], rows: list[torch.Tensor | None], layo
     """The tensors side by side (each but the last a whole number of 16-row blocks) in the kernels' `layout`
     (kernels.INT4_LAYOUTS), written straight from their blocks by int4_pack_gguf, rows reordered where given."""
     N, K = sum(info.shape[0] for info in infos), infos[0].shape[1]
-    packed = torch.empty(kernels.int4_packed_bytes(N, K, 32, layout), dtype=torch.uint8)
+    packed = kernels.weight_buffer(kernels.int4_packed_bytes(N, K, 32, layout))
     block_bytes = kernels.int4_packed_bytes(16, K, 32, layout)  # one block of 16 rows
     first = 0
     for info, order in zip(infos, rows):
